@@ -1,0 +1,199 @@
+"""Skip-Cache: the frozen trunk's features per sample, computed once and reused in later epochs.
+
+Only the positions that carry loss are kept (one per sample for classification, the response tokens
+for generation). Keys are content-addressed: the run key hashes the base weights, the tokenizer, the
+block list, the dtype and max_seq_length; each sample key adds the sample's token ids. Any change
+gives a miss, never stale features. On disk, shards are safetensors files written atomically with a
+checksum; a damaged shard is reported in one warning line, dropped, and its samples are rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from .paths import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CachedFeatures:
+    """One sample's trunk features at its loss positions."""
+
+    blocks: torch.Tensor  # [n_blocks, P, d]
+    final: torch.Tensor  # [P, d]
+    targets: torch.Tensor  # [P]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.blocks, self.final, self.targets))
+
+
+def run_key(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class SkipCache:
+    """RAM or disk store of CachedFeatures, with hit/miss/size statistics."""
+
+    def __init__(
+        self,
+        mode: str,
+        fingerprint: dict,
+        dtype: str = "float32",
+        directory: Optional[Path] = None,
+        budget_mb: Optional[float] = None,
+        shard_samples: int = 256,
+    ) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"cache mode must be memory or disk, got {mode}")
+        self.mode = mode
+        self.fingerprint = {**fingerprint, "cache_dtype": dtype, "format": FORMAT_VERSION}
+        self.key = run_key(self.fingerprint)
+        self.dtype = DTYPES[dtype]
+        self.budget_bytes = None if budget_mb is None else int(budget_mb * 1024 * 1024)
+        self.hits = self.misses = 0
+        self.bytes = 0
+        self.full = False
+        self.build_time_s = 0.0
+        self._memory: dict[str, CachedFeatures] = {}
+        self._pending: dict[str, CachedFeatures] = {}
+        self._index: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self.shard_samples = shard_samples
+        self.directory: Optional[Path] = None
+        if mode == "disk":
+            if directory is None:
+                raise ValueError("a disk cache needs a directory")
+            self.directory = Path(directory) / self.key
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.directory / "manifest.json", self.fingerprint)
+            self._load_index()
+
+    # -- keys ------------------------------------------------------------------------------
+    def sample_key(self, token_ids: Sequence[int]) -> str:
+        digest = hashlib.sha1(self.key.encode())
+        digest.update(torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- reads -----------------------------------------------------------------------------
+    def get(self, key: str) -> Optional[CachedFeatures]:
+        found = self._memory.get(key) or self._pending.get(key)
+        if found is None and key in self._index:
+            found = self._read_from_shard(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or key in self._pending or key in self._index
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._pending) + len(self._index)
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, key: str, features: CachedFeatures) -> bool:
+        """Store a sample's features; False once the size budget is reached (the sample stays uncached)."""
+        stored = CachedFeatures(
+            features.blocks.detach().to("cpu", self.dtype).contiguous(),
+            features.final.detach().to("cpu", self.dtype).contiguous(),
+            features.targets.detach().to("cpu", torch.int64).contiguous(),
+        )
+        size = stored.nbytes()
+        if self.budget_bytes is not None and self.bytes + size > self.budget_bytes:
+            if not self.full:
+                self.full = True
+                warnings.warn(
+                    f"skip-cache budget of {self.budget_bytes / 2**20:.0f} MB reached after {len(self)} samples: "
+                    "later samples run the trunk every step; raise skip2lora.cache_budget_mb or use --skip2lora.cache disk",
+                    stacklevel=2,
+                )
+            return False
+        self.bytes += size
+        if self.mode == "memory":
+            self._memory[key] = stored
+        else:
+            self._pending[key] = stored
+            if len(self._pending) >= self.shard_samples:
+                self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write pending samples to a new shard (atomic: a killed run leaves no partial shard)."""
+        if self.mode != "disk" or not self._pending:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        for key, feats in self._pending.items():
+            tensors[f"{key}.blocks"] = feats.blocks
+            tensors[f"{key}.final"] = feats.final
+            tensors[f"{key}.targets"] = feats.targets
+        metadata = {"keys": json.dumps(list(self._pending)), "checksum": _checksum(tensors)}
+        shard = self.directory / f"shard-{os.getpid()}-{len(list(self.directory.glob('shard-*'))):06d}.safetensors"
+        atomic_write_bytes(shard, save(tensors, metadata=metadata))
+        for key in self._pending:
+            self._index[key] = shard
+        self._pending = {}
+
+    # -- disk internals --------------------------------------------------------------------
+    def _load_index(self) -> None:
+        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+            try:
+                with safe_open(str(shard), "pt") as handle:
+                    metadata = handle.metadata() or {}
+                    keys = json.loads(metadata["keys"])
+                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                if _checksum(tensors) != metadata["checksum"]:
+                    raise ValueError("checksum mismatch")
+            except Exception as exc:  # any damage: truncated file, bad header, flipped bytes
+                warnings.warn(f"skip-cache shard {shard.name} is damaged ({exc}); it is removed and its samples rebuilt",
+                              stacklevel=2)
+                shard.unlink(missing_ok=True)
+                continue
+            for key in keys:
+                self._index[key] = shard
+                self.bytes += sum(tensors[f"{key}.{part}"].numel() * tensors[f"{key}.{part}"].element_size()
+                                  for part in ("blocks", "final", "targets"))
+
+    def _read_from_shard(self, key: str) -> Optional[CachedFeatures]:
+        shard = self._index[key]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(str(shard), "pt")  # memory-mapped
+        return CachedFeatures(handle.get_tensor(f"{key}.blocks"), handle.get_tensor(f"{key}.final"),
+                              handle.get_tensor(f"{key}.targets"))
+
+    # -- report ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        lookups = self.hits + self.misses
+        return {
+            "cache_mode": self.mode,
+            "cache_samples": len(self),
+            "cache_size_mb": self.bytes / 2**20,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_hit_rate": self.hits / lookups if lookups else None,
+            "cache_build_s": self.build_time_s,
+            "cache_budget_reached": self.full,
+        }

@@ -1,0 +1,305 @@
+"""Skip2-LoRA: low-rank adapters from intermediate blocks straight to the last layer.
+
+The trunk is frozen, runs in eval mode and never builds an autograd graph; the gradient reaches only
+the adapters (and a new classification head) through the frozen output head. Since the trunk's
+features never change, the Skip-Cache keeps them per sample and later epochs skip the trunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..cache import CachedFeatures, SkipCache
+from ..config import Skip2LoRAConfig
+from ..errors import UserError
+from ..models import ModelInfo
+from ..paths import cache_root
+from .adapters import SkipAdapterBank, validate_layer_indices
+from .base import FinetuneMethod
+from .trunk import CausalLMTrunk
+
+HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
+
+
+class _ChunkedFrozenHeadCE(torch.autograd.Function):
+    """Summed cross-entropy of a frozen linear head, chunked over positions.
+
+    Forward keeps no logits; backward recomputes each chunk's logits to form the input gradient.
+    Memory stays O(chunk x vocab) however many positions carry loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            logits = F.linear(hidden[start:start + chunk].to(weight.dtype), weight, bias).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
+        ctx.chunk = chunk
+        ctx.has_bias = bias is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.size(0), ctx.chunk):
+            end = start + ctx.chunk
+            probs = torch.softmax(F.linear(hidden[start:end].to(weight.dtype), weight, bias).float(), dim=-1)
+            probs[torch.arange(probs.size(0), device=probs.device), targets[start:end]] -= 1.0
+            grad[start:end] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        return grad * grad_total, None, None, None, None
+
+
+def frozen_head_ce_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Summed CE of head(hidden) against targets; plain autograd when the logits are small enough."""
+    if hidden.size(0) <= chunk:
+        logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return _ChunkedFrozenHeadCE.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample: the positions whose output carries loss, and the targets there.
+
+    Generation: position p predicts token p+1, so p is kept where labels[p+1] != -100.
+    Classification: the last real token, whose features summarise the sequence.
+    """
+    result = []
+    if kind == "classification":
+        last = batch["attention_mask"].sum(dim=1) - 1
+        for row in range(last.size(0)):
+            result.append((last[row:row + 1], batch["class_labels"][row:row + 1]))
+        return result
+    next_labels = batch["labels"][:, 1:]
+    for row in range(next_labels.size(0)):
+        positions = (next_labels[row] != -100).nonzero(as_tuple=True)[0]
+        result.append((positions, next_labels[row, positions]))
+    return result
+
+
+class Skip2LoRAMethod(FinetuneMethod):
+    name = "skip2lora"
+
+    def __init__(self, model: nn.Module, tokenizer, kind: str, cfg: Skip2LoRAConfig, info: ModelInfo,
+                 num_labels: Optional[int] = None, seed: int = 0,
+                 max_seq_length: Optional[int] = None) -> None:
+        super().__init__(model, tokenizer, kind)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.cfg = cfg
+        self.info = info
+        self.block_indices = validate_layer_indices(cfg.block_indices, info.num_layers)
+        self.trunk = CausalLMTrunk(model, self.block_indices)
+        device = next(model.parameters()).device
+        self.output_mode = "logits" if (cfg.output == "logits" and kind == "generation") else "hidden"
+        out_features = info.vocab_size if self.output_mode == "logits" else info.hidden_size
+        torch.manual_seed(seed)
+        self.adapters = SkipAdapterBank(
+            self.block_indices, info.hidden_size, out_features, cfg.r, cfg.alpha, cfg.dropout, cfg.input_norm
+        ).to(device)
+        self.class_head: Optional[nn.Linear] = None
+        if kind == "classification":
+            if not num_labels:
+                raise UserError("classification with skip2lora needs the number of labels")
+            self.class_head = nn.Linear(info.hidden_size, num_labels).to(device)
+            nn.init.normal_(self.class_head.weight, std=0.02)
+            nn.init.zeros_(self.class_head.bias)
+        self.num_labels = num_labels
+        self.max_seq_length = max_seq_length
+        self.cache: Optional[SkipCache] = None
+        if cfg.cache != "none":
+            self.cache = SkipCache(
+                cfg.cache, self.cache_fingerprint(), cfg.cache_dtype,
+                directory=cfg.cache_dir or (cache_root() / "skip-cache"), budget_mb=cfg.cache_budget_mb,
+            )
+        self.trunk_time_s = 0.0
+
+    # -- identity of the features, for the cache key ------------------------------------------
+    def cache_fingerprint(self) -> dict:
+        vocab = self.tokenizer.get_vocab()
+        tokenizer_hash = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 2048)])
+        import hashlib
+
+        return {
+            "weights": self.info.weights_fingerprint,
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "tokenizer": hashlib.sha1(tokenizer_hash.encode()).hexdigest()[:16] + f":{len(vocab)}",
+            "blocks": self.block_indices,
+            "kind": self.kind,
+            "max_seq_length": self.max_seq_length,
+        }
+
+    # -- what trains -------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"adapters": self.adapters}
+        if self.class_head is not None:
+            modules["class_head"] = self.class_head
+        return modules
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"{prefix}.{name}": p for prefix, module in self.trainable_modules().items()
+                for name, p in module.named_parameters()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
+
+    def train(self) -> None:
+        self.model.eval()  # the trunk stays deterministic: that is what makes its features cacheable
+        for module in self.trainable_modules().values():
+            module.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+        for module in self.trainable_modules().values():
+            module.eval()
+
+    def parameter_counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.model.parameters()) + trainable
+        adapter = sum(p.numel() for p in self.adapters.parameters())
+        return {"total": int(total), "trainable": int(trainable), "adapter": int(adapter),
+                "trainable_ratio": trainable / max(total, 1)}
+
+    # -- features ----------------------------------------------------------------------------
+    def _trunk_features(self, batch: dict, rows: list[int]) -> list[CachedFeatures]:
+        """Run the frozen trunk on some rows of a batch; keep only their loss positions."""
+        started = time.perf_counter()
+        input_ids = batch["input_ids"][rows]
+        attention_mask = batch["attention_mask"][rows]
+        width = int(attention_mask.sum(dim=1).max())
+        blocks, final = self.trunk.features(input_ids[:, :width], attention_mask[:, :width])
+        sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        result = []
+        for local, (positions, targets) in enumerate(loss_positions(sub_batch, self.kind)):
+            result.append(CachedFeatures(
+                blocks=torch.stack([blocks[k][local, positions] for k in self.block_indices]),
+                final=final[local, positions],
+                targets=targets,
+            ))
+        self.trunk_time_s += time.perf_counter() - started
+        return result
+
+    def batch_features(self, batch: dict) -> CachedFeatures:
+        """All loss positions of the batch, from the cache where seen before, else from the trunk."""
+        rows = batch["input_ids"].size(0)
+        per_sample: list[Optional[CachedFeatures]] = [None] * rows
+        keys: list[Optional[str]] = [None] * rows
+        if self.cache is not None:
+            for row in range(rows):
+                length = int(batch["attention_mask"][row].sum())
+                keys[row] = self.cache.sample_key(batch["input_ids"][row, :length].tolist())
+                per_sample[row] = self.cache.get(keys[row])
+        missing = [row for row in range(rows) if per_sample[row] is None]
+        if missing:
+            started = time.perf_counter()
+            for row, feats in zip(missing, self._trunk_features(batch, missing)):
+                per_sample[row] = feats
+                if self.cache is not None:
+                    self.cache.put(keys[row], feats)
+            if self.cache is not None:
+                self.cache.build_time_s += time.perf_counter() - started
+        device = batch["input_ids"].device
+        return CachedFeatures(
+            blocks=torch.cat([f.blocks for f in per_sample], dim=1).to(device, torch.float32),
+            final=torch.cat([f.final for f in per_sample], dim=0).to(device, torch.float32),
+            targets=torch.cat([f.targets for f in per_sample], dim=0).to(device),
+        )
+
+    def corrected(self, feats: CachedFeatures) -> torch.Tensor:
+        correction = self.adapters({k: feats.blocks[i] for i, k in enumerate(self.block_indices)})
+        return correction
+
+    # -- forward and loss --------------------------------------------------------------------
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        feats = self.batch_features(batch)
+        count = int(feats.targets.numel())
+        correction = self.corrected(feats)
+        if self.kind == "classification":
+            logits = self.class_head(feats.final + correction)
+            return F.cross_entropy(logits.float(), feats.targets, reduction="sum"), count
+        if self.output_mode == "logits":
+            head = self.trunk.head
+            with torch.no_grad():
+                base_logits = F.linear(feats.final.to(head.weight.dtype), head.weight, head.bias).float()
+            return F.cross_entropy(base_logits + correction, feats.targets, reduction="sum"), count
+        return frozen_head_ce_sum(feats.final + correction, self.trunk.head, feats.targets), count
+
+    def classify(self, batch: dict) -> torch.Tensor:
+        feats = self.batch_features(batch)
+        return self.class_head(feats.final + self.corrected(feats))
+
+    def _live_correction(self, captured: dict, positions: int) -> torch.Tensor:
+        return self.adapters({k: captured[k][:, -positions:, :] for k in self.block_indices})
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Base + adapters with the model's own KV-cached generate(): hooks add the correction at the head."""
+        if self.kind != "generation":
+            raise UserError("this Skip2-LoRA checkpoint is a classifier: use `skip2lora predict`")
+        hook = self.trunk.logits_correction if self.output_mode == "logits" else self.trunk.head_correction
+        with hook(self._live_correction):
+            return super().generate(input_ids, attention_mask, max_new_tokens)
+
+    # -- persistence -------------------------------------------------------------------------
+    def adapter_config(self) -> dict:
+        return {
+            "method": "skip2lora",
+            "peft_type": "SKIP2LORA",
+            "base_model_name_or_path": self.info.path,
+            "base_model_name": self.info.name,
+            "task": self.kind,
+            "num_labels": self.num_labels,
+            "block_indices": self.block_indices,
+            "r": self.cfg.r,
+            "alpha": self.cfg.alpha,
+            "dropout": self.cfg.dropout,
+            "input_norm": self.cfg.input_norm,
+            "output": self.output_mode,
+            "hidden_size": self.info.hidden_size,
+            "vocab_size": self.info.vocab_size,
+        }
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_trainable_parameters().items()}
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config(), indent=2) + "\n")
+        self.tokenizer.save_pretrained(str(directory))
+
+    def summary_extras(self) -> dict:
+        extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices}
+        if self.cache is not None:
+            self.cache.flush()
+            extras.update(self.cache.stats())
+        return extras
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+
+
+def load_skip2lora(checkpoint: Path, device: torch.device, base_model: Optional[str] = None) -> Skip2LoRAMethod:
+    """Base model + saved Skip2-LoRA adapters (and classification head), ready for inference."""
+    from ..models import load_base_model
+
+    config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
+    model, tokenizer, info = load_base_model(base_model or config["base_model_name_or_path"], device=str(device))
+    cfg = Skip2LoRAConfig(block_indices=config["block_indices"], r=config["r"], alpha=config["alpha"],
+                          dropout=config["dropout"], input_norm=config["input_norm"], output=config["output"],
+                          cache="none")
+    method = Skip2LoRAMethod(model, tokenizer, config["task"], cfg, info, num_labels=config.get("num_labels"))
+    state = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    method.load_trainable_state_dict(state)
+    method.eval()
+    return method

@@ -1,0 +1,107 @@
+"""A frozen Hugging Face causal LM seen as trunk (embeddings + blocks + final norm) and head.
+
+Nothing here names one architecture's modules: the decoder comes from `get_decoder()` (or the base
+model prefix), the blocks are the decoder's ModuleList with one entry per layer, and the head is the
+model's output embedding. Llama-style and GPT-2-style models both fit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..models import num_hidden_layers
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    getter = getattr(model, "get_decoder", None)
+    if callable(getter):
+        decoder = getter()
+        if decoder is not None and decoder is not model:
+            return decoder
+    prefix = getattr(model, "base_model_prefix", "")
+    decoder = getattr(model, prefix, None) if prefix else None
+    if decoder is None:
+        raise ValueError(f"cannot find the decoder stack of {type(model).__name__}")
+    return decoder
+
+
+def find_blocks(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The ModuleList holding exactly one module per transformer layer."""
+    candidates = [m for _, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if not candidates:
+        raise ValueError(f"cannot find a list of {num_layers} blocks in {type(decoder).__name__}")
+    return candidates[0]
+
+
+def block_output(output) -> torch.Tensor:
+    """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class CausalLMTrunk:
+    """Runs the frozen trunk and hands back the selected blocks' outputs and the final-normed state."""
+
+    def __init__(self, model: nn.Module, block_indices: Sequence[int]) -> None:
+        self.model = model
+        self.num_layers = num_hidden_layers(model.config)
+        self.decoder = find_decoder(model)
+        self.blocks = find_blocks(self.decoder, self.num_layers)
+        self.head = model.get_output_embeddings()
+        self.block_indices = list(block_indices)
+        self.captured: dict[int, torch.Tensor] = {}
+        self._hooks = [
+            self.blocks[index].register_forward_hook(self._make_capture(index)) for index in self.block_indices
+        ]
+        # When every block is adapted up to the last, later blocks still run for the final state.
+
+    def _make_capture(self, index: int):
+        def capture(_module, _inputs, output) -> None:
+            self.captured[index] = block_output(output)
+
+        return capture
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """({block: [B, T, d]}, final [B, T, d]) with no autograd graph: the trunk never backpropagates."""
+        self.captured = {}
+        final = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        blocks, self.captured = self.captured, {}
+        return blocks, final
+
+    @contextmanager
+    def head_correction(self, correction) -> Iterator[None]:
+        """While active, every call of the head adds `correction(captured blocks, n_positions)` to its input
+        (hidden mode) or output (logits mode is handled by the caller's hook). Used for generation."""
+        def pre_hook(_module, args):
+            hidden = args[0]
+            extra = correction(self.captured, hidden.shape[-2])
+            return (hidden + extra.to(hidden.dtype),) + tuple(args[1:])
+
+        handle = self.head.register_forward_pre_hook(pre_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.captured = {}
+
+    @contextmanager
+    def logits_correction(self, correction) -> Iterator[None]:
+        def hook(_module, _args, output):
+            extra = correction(self.captured, output.shape[-2])
+            return output + extra.to(output.dtype)
+
+        handle = self.head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.captured = {}
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
