@@ -57,11 +57,34 @@ def one_line(message: str) -> str:
     return re.sub(r"\s+", " ", str(message)).strip()
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Name the file and the line when a config is missing or is not valid YAML."""
+    import yaml
+
+    for position, token in enumerate(argv):
+        flag, _, inline = token.partition("=")
+        if flag != "--config":
+            continue
+        path = Path(inline or (argv[position + 1] if position + 1 < len(argv) else ""))
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist: check the path")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"config file {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys to values")
+
+
 def _parse(parser, argv: list[str]):
     from jsonargparse import ArgumentError
 
+    argv = normalise_argv(argv)
+    check_config_files(argv)
     try:
-        return parser.parse_args(normalise_argv(argv))
+        return parser.parse_args(argv)
     except ArgumentError as exc:
         raise UserError(f"{parser.prog}: {one_line(exc)}") from exc
 

@@ -20,6 +20,7 @@ import torch
 from ..errors import UserError
 
 DATASETS = ("digits", "fan", "har")
+STD_FLOOR = 1.0  # fraction of the mean feature std below which a feature is not scaled up further
 FAN_CLASSES = ("normal", "damage1", "damage2")
 HAR_CLASSES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "laying")
 
@@ -75,7 +76,7 @@ def _standardised(
     mean = source_x.mean(axis=0)
     std = source_x.std(axis=0)
     # Pixels that never vary in the source (digit borders) get the typical scale, not a near-zero one.
-    std = np.maximum(std, 0.1 * std.mean() + 1e-8)
+    std = np.maximum(std, STD_FLOOR * std.mean() + 1e-8)
 
     order = rng.permutation(len(target_x))
     half = len(order) // 2
@@ -93,9 +94,10 @@ def _standardised(
 
 # -- digits -----------------------------------------------------------------------------------
 
-DIGITS_ROTATION_DEG = (20.0, 30.0)
-DIGITS_GAMMA = 0.5
-DIGITS_NOISE = 1.5
+DIGITS_ROTATION_DEG = (15.0, 25.0)
+DIGITS_GAMMA = 0.7
+DIGITS_NOISE = 1.0
+DIGITS_LIFT = 1.0
 
 
 def shift_digit_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -108,7 +110,7 @@ def shift_digit_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarr
     angles = rng.uniform(*DIGITS_ROTATION_DEG, size=len(images))
     rotated = np.stack([rotate(img, angle, reshape=False, order=1, mode="constant") for img, angle in zip(images, angles)])
     contrast = 16.0 * np.clip(rotated / 16.0, 0.0, 1.0) ** DIGITS_GAMMA
-    lifted = 2.0 + 0.85 * contrast
+    lifted = DIGITS_LIFT + (1.0 - DIGITS_LIFT / 16.0) * contrast
     noisy = lifted + rng.normal(0.0, DIGITS_NOISE, size=lifted.shape)
     return np.clip(noisy, 0.0, 16.0)
 
@@ -139,9 +141,13 @@ def digits_shift(seed: int, tiny: bool = False) -> DomainShiftData:
 FAN_RATE_HZ = 1024.0
 FAN_WINDOW = 512  # 0.5 s windows: 2 Hz bins, 256 of them after dropping DC
 FAN_BLADES = 7
-FAN_RPM = (1500.0, 2500.0)
+FAN_RPM = (1500.0, 2000.0, 2500.0)  # three speed settings, like a fan controller's low/mid/high
+FAN_RPM_JITTER = 0.03
 VENT_HZ = (45.0, 60.0)
 VENT_BLADES = 5
+VENT_LEVEL = 0.4  # amplitude of the ventilation fan's fundamental (the fan's blade pass is ~1.0)
+RUMBLE_SIGMA = 0.03
+NOISY_WHITE_GAIN = 1.5
 
 
 def _tones(freqs: np.ndarray, amps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -161,7 +167,8 @@ def fan_vibration_signals(labels: np.ndarray, noisy_room: bool, rng: np.random.G
     and blade pass, overlapping the classes' bands), louder coloured noise and a softer mounting.
     """
     n = len(labels)
-    rot = rng.uniform(*FAN_RPM, size=n) / 60.0
+    setting = rng.choice(np.asarray(FAN_RPM), size=n)
+    rot = setting * rng.uniform(1.0 - FAN_RPM_JITTER, 1.0 + FAN_RPM_JITTER, size=n) / 60.0
     bpf = FAN_BLADES * rot
     jitter = lambda: rng.uniform(0.7, 1.3, size=n)  # noqa: E731 - per-sample amplitude spread
     zero = np.zeros(n)
@@ -186,13 +193,13 @@ def fan_vibration_signals(labels: np.ndarray, noisy_room: bool, rng: np.random.G
         return signal + white
     vent = rng.uniform(*VENT_HZ, size=n)
     vent_freqs = np.stack([vent, 2 * vent, 3 * vent, VENT_BLADES * vent], axis=1)
-    vent_amps = np.stack([0.5 * jitter(), 0.3 * jitter(), 0.2 * jitter(), 0.5 * jitter()], axis=1)
+    vent_amps = VENT_LEVEL * np.stack([1.0 * jitter(), 0.6 * jitter(), 0.4 * jitter(), 1.0 * jitter()], axis=1)
     mounting = rng.uniform(0.6, 0.9, size=(n, 1))
     # Low-frequency rumble: white noise through a one-pole low-pass filter.
     from scipy.signal import lfilter
 
-    rumble = lfilter([1.0], [1.0, -0.9], rng.normal(0.0, 0.08, size=signal.shape), axis=1)
-    return mounting * signal + _tones(vent_freqs, vent_amps, rng) + rumble + 3.0 * white
+    rumble = lfilter([1.0], [1.0, -0.9], rng.normal(0.0, RUMBLE_SIGMA, size=signal.shape), axis=1)
+    return mounting * signal + _tones(vent_freqs, vent_amps, rng) + rumble + NOISY_WHITE_GAIN * white
 
 
 def vibration_spectrum(signals: np.ndarray) -> np.ndarray:
@@ -205,7 +212,7 @@ def vibration_spectrum(signals: np.ndarray) -> np.ndarray:
 def fan_shift(seed: int, tiny: bool = False) -> DomainShiftData:
     """Quiet-room fans (source) against fans next to a ventilation fan (target)."""
     rng = np.random.default_rng(seed)
-    per_class_source, per_class_target = (40, 40) if tiny else (600, 300)
+    per_class_source, per_class_target = (40, 40) if tiny else (400, 400)
     source_y = np.repeat(np.arange(3), per_class_source)
     target_y = np.repeat(np.arange(3), per_class_target)
     source_x = vibration_spectrum(fan_vibration_signals(source_y, noisy_room=False, rng=rng))

@@ -1,0 +1,146 @@
+"""The trainer and the PEFT/full methods on tiny Llama-style and GPT-2-style models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from skip2lora.methods import build_method
+from skip2lora.models import load_base_model
+from skip2lora.train import run_finetune
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    losses = {}
+    for csv_path in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(csv_path) as handle:
+            for row in csv.DictReader(handle):
+                if row["train_loss"]:
+                    losses[int(row["step"])] = float(row["train_loss"])
+    return losses
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["lora", "full", "skip2lora"])
+def test_method_fine_tunes_both_architectures(make_config, model, method):
+    cfg = make_config(method, model, train__max_steps=6, train__lr=1e-2)
+    result = run_finetune(cfg, show_progress=False)
+    summary = result["summary"]
+    assert summary["steps"] == 6
+    assert summary["final_train_loss"] < summary["first_train_loss"]
+    assert (cfg.out_dir / "final").is_dir()
+    assert (cfg.out_dir / "run.json").exists()
+    metrics = (cfg.out_dir / "logs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    for column in ("step", "epoch", "train_loss", "val_loss", "val_ppl", "learning_rate", "step_time_s",
+                   "tokens_per_s", "peak_memory_mb"):
+        assert column in header
+    assert list((cfg.out_dir / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_run_json_records_config_environment_and_summary(make_config):
+    cfg = make_config("lora")
+    run_finetune(cfg, show_progress=False)
+    run = json.loads((cfg.out_dir / "run.json").read_text())
+    assert run["config"]["method"] == "lora"
+    for key in ("device", "device_name", "torch", "transformers", "peft"):
+        assert run["environment"][key]
+    for key in ("train_time_s", "steps_per_s", "tokens_per_s", "peak_memory_mb", "first_train_loss",
+                "final_train_loss", "best_val_loss"):
+        assert run["summary"][key] is not None
+
+
+def test_lora_adapter_round_trips_through_peft(make_config):
+    from peft import PeftModel
+
+    cfg = make_config("lora", train__lr=5e-2)
+    run_finetune(cfg, show_progress=False)
+    final = cfg.out_dir / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    base, _, _ = load_base_model("tiny")
+    reloaded = PeftModel.from_pretrained(base, str(final)).eval()
+    plain, _, _ = load_base_model("tiny")
+    ids = torch.randint(3, 400, (2, 12))
+    with torch.no_grad():
+        tuned = reloaded(input_ids=ids).logits
+        untouched = plain(input_ids=ids).logits
+    assert not torch.allclose(tuned, untouched, atol=1e-5), "the adapter should change the outputs"
+    # Merging the reloaded adapter gives the same function as base + adapter.
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, tuned, atol=1e-4)
+
+
+def test_zero_initialised_lora_reproduces_base_logits(make_config):
+    cfg = make_config("lora")
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    base, _, _ = load_base_model("tiny")
+    ids = torch.randint(3, 400, (2, 10))
+    method.eval()
+    with torch.no_grad():
+        assert torch.equal(method.model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method_name", ["lora", "skip2lora"])
+def test_frozen_weights_get_no_gradient(make_config, method_name):
+    from skip2lora.data import collate, load_task_data, tokenize_examples
+
+    cfg = make_config(method_name)
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    task = load_task_data(cfg.data)
+    samples = tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind)
+    method.train()
+    loss, count = method.loss_sum(collate(samples, method.tokenizer.pad_token_id))
+    (loss / count).backward()
+    trainable = {id(p) for p in method.trainable_parameters()}
+    frozen = [(n, p) for n, p in method.model.named_parameters() if id(p) not in trainable]
+    assert frozen
+    assert all(p.grad is None for _, p in frozen), [n for n, p in frozen if p.grad is not None][:3]
+    assert all(p.grad is not None for p in method.trainable_parameters())
+
+
+def test_resume_reproduces_the_uninterrupted_losses(make_config, tmp_path):
+    cfg = make_config("lora", name="whole", train__max_steps=8, train__save_interval=4)
+    run_finetune(cfg, show_progress=False)
+    uninterrupted = train_losses(cfg.out_dir)
+
+    # A run killed after its step-4 checkpoint: the later checkpoint and outputs never got written.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(cfg.out_dir, interrupted)
+    for leftover in ("final", "best", "run.json", "checkpoints/step-000008", "logs"):
+        target = interrupted / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    resumed_cfg = make_config("lora", name="interrupted", train__max_steps=8, train__save_interval=4, resume=True)
+    run_finetune(resumed_cfg, show_progress=False)
+    resumed = train_losses(interrupted)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
+
+
+def test_qlora_trains_on_cpu(make_config):
+    cfg = make_config("qlora", train__lr=1e-2)
+    result = run_finetune(cfg, show_progress=False)
+    assert result["method"] == "qlora"
+    assert torch.isfinite(torch.tensor(result["summary"]["final_train_loss"]))
+    config = json.loads((cfg.out_dir / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+def test_lora_with_gradient_checkpointing_and_accumulation(make_config):
+    cfg = make_config("lora", train__gradient_checkpointing=True, train__global_batch_size=8, train__micro_batch_size=2)
+    result = run_finetune(cfg, show_progress=False)
+    assert result["summary"]["steps"] == 4
+
+
+def test_sequence_classification_with_peft_lora(make_config):
+    cfg = make_config("lora", data__name="authorship", data__num_train=32, data__num_val=8, data__max_seq_length=64)
+    result = run_finetune(cfg, show_progress=False)
+    assert result["summary"]["final_val_acc"] is not None
+    config = json.loads((cfg.out_dir / "final" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
