@@ -1,0 +1,206 @@
+"""Skip2-LoRA correctness: zero-init identity, cache equivalence and invalidation, generation with the KV cache."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skip2lora.cache import CachedFeatures, SkipCache
+from skip2lora.data import collate, load_task_data, tokenize_examples
+from skip2lora.errors import UserError
+from skip2lora.methods import build_method
+from skip2lora.methods.adapters import validate_layer_indices
+from skip2lora.methods.skip2lora import frozen_head_ce_sum, load_skip2lora
+from skip2lora.models import load_base_model
+from skip2lora.train import run_finetune
+
+from test_finetune import train_losses
+
+
+def build(make_config, model="tiny", **changes):
+    cfg = make_config("skip2lora", model, **changes)
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    return cfg, method
+
+
+def randomise_adapters(method, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in method.adapters.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
+def test_zero_initialised_adapters_give_exactly_the_base_logits(make_config, model):
+    _, method = build(make_config, model)
+    base, _, _ = load_base_model(model)
+    base.eval()
+    ids = torch.randint(3, 400, (2, 11))
+    method.eval()
+    with torch.no_grad(), method.trunk.head_correction(method._live_correction):
+        hooked = method.model(input_ids=ids).logits
+        reference = base(input_ids=ids).logits
+    assert torch.equal(hooked, reference)
+
+
+def test_zero_initialised_adapters_reproduce_the_base_loss(make_config):
+    cfg, method = build(make_config)
+    task = load_task_data(cfg.data)
+    batch = collate(tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind), method.tokenizer.pad_token_id)
+    method.eval()
+    with torch.no_grad():
+        loss, count = method.loss_sum(batch)
+        base_logits = method.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(base_logits[:, :-1].reshape(-1, base_logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_adapters_change_the_output_once_trained(make_config):
+    _, method = build(make_config)
+    randomise_adapters(method)
+    base, _, _ = load_base_model("tiny")
+    ids = torch.randint(3, 400, (1, 8))
+    with torch.no_grad(), method.trunk.head_correction(method._live_correction):
+        assert not torch.allclose(method.model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("output", ["hidden", "logits"])
+def test_greedy_generation_with_kv_cache_equals_full_recomputation(make_config, output):
+    _, method = build(make_config, skip2lora__output=output)
+    randomise_adapters(method, seed=1)
+    method.eval()
+    prompt = torch.randint(3, 400, (1, 6))
+    with_cache = method.generate(prompt, torch.ones_like(prompt), max_new_tokens=8)[0]
+    hook = method.trunk.logits_correction if output == "logits" else method.trunk.head_correction
+    tokens = prompt
+    with torch.no_grad(), hook(method._live_correction):
+        for _ in range(with_cache.numel()):
+            logits = method.model(input_ids=tokens, use_cache=False).logits
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(with_cache, tokens[0, prompt.size(1):])
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_and_uncached_training_give_the_same_losses(make_config, tmp_path, cache):
+    common = dict(data__num_train=16, train__global_batch_size=8, train__micro_batch_size=4, train__max_steps=None,
+                  train__epochs=3, train__lr=1e-2, skip2lora__dropout=0.0, eval__interval=100)
+    uncached = make_config("skip2lora", name="uncached", skip2lora__cache="none", **common)
+    cached = make_config("skip2lora", name="cached", skip2lora__cache=cache, skip2lora__cache_dir=tmp_path / "c", **common)
+    run_finetune(uncached, show_progress=False)
+    summary = run_finetune(cached, show_progress=False)["summary"]
+    a, b = train_losses(uncached.out_dir), train_losses(cached.out_dir)
+    assert len(a) == 6 and sorted(a) == sorted(b)
+    for step in a:  # same features, possibly computed in a different batch: float noise only
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    assert summary["cache_samples"] >= 16
+    assert summary["cache_hit_rate"] > 0.5
+
+
+def fingerprint(**changes):
+    base = {"weights": "w1", "tokenizer": "t1", "blocks": [0, 1], "kind": "generation", "max_seq_length": 48,
+            "model_dtype": "torch.float32"}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize("change", [{"weights": "w2"}, {"blocks": [0, 2]}, {"tokenizer": "t2"}, {"max_seq_length": 64},
+                                    {"model_dtype": "torch.bfloat16"}])
+def test_any_change_to_what_features_depend_on_is_a_miss(tmp_path, change):
+    original = SkipCache("disk", fingerprint(), directory=tmp_path)
+    feats = CachedFeatures(torch.ones(2, 3, 4), torch.ones(3, 4), torch.zeros(3, dtype=torch.long))
+    original.put(original.sample_key([5, 6, 7]), feats)
+    original.flush()
+    same = SkipCache("disk", fingerprint(), directory=tmp_path)
+    assert same.get(same.sample_key([5, 6, 7])) is not None
+    assert same.get(same.sample_key([5, 6, 8])) is None  # other data
+    changed = SkipCache("disk", fingerprint(**change), directory=tmp_path)
+    assert changed.get(changed.sample_key([5, 6, 7])) is None
+
+
+def test_cache_dtype_is_part_of_the_key(tmp_path):
+    a = SkipCache("memory", fingerprint(), dtype="float32")
+    b = SkipCache("memory", fingerprint(), dtype="float16")
+    assert a.sample_key([1, 2]) != b.sample_key([1, 2])
+
+
+def test_damaged_cache_shard_is_reported_and_rebuilt(tmp_path):
+    cache = SkipCache("disk", fingerprint(), directory=tmp_path)
+    key = cache.sample_key([1, 2, 3])
+    cache.put(key, CachedFeatures(torch.randn(2, 3, 4), torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
+    cache.flush()
+    shard = next(cache.directory.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\x00\xff" * 4  # flip the last bytes of the tensor data
+    shard.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reopened = SkipCache("disk", fingerprint(), directory=tmp_path)
+    assert any("damaged" in str(w.message) for w in caught)
+    assert reopened.get(key) is None and not shard.exists()
+
+
+def test_truncated_cache_shard_is_reported_and_rebuilt(tmp_path):
+    cache = SkipCache("disk", fingerprint(), directory=tmp_path)
+    cache.put(cache.sample_key([4]), CachedFeatures(torch.randn(1, 1, 4), torch.randn(1, 4), torch.zeros(1, dtype=torch.long)))
+    cache.flush()
+    shard = next(cache.directory.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:20])
+    with pytest.warns(UserWarning, match="damaged"):
+        SkipCache("disk", fingerprint(), directory=tmp_path)
+
+
+def test_cache_budget_stops_caching_with_a_clear_warning():
+    cache = SkipCache("memory", fingerprint(), budget_mb=0.0001)
+    feats = CachedFeatures(torch.randn(2, 8, 16), torch.randn(8, 16), torch.zeros(8, dtype=torch.long))
+    with pytest.warns(UserWarning, match="budget"):
+        assert cache.put("a", feats) is False
+    assert cache.stats()["cache_budget_reached"]
+
+
+def test_chunked_frozen_head_matches_plain_cross_entropy():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    chunked = frozen_head_ce_sum(hidden, head, targets, chunk=8)
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden)
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    assert torch.allclose(grad_chunked, grad_plain, atol=1e-5)
+
+
+def test_block_indices_are_validated():
+    assert validate_layer_indices([3, -1, 0], 30) == [0, 3, 29]
+    with pytest.raises(UserError, match="out of range"):
+        validate_layer_indices([0, 30], 30)
+    with pytest.raises(UserError, match="duplicates"):
+        validate_layer_indices([2, 2], 30)
+    with pytest.raises(UserError, match="empty"):
+        validate_layer_indices([], 30)
+
+
+def test_saved_adapters_reload_for_inference(make_config):
+    cfg = make_config("skip2lora", train__lr=5e-2)
+    run_finetune(cfg, show_progress=False)
+    final = cfg.out_dir / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["method"] == "skip2lora" and config["block_indices"] == [0, 1, 2, 3]
+    reloaded = load_skip2lora(final, torch.device("cpu"))
+    prompt = torch.randint(3, 400, (1, 5))
+    out = reloaded.generate(prompt, torch.ones_like(prompt), 4)
+    assert out.shape[0] == 1
+
+
+def test_skip2lora_classifies_with_a_new_head(make_config):
+    cfg = make_config("skip2lora", data__name="authorship", data__num_train=32, data__num_val=8,
+                      data__max_seq_length=64, train__lr=1e-2)
+    result = run_finetune(cfg, show_progress=False)
+    assert result["summary"]["final_val_acc"] is not None
+    names = json.loads((cfg.out_dir / "final" / "adapter_config.json").read_text())
+    assert names["task"] == "classification" and names["num_labels"] == 2
