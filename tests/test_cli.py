@@ -151,3 +151,16 @@ def test_merge_refuses_skip2lora_checkpoints(tmp_path, capsys):
 def test_generate_with_missing_checkpoint_says_what_to_fix(tmp_path, capsys):
     code, _, err = run_cli(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], capsys)
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("method", ["lora", "skip2lora"])
+def test_predict_classifies_with_a_classification_checkpoint(tmp_path, capsys, method):
+    out = tmp_path / method
+    flags = [*TINY_FLAGS, "--out_dir", str(out), "--max_steps", "2", "--method", method, "--data.name", "authorship",
+             "--data.max_seq_length", "64", "--skip2lora.block_indices", "[0,1]"]
+    assert run_cli(["finetune", *flags], capsys)[0] == 0
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(out / "final"), "--text",
+                                 '["Of Mans First Disobedience, and the Fruit", "To be, or not to be"]'], capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("shakespeare", "milton") for line in lines)

@@ -18,6 +18,7 @@ USAGE = """usage: skip2lora COMMAND [CONFIG.yaml] [--options]
 commands:
   finetune   fine-tune a model (lora | qlora | full | skip2lora) from a YAML config and flags
   generate   generate text with a fine-tuned checkpoint (base + adapters, KV cache)
+  predict    classify texts with a fine-tuned classification checkpoint
   merge      fold a LoRA adapter into its base model and save a Hugging Face directory
   demo       the showcase run on the built-in SmolLM2-135M model and instruction task
   paper      reproduce the Skip2-LoRA paper's small-DNN domain-shift setting
@@ -154,6 +155,48 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_predict(argv: list[str]) -> int:
+    import json
+
+    from jsonargparse import ArgumentParser
+
+    from .data import collate, make_example, tokenize_examples
+    from .config import DataConfig
+    from .env import resolve_device
+    from .inference import load_for_inference
+
+    parser = ArgumentParser(prog="skip2lora predict", exit_on_error=False,
+                            description="Classify texts with a fine-tuned classification checkpoint.")
+    parser.add_argument("--checkpoint", type=str, required=True, help="OUT/final of a classification run")
+    parser.add_argument("--text", type=list[str], required=True, help="one text, or a JSON list of texts")
+    parser.add_argument("--model", type=Optional[str], default=None, help="base model, if not the one recorded")
+    parser.add_argument("--device", type=str, default="auto")
+    args = _parse(parser, argv)
+    checkpoint = Path(args.checkpoint)
+    task_file = checkpoint / "task.json"
+    if not task_file.exists():
+        raise UserError(f"{checkpoint} has no task.json: point --checkpoint at OUT/final of a classification run")
+    task = json.loads(task_file.read_text())
+    if task["kind"] != "classification":
+        raise UserError(f"{checkpoint} is a generation checkpoint: use `skip2lora generate`")
+    device = resolve_device(args.device)
+    method = load_for_inference(checkpoint, device, args.model)
+    data_cfg = DataConfig(name=task["data_name"], max_seq_length=task["max_seq_length"])
+    samples = tokenize_examples([make_example(instruction=t, label=0) for t in args.text], method.tokenizer, data_cfg,
+                                "classification")
+    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in collate(samples, method.tokenizer.pad_token_id).items()}
+    method.eval()
+    import torch
+
+    with torch.no_grad():
+        probabilities = torch.softmax(method.classify(batch).float(), dim=-1)
+    names = task["label_names"]
+    for text, probs in zip(args.text, probabilities):
+        best = int(probs.argmax())
+        print(f"{names[best]}\t{float(probs[best]):.3f}\t{text[:80]}")
+    return 0
+
+
 def cmd_merge(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
@@ -192,6 +235,7 @@ def cmd_paper_report(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "finetune": cmd_finetune,
     "generate": cmd_generate,
+    "predict": cmd_predict,
     "merge": cmd_merge,
     "demo": cmd_demo,
     "paper": cmd_paper,

@@ -5,6 +5,7 @@ config -> data -> method -> steps (accumulation, schedule, eval, checkpoints, lo
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -251,6 +252,10 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         + (f" | resuming at step {start_step}" if start_step else "")
     )
 
+    def save_result(directory: Path) -> None:
+        method.save(directory)
+        write_task_file(directory, task, cfg)
+
     def run_eval(step: int) -> dict:
         result = evaluate(method, val_samples, answers, cfg, device, precision, has_accuracy)
         row = {"step": step, "epoch": progress.epoch, **result, "elapsed_s": progress.train_time_s,
@@ -261,7 +266,7 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
             progress.initial_eval = result
         elif is_better(result, progress.best_eval):
             progress.best_eval, progress.best_step = result, step
-            atomic_directory(out / "best", method.save)
+            atomic_directory(out / "best", save_result)
         return result
 
     if cfg.eval.initial and start_step == 0 and val_samples:
@@ -325,12 +330,23 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     bar.close()
     logger.close()
 
-    atomic_directory(out / "final", method.save)
+    atomic_directory(out / "final", save_result)
     summary = build_summary(cfg, method, info, progress, step, device, precision, environment, logger)
     atomic_write_json(out / "run.json", summary)
     print(f"[skip2lora] done: {format_summary(summary['summary'])}")
     print(f"[skip2lora] wrote {out / 'final'}, {logger.csv_path}, {out / 'run.json'}")
     return summary
+
+
+TASK_FILE = "task.json"
+
+
+def write_task_file(directory: Path, task: TaskData, cfg: FinetuneConfig) -> None:
+    """What inference needs to format inputs as training did and to name the classes."""
+    payload = {"kind": task.kind, "label_names": task.label_names, "data_name": cfg.data.name,
+               "prompt_style": cfg.data.prompt_style, "max_seq_length": cfg.data.max_seq_length,
+               "description": task.description}
+    (Path(directory) / TASK_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def build_summary(cfg, method, info, progress: RunProgress, steps: int, device, precision, environment, logger) -> dict:
