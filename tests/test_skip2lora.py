@@ -204,3 +204,13 @@ def test_skip2lora_classifies_with_a_new_head(make_config):
     assert result["summary"]["final_val_acc"] is not None
     names = json.loads((cfg.out_dir / "final" / "adapter_config.json").read_text())
     assert names["task"] == "classification" and names["num_labels"] == 2
+
+
+def test_skip2lora_trains_on_a_4bit_trunk(make_config):
+    cfg = make_config("skip2lora", skip2lora__quantize_trunk=True, train__lr=1e-2)
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in method.model.modules())
+    result = run_finetune(cfg, show_progress=False)
+    assert result["summary"]["final_train_loss"] < result["summary"]["first_train_loss"]

@@ -85,6 +85,10 @@ class Skip2LoRAConfig:
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cache_dir: Optional[Path] = None
     cache_budget_mb: Optional[float] = None
+    # Fill the cache before training with one batched inference pass (sorted by length, no head),
+    # instead of on first sight during the first epoch. Its time counts as training time.
+    cache_prebuild: bool = True
+    cache_build_batch_size: int = 32
     quantize_trunk: bool = False
 
 

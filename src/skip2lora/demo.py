@@ -22,7 +22,7 @@ def demo_config(out_dir: Path, model: str, max_steps: int) -> FinetuneConfig:
         data=DataConfig(name="instruct", prompt_style="plain", max_seq_length=64),
         train=TrainConfig(global_batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=5, max_steps=max_steps,
                           min_lr_ratio=0.1),
-        eval=EvalConfig(interval=max(1, max_steps // 4), max_samples=140, accuracy_samples=100, max_new_tokens=12),
+        eval=EvalConfig(interval=max(1, max_steps // 3), max_samples=100, accuracy_samples=60, max_new_tokens=12),
         lora=LoRAConfig(r=8, alpha=16, dropout=0.05),
     )
 

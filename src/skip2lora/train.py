@@ -202,6 +202,7 @@ class RunProgress:
     best_step: Optional[int] = None
     epoch: int = 0
     history: list = field(default_factory=list)
+    phase_s: dict = field(default_factory=dict)
 
 
 def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
@@ -224,7 +225,9 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         raise UserError(f"dataset '{cfg.data.name}' has no training samples after tokenisation: check data settings")
     answers = {e.sample_id: e.output for e in task.val}
     has_accuracy = task.kind == "classification" or task.has_exact_answers
+    prepare_started = time.perf_counter()
     method.prepare(train_samples, val_samples, device)
+    prepare_time = time.perf_counter() - prepare_started
 
     accumulation = cfg.train.global_batch_size // cfg.train.micro_batch_size
     stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed)
@@ -242,6 +245,9 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         method.load_trainable_state_dict(trainable)
         start_step = saved.pop("step")
         progress = RunProgress(**saved)
+    # Preparation (the Skip-Cache build) is part of what fine-tuning costs, so it counts as training time.
+    progress.train_time_s += prepare_time
+    progress.phase_s["prepare"] = progress.phase_s.get("prepare", 0.0) + prepare_time
 
     logger = MetricLogger(out)
     environment = environment_info(device)
@@ -280,18 +286,26 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         method.train()
         started = time.perf_counter()
         step_loss, step_tokens = 0.0, 0
+        phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         for micro in range(accumulation):
             epoch, indices = stream.indices((step - 1) * accumulation + micro)
             if epoch != current_epoch:
                 current_epoch = progress.epoch = epoch
                 method.on_epoch_start(epoch)
             batch = to_device(collate([train_samples[i] for i in indices], tokenizer.pad_token_id), device)
+            mark = time.perf_counter()
             with autocast_context(precision, device):
                 loss_sum, count = method.loss_sum(batch)
                 loss = loss_sum / max(count, 1)
+            synchronize(device)
+            phases["forward"] += time.perf_counter() - mark
+            mark = time.perf_counter()
             (loss / accumulation).backward()
             step_loss += float(loss.detach()) / accumulation
+            synchronize(device)
+            phases["backward"] += time.perf_counter() - mark
             step_tokens += int(batch["attention_mask"].sum())
+        mark = time.perf_counter()
         if cfg.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.train.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
@@ -299,7 +313,10 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
+        phases["optimizer"] += time.perf_counter() - mark
         step_time = time.perf_counter() - started
+        for name, seconds in phases.items():
+            progress.phase_s[name] = progress.phase_s.get(name, 0.0) + seconds
 
         progress.train_time_s += step_time
         progress.tokens += step_tokens
@@ -365,6 +382,7 @@ def build_summary(cfg, method, info, progress: RunProgress, steps: int, device, 
         "best_val_loss": (progress.best_eval or progress.last_eval or {}).get("val_loss"),
         "best_val_acc": (progress.best_eval or progress.last_eval or {}).get("val_acc"),
         "best_step": progress.best_step,
+        "time_breakdown_s": dict(progress.phase_s),
         **method.summary_extras(),
     }
     return {

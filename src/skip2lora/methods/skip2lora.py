@@ -124,6 +124,7 @@ class Skip2LoRAMethod(FinetuneMethod):
                 directory=cfg.cache_dir or (cache_root() / "skip-cache"), budget_mb=cfg.cache_budget_mb,
             )
         self.trunk_time_s = 0.0
+        self.forward_parts_s: dict[str, float] = {}
 
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
@@ -190,6 +191,31 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.trunk_time_s += time.perf_counter() - started
         return result
 
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
+        """Prebuild the cache: one no-grad pass over every sample, longest first, in large batches."""
+        if self.cache is None or not self.cfg.cache_prebuild:
+            return
+        from ..data import collate
+        from tqdm.auto import tqdm
+
+        started = time.perf_counter()
+        # Training samples only: validation features are cached on first sight during evaluation, whose
+        # cost is not training time for any method.
+        pending = [s for s in train_samples if self.cache.sample_key(s.input_ids) not in self.cache]
+        pending.sort(key=lambda s: len(s.input_ids), reverse=True)  # similar lengths together: little padding
+        size = max(1, self.cfg.cache_build_batch_size)
+        for start in tqdm(range(0, len(pending), size), desc="skip-cache", leave=False, disable=len(pending) < 4 * size):
+            chunk = pending[start:start + size]
+            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            for sample, feats in zip(chunk, self._trunk_features(batch, list(range(len(chunk))))):
+                if not self.cache.put(self.cache.sample_key(sample.input_ids), feats):
+                    break
+            if self.cache.full:
+                break
+        self.cache.flush()
+        self.cache.build_time_s += time.perf_counter() - started
+
     def batch_features(self, batch: dict) -> CachedFeatures:
         """All loss positions of the batch, from the cache where seen before, else from the trunk."""
         rows = batch["input_ids"].size(0)
@@ -222,18 +248,36 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     # -- forward and loss --------------------------------------------------------------------
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        device = batch["input_ids"].device
+        mark = time.perf_counter()
         feats = self.batch_features(batch)
+        mark = self._lap("features", mark, device)
         count = int(feats.targets.numel())
         correction = self.corrected(feats)
+        mark = self._lap("adapters", mark, device)
         if self.kind == "classification":
             logits = self.class_head(feats.final + correction)
-            return F.cross_entropy(logits.float(), feats.targets, reduction="sum"), count
-        if self.output_mode == "logits":
+            loss = F.cross_entropy(logits.float(), feats.targets, reduction="sum")
+        elif self.output_mode == "logits":
             head = self.trunk.head
             with torch.no_grad():
                 base_logits = F.linear(feats.final.to(head.weight.dtype), head.weight, head.bias).float()
-            return F.cross_entropy(base_logits + correction, feats.targets, reduction="sum"), count
-        return frozen_head_ce_sum(feats.final + correction, self.trunk.head, feats.targets), count
+            loss = F.cross_entropy(base_logits + correction, feats.targets, reduction="sum")
+        else:
+            loss = frozen_head_ce_sum(feats.final + correction, self.trunk.head, feats.targets)
+        self._lap("head_loss", mark, device)
+        return loss, count
+
+    def _lap(self, name: str, mark: float, device: torch.device) -> float:
+        """Accumulate the forward's parts (features = cache lookups + trunk on misses)."""
+        if self.adapters.training:
+            from ..env import synchronize
+
+            synchronize(device)
+            now = time.perf_counter()
+            self.forward_parts_s[name] = self.forward_parts_s.get(name, 0.0) + now - mark
+            return now
+        return mark
 
     def classify(self, batch: dict) -> torch.Tensor:
         feats = self.batch_features(batch)
@@ -278,7 +322,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.tokenizer.save_pretrained(str(directory))
 
     def summary_extras(self) -> dict:
-        extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices}
+        extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
+                  "forward_parts_s": dict(self.forward_parts_s)}
         if self.cache is not None:
             self.cache.flush()
             extras.update(self.cache.stats())

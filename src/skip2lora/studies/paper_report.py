@@ -151,7 +151,7 @@ def _dataset_section(result: dict) -> list[str]:
         f"- Ranks: Skip-LoRA/Skip2-LoRA {model['skip2lora_ranks']} ({model['skip2lora_params']:,} parameters), "
         f"LoRA-All {model['lora_all_ranks']} ({model['lora_all_params']:,} parameters), LoRA-Last {model['lora_last_rank']}.",
         f"- Seeds: {', '.join(str(x) for x in s['seeds'])}; mean ± sample standard deviation over seeds.",
-        f"- Command: `{_command(result)}`",
+        f"- Command: `{result.get('command') or _command(result)}` (equivalent single-dataset form: `{_command(result)}`)",
         "",
         *_results_table(result),
         "",
@@ -162,6 +162,13 @@ def _dataset_section(result: dict) -> list[str]:
             f"Skip2-LoRA's first epoch (cache build) took {_pm(skip2['first_epoch_s'], 4)} s, each later epoch "
             f"{_pm(skip2['later_epoch_s'], 4)} s. Time outside the four timed phases (loop bookkeeping) was "
             f"{skip2['untimed_s']['mean']:.4f} s for Skip2-LoRA and {result['methods']['LoRA-All']['untimed_s']['mean']:.4f} s for LoRA-All."
+        )
+        lines.append("")
+    if skip2 and "cpu_reduction_vs_lora_all_pct" in skip2:
+        lines.append(
+            f"Process CPU time (a reading that other programs on the machine do not inflate): Skip2-LoRA "
+            f"{_pm(skip2['cpu_s'], 3)} s against LoRA-All {_pm(result['methods']['LoRA-All']['cpu_s'], 3)} s, "
+            f"{_pm(skip2['cpu_reduction_vs_lora_all_pct'])}% less."
         )
         lines.append("")
     if "reduction_met" in tg:
@@ -205,7 +212,7 @@ def plot_times(results: Sequence[dict], png: Path) -> Path:
             ax.bar(methods, heights, bottom=bottom, color=PHASE_COLOURS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights)]
         for i, m in enumerate(methods):
-            ax.text(i, bottom[i], f"{bottom[i]:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i, bottom[i], f"{bottom[i]:.3g} s", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{result['dataset']['name']}: fine-tuning time (mean of {len(result['settings']['seeds'])} seeds)")
         ax.set_ylabel("seconds")
         ax.tick_params(axis="x", rotation=30)
@@ -245,6 +252,28 @@ def plot_accuracy(results: Sequence[dict], png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def _load_note(results: Sequence[dict]) -> list[str]:
+    """How busy the machine was while each dataset ran (1-minute load average against its cores)."""
+    parts, busy = [], False
+    for result in results:
+        load = result.get("machine_load")
+        if not load:
+            continue
+        start, end, cores = load["load_average_start"][0], load["load_average_end"][0], load["cpu_count"]
+        parts.append(f"{result['dataset']['name']} {start:.2f} at the start and {end:.2f} at the end")
+        # The study itself keeps one core busy; more than that means other work competed for the CPU.
+        busy = busy or max(start, end) > 1.5
+    if not parts:
+        return []
+    note = f"Machine load (1-minute load average, {results[0]['machine_load']['cpu_count']} cores): " + "; ".join(parts) + "."
+    if busy:
+        note += (
+            " Other work shared the CPU during these runs, so absolute times are noisy; each seed runs every method"
+            " back to back in a rotating order, so the per-seed ratios against LoRA-All are affected less."
+        )
+    return [note, ""]
 
 
 FOLLOWED = """\
@@ -299,6 +328,7 @@ def render_paper_doc(json_paths: Sequence[Path], out_md: Path = Path("docs/paper
         f"torch {env.get('torch')}, Python {env.get('python')}, {env.get('platform')}. "
         f"Results created {', '.join(sorted({r['created'] for r in results}))}.",
         "",
+        *_load_note(results),
         "## Summary",
         "",
         "| dataset | Skip2-LoRA time reduction vs LoRA-All % | Skip2-LoRA accuracy % | FT-All accuracy % | gap (points) | targets |",

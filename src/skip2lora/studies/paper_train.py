@@ -7,7 +7,8 @@ Timing is per batch with time.perf_counter around four phases, each its own call
   update   - optimizer.step() and zero_grad()
 The fine-tuning time is the sum of the four, so the breakdown adds up to the total by
 construction. A separate wall-clock reading around the whole loop shows how much loop
-bookkeeping (loss logging, Python control flow) stayed outside the phases.
+bookkeeping (loss logging, Python control flow) stayed outside the phases, and the process's CPU
+time over the loop gives a second reading that other programs' load on the machine does not inflate.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FitResult:
     epoch_losses: list[float]
     epoch_phase_s: list[dict[str, float]]  # one dict per epoch, seconds per phase
     wall_s: float
+    cpu_s: float  # process CPU time over the whole loop
     steps: int
 
     @property
@@ -48,6 +50,7 @@ class FitResult:
             "total_s": self.total_s,
             "wall_s": self.wall_s,
             "untimed_s": self.wall_s - self.total_s,
+            "cpu_s": self.cpu_s,
             "steps": self.steps,
         }
 
@@ -75,6 +78,7 @@ def fine_tune(tuner: Tuner, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
     epoch_phase_s: list[dict[str, float]] = []
     steps = 0
     clock = time.perf_counter
+    cpu_start = time.process_time()
     wall_start = clock()
     for _ in range(epochs):
         phase = dict.fromkeys(PHASES, 0.0)
@@ -107,7 +111,8 @@ def fine_tune(tuner: Tuner, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
             steps += 1
         epoch_losses.append(float(torch.stack(losses).mean()))
         epoch_phase_s.append(phase)
-    return FitResult(epoch_losses, epoch_phase_s, clock() - wall_start, steps)
+    wall_s = clock() - wall_start
+    return FitResult(epoch_losses, epoch_phase_s, wall_s, time.process_time() - cpu_start, steps)
 
 
 @torch.no_grad()

@@ -1,0 +1,344 @@
+"""Tables of `skip2lora benchmark` results, as aligned text (the printed summary) and as Markdown
+(`skip2lora report-bench`, which renders docs/results.md from the saved JSON files).
+
+Both renderings are built from the same rows, and every cell is read from a benchmark JSON file:
+nothing here measures, and nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+from .paths import atomic_write_bytes
+
+SCHEMA = "skip2lora-benchmark/1"
+PHASES = ("forward", "backward", "optimizer", "step")
+MISSING = "-"
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Cell formats
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return MISSING if value is None else pattern.format(value)
+
+
+def fmt_int(value: Optional[int]) -> str:
+    return _fmt(value, "{:,}")
+
+
+def fmt_ms(value: Optional[float]) -> str:
+    return _fmt(value, "{:.2f}")
+
+
+def fmt_mb(value: Optional[float]) -> str:
+    return _fmt(value, "{:.1f}")
+
+
+def fmt_s(value: Optional[float]) -> str:
+    return _fmt(value, "{:.2f}")
+
+
+def fmt_times(value: Optional[float]) -> str:
+    return _fmt(value, "{:.2f}x")
+
+
+def fmt_reduction(value: Optional[float]) -> str:
+    return _fmt(value, "{:,.1f}x")
+
+
+def fmt_pct(value: Optional[float]) -> str:
+    return _fmt(value, "{:.1f}%")
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    return _fmt(None if value is None else 100.0 * value, "{:.3f}%")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables of one benchmark file
+
+
+def ok_configs(result: dict) -> list[dict]:
+    return [c for c in result["configs"] if c["status"] == "ok"]
+
+
+def config_title(config: dict) -> str:
+    return f"{config['name']}{' (baseline)' if config.get('is_baseline') else ''}"
+
+
+def parameter_table(result: dict) -> Table:
+    rows = [[config_title(c), fmt_int(c["parameters"]["total"]), fmt_int(c["parameters"]["trainable"]),
+             fmt_int(c["parameters"]["adapter"]), fmt_ratio(c["parameters"]["trainable_ratio"])]
+            for c in ok_configs(result)]
+    return Table("Parameters", ["configuration", "total", "trainable", "adapter", "trainable ratio"], rows)
+
+
+def phase_table(result: dict, phase: str, title: str) -> Table:
+    rows = []
+    for c in ok_configs(result):
+        stats = c["timing"][phase]
+        rows.append([config_title(c), fmt_ms(stats["mean_ms"]), fmt_ms(stats["min_ms"]), fmt_ms(stats["max_ms"]),
+                     fmt_ms(stats["std_ms"])])
+    return Table(title, ["configuration", "mean ms", "min ms", "max ms", "std ms"], rows)
+
+
+def step_table(result: dict) -> Table:
+    rows = []
+    for c in ok_configs(result):
+        opt, step = c["timing"]["optimizer"], c["timing"]["step"]
+        cache = c.get("cache")
+        rows.append([config_title(c), fmt_ms(opt["mean_ms"]), fmt_ms(opt["std_ms"]), fmt_ms(step["mean_ms"]),
+                     fmt_ms(step["min_ms"]), fmt_ms(step["max_ms"]), fmt_ms(step["std_ms"]),
+                     _fmt(c.get("tokens_per_s"), "{:,.0f}"),
+                     fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"])])
+    headers = ["configuration", "optimizer mean ms", "optimizer std ms", "step mean ms", "step min ms",
+               "step max ms", "step std ms", "tokens/s", "cache hit rate"]
+    return Table("Optimizer step and whole step", headers, rows,
+                 note="whole step = forward + backward + optimizer step (gradient clipping, AdamW, zero_grad); "
+                      "cache hit rate: Skip-Cache lookups that hit during the timed iterations")
+
+
+def memory_table(result: dict) -> Table:
+    cuda = result["environment"]["device"] == "cuda"
+    rows = []
+    for c in ok_configs(result):
+        m = c["memory"]
+        row = [config_title(c), fmt_mb(m["peak_mb"]), fmt_mb(m["baseline_mb"]), fmt_mb(m["peak_above_baseline_mb"])]
+        rows.append(row + [fmt_mb(m.get("peak_reserved_mb"))] if cuda else row)
+    what = "torch.cuda.max_memory_allocated" if cuda else "peak resident set size (VmHWM)"
+    headers = ["configuration", "peak MB", "after load MB", "above baseline MB"]
+    return Table("Memory", headers + (["peak reserved MB"] if cuda else []), rows,
+                 note=f"{what} during warm-up and timing, each configuration in its own process; "
+                      "baseline = after loading the model, before the first step")
+
+
+def speedup_table(result: dict) -> Table:
+    comparison = result.get("comparison") or {}
+    baseline = comparison.get("baseline")
+    rows = []
+    for c in ok_configs(result):
+        ratios = comparison.get("rows", {}).get(c["name"], {})
+        rows.append([config_title(c), fmt_reduction(ratios.get("parameter_reduction")),
+                     fmt_times(ratios.get("forward_speedup")), fmt_times(ratios.get("backward_speedup")),
+                     fmt_times(ratios.get("step_speedup"))])
+    note = (f"parameter reduction = {baseline} trainable / configuration trainable; "
+            f"speed-up = {baseline} mean / configuration mean")
+    if comparison.get("baseline_status") != "ok":
+        note += f"; the baseline {baseline} did not run, so no ratios"
+    headers = ["configuration", "parameter reduction", "forward speed-up", "backward speed-up", "step speed-up"]
+    return Table(f"Reduction and speed-up vs {baseline}", headers, rows, note=note)
+
+
+def failure_table(result: dict) -> Optional[Table]:
+    failed = [c for c in result["configs"] if c["status"] != "ok"]
+    if not failed:
+        return None
+    return Table("Failed configurations", ["configuration", "reason"], [[c["name"], c["error"]] for c in failed])
+
+
+def comparison_tables(result: dict) -> list[Table]:
+    """The COMPARISON SUMMARY of one benchmark file, in the order it is printed."""
+    tables = [parameter_table(result), phase_table(result, "forward", "Forward pass (train mode, with loss)"),
+              phase_table(result, "backward", "Backward pass"), step_table(result), memory_table(result),
+              speedup_table(result)]
+    failures = failure_table(result)
+    return tables + ([failures] if failures else [])
+
+
+def epoch_table(result: dict) -> Optional[Table]:
+    bench = result.get("epoch_benchmark")
+    if not bench:
+        return None
+    rows = []
+    for task in bench["tasks"]:
+        for run in task["runs"]:
+            reduction = task["reductions"].get(run["name"], {})
+            if run["status"] != "ok":
+                rows.append([task["task"], run["name"], "failed: " + run["error"]] + [MISSING] * 6)
+                continue
+            cache = run.get("cache")
+            rows.append([task["task"], run["name"], fmt_int(run["samples_used"]), fmt_s(run["first_epoch_s"]),
+                         fmt_s(run["later_epochs_s"]), fmt_s(run["total_s"]),
+                         fmt_pct(reduction.get("total_pct")), fmt_pct(reduction.get("later_epochs_pct")),
+                         fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"])])
+    headers = ["task", "configuration", "samples", "first epoch s", "later epochs s", "total s",
+               f"reduction vs {bench['reference']}", "later-epoch reduction", "cache hit rate"]
+    title = (f"Fine-tuning time: {bench['epochs']} epochs x {bench['samples']} samples, batch {bench['batch_size']}, "
+             f"max {bench['seq_len']} tokens")
+    return Table(title, headers, rows,
+                 note="reduction = 1 - configuration time / reference time (whole fine-tuning, and epochs 2..N); "
+                      "cache hit rate over all epochs")
+
+
+def headline_rows(result: dict) -> list[list[str]]:
+    comparison = result.get("comparison") or {}
+    rows = []
+    for c in ok_configs(result):
+        ratios = comparison.get("rows", {}).get(c["name"], {})
+        rows.append([config_title(c), fmt_int(c["parameters"]["trainable"]),
+                     fmt_reduction(ratios.get("parameter_reduction")), fmt_ms(c["timing"]["step"]["mean_ms"]),
+                     fmt_times(ratios.get("backward_speedup")), fmt_times(ratios.get("step_speedup")),
+                     fmt_mb(c["memory"]["peak_mb"])])
+    return rows
+
+
+HEADLINE_HEADERS = ["configuration", "trainable", "parameter reduction", "step ms", "backward speed-up",
+                    "step speed-up", "peak MB"]
+
+
+def run_title(result: dict) -> str:
+    env, shapes = result["environment"], result["shapes"]
+    return (f"{result['model']['name']} on {env['device']} ({env['device_name']}), "
+            f"batch {shapes['batch_size']} x {shapes['seq_len']} tokens, {result['created']}")
+
+
+def headline_table(results: list[dict]) -> Table:
+    """One row per measured configuration; a run column when several files are combined."""
+    several = len(results) > 1
+    rows = []
+    for result in results:
+        for row in headline_rows(result):
+            rows.append(([run_title(result)] if several else []) + row)
+    title = "Headline" + ("" if several else f": {run_title(results[0])}")
+    return Table(title, (["run"] if several else []) + HEADLINE_HEADERS, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Renderers
+
+
+def render_text(table: Table) -> str:
+    """Columns padded to their widest cell; the first column left-aligned, numbers right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(table.headers, *table.rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    out = [table.title, line(table.headers), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in table.rows] or ["(no rows)"]
+    if table.note:
+        out.append(f"({table.note})")
+    return "\n".join(out)
+
+
+def _md_cell(cell: str) -> str:
+    return str(cell).replace("|", "\\|")
+
+
+def render_markdown(table: Table, level: int = 3) -> str:
+    align = ["---"] + ["---:"] * (len(table.headers) - 1)
+    out = [f"{'#' * level} {table.title}", "", "| " + " | ".join(table.headers) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+    if not table.rows:
+        out.append("| (no rows) |" + " |" * (len(table.headers) - 1))
+    if table.note:
+        out += ["", f"_{table.note}._"]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def environment_table(result: dict) -> Table:
+    env = result["environment"]
+    keys = ["device", "device_name", "threads", "python", "torch", "transformers", "peft", "bitsandbytes",
+            "skip2lora", "platform"]
+    return Table("Environment", ["what", "value"], [[k, str(env.get(k, MISSING))] for k in keys])
+
+
+def setup_line(result: dict) -> str:
+    model, shapes = result["model"], result["shapes"]
+    return (f"Model `{model['name']}` ({model['model_type']}, {model['num_layers']} layers, hidden "
+            f"{model['hidden_size']}); batches of {shapes['batch_size']} x {shapes['seq_len']} tokens packed from "
+            f"the built-in `instruct` task (loss on responses only); {shapes['warmup']} warm-up and "
+            f"{shapes['iters']} timed iterations per configuration, precision {shapes['precision']}, "
+            f"each configuration in a fresh process.")
+
+
+def render_run(result: dict, source: str) -> str:
+    parts = [f"## {run_title(result)}", "",
+             f"Produced by `{result['command']}` → `{source}`.", "", setup_line(result), "",
+             render_markdown(environment_table(result))]
+    parts += [render_markdown(table) for table in comparison_tables(result)]
+    epochs = epoch_table(result)
+    if epochs:
+        parts.append(render_markdown(epochs))
+    return "\n\n".join(parts)
+
+
+def render_report(results: list[tuple[str, dict]], command: str) -> tuple[str, str]:
+    """The Markdown document and, separately, its headline table as Markdown (for the README)."""
+    headline = render_markdown(headline_table([r for _, r in results]))
+    sources = ", ".join(f"`{s}`" for s, _ in results)
+    header = "\n".join([
+        "# Benchmark results", "",
+        f"<!-- Generated by `{command}` from {sources}. Do not edit by hand: re-run the command. -->", "",
+        "Every number below was measured by `skip2lora benchmark`; the ratios are computed from the measured means.",
+    ])
+    sections = [header, headline] + [render_run(result, source) for source, result in results]
+    return "\n\n".join(sections) + "\n", headline
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files, directories (their *.json) and glob patterns the shell left unexpanded."""
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matches = sorted(path.glob("*.json"))
+        elif path.exists():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(pattern))]
+        if not matches:
+            raise UserError(f"no benchmark JSON file matches {pattern}: run `skip2lora benchmark` first")
+        found += [m for m in matches if m not in found]
+    return found
+
+
+def load_result(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a readable JSON file: {exc}") from exc
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a `skip2lora benchmark` result (expected schema {SCHEMA})")
+    return result
+
+
+def write_report(patterns: list[str], out: Path) -> str:
+    """Render the report of the matching benchmark files to `out`; returns the headline table (Markdown)."""
+    results = sorted(((str(p), load_result(p)) for p in expand_inputs(patterns)), key=lambda item: item[1]["created"])
+    command = "skip2lora report-bench " + " ".join(patterns) + f" --out {out}"
+    markdown, headline = render_report(results, command)
+    atomic_write_bytes(Path(out), markdown.encode())
+    return headline
+
+
+def main_report_bench(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="skip2lora report-bench",
+                                     description="Render docs/results.md from `skip2lora benchmark` JSON files.")
+    parser.add_argument("files", nargs="+", help="benchmark JSON files, folders of them, or glob patterns")
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = parser.parse_args(argv)
+    headline = write_report(args.files, args.out)
+    print(headline)
+    print(f"\n[skip2lora] wrote {args.out}")
+    return 0
