@@ -7,6 +7,7 @@ features never change, the Skip-Cache keeps them per sample and later epochs ski
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -129,9 +130,8 @@ class Skip2LoRAMethod(FinetuneMethod):
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
         vocab = self.tokenizer.get_vocab()
+        # A sample of the vocabulary: cheap to hash, and any retrained tokenizer changes it.
         tokenizer_hash = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 2048)])
-        import hashlib
-
         return {
             "weights": self.info.weights_fingerprint,
             "model_dtype": str(next(self.model.parameters()).dtype),
@@ -243,8 +243,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         )
 
     def corrected(self, feats: CachedFeatures) -> torch.Tensor:
-        correction = self.adapters({k: feats.blocks[i] for i, k in enumerate(self.block_indices)})
-        return correction
+        """The adapters' summed correction for the features' positions."""
+        return self.adapters({k: feats.blocks[i] for i, k in enumerate(self.block_indices)})
 
     # -- forward and loss --------------------------------------------------------------------
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
