@@ -24,9 +24,9 @@ import torch
 
 from ..errors import UserError
 from ..paths import atomic_write_json
-from .paper_data import DATASETS, load_domain_shift
+from .paper_data import DATASETS, DomainShiftData, load_domain_shift
 from .paper_models import METHODS, MLP, build_tuner, lora_all_params, matched_lora_ranks, skip_params
-from .paper_report import main_paper_report, render_paper_doc, targets  # noqa: F401 - the CLI imports them from here
+from .paper_report import main_paper_report, render_paper_doc  # noqa: F401 - the CLI imports them from here
 from .paper_train import PHASES, accuracy, fine_tune, pretrain
 
 STUDY = "skip2lora-paper"
@@ -209,7 +209,7 @@ def run_dataset(
     }
 
 
-def _warm_up(model: MLP, data, settings: StudySettings, lora_ranks: Sequence[int]) -> None:
+def _warm_up(model: MLP, data: DomainShiftData, settings: StudySettings, lora_ranks: Sequence[int]) -> None:
     """One untimed epoch per method so one-off costs (allocator growth, first kernel calls) stay out of the timings."""
     for method in settings.methods:
         tuner = build_tuner(method, model, settings.rank, lora_ranks, settings.lora_scale, len(data.target_train_x))

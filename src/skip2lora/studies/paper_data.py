@@ -130,7 +130,7 @@ def digits_shift(seed: int, tiny: bool = False) -> DomainShiftData:
     target_x = shift_digit_images(bunch.images[tgt], rng).reshape(len(tgt), -1)
     shift = (
         f"target images rotated by {DIGITS_ROTATION_DEG[0]:g}-{DIGITS_ROTATION_DEG[1]:g} degrees, "
-        f"stroke gamma {DIGITS_GAMMA:g}, background lifted, Gaussian noise sigma {DIGITS_NOISE:g} (0..16 scale)"
+        f"stroke gamma {DIGITS_GAMMA:g}, background lifted by {DIGITS_LIFT:g}, Gaussian noise sigma {DIGITS_NOISE:g} (0..16 scale)"
     )
     names = tuple(str(d) for d in range(10))
     return _standardised("digits", (source_x, bunch.target[src]), (target_x, bunch.target[tgt]), rng, names, shift)
@@ -166,11 +166,17 @@ def fan_vibration_signals(labels: np.ndarray, noisy_room: bool, rng: np.random.G
     at blade-pass +- rotation. The noisy room adds a ventilation fan (its own rotation harmonics
     and blade pass, overlapping the classes' bands), louder coloured noise and a softer mounting.
     """
+    from scipy.signal import lfilter
+
     n = len(labels)
     setting = rng.choice(np.asarray(FAN_RPM), size=n)
     rot = setting * rng.uniform(1.0 - FAN_RPM_JITTER, 1.0 + FAN_RPM_JITTER, size=n) / 60.0
     bpf = FAN_BLADES * rot
-    jitter = lambda: rng.uniform(0.7, 1.3, size=n)  # noqa: E731 - per-sample amplitude spread
+
+    def jitter() -> np.ndarray:
+        """Per-sample amplitude spread: no two fans (or mountings) ring exactly alike."""
+        return rng.uniform(0.7, 1.3, size=n)
+
     zero = np.zeros(n)
     unbalance = labels == 1
     chipped = labels == 2
@@ -196,8 +202,6 @@ def fan_vibration_signals(labels: np.ndarray, noisy_room: bool, rng: np.random.G
     vent_amps = VENT_LEVEL * np.stack([1.0 * jitter(), 0.6 * jitter(), 0.4 * jitter(), 1.0 * jitter()], axis=1)
     mounting = rng.uniform(0.6, 0.9, size=(n, 1))
     # Low-frequency rumble: white noise through a one-pole low-pass filter.
-    from scipy.signal import lfilter
-
     rumble = lfilter([1.0], [1.0, -0.9], rng.normal(0.0, RUMBLE_SIGMA, size=signal.shape), axis=1)
     return mounting * signal + _tones(vent_freqs, vent_amps, rng) + rumble + NOISY_WHITE_GAIN * white
 
@@ -221,7 +225,7 @@ def fan_shift(seed: int, tiny: bool = False) -> DomainShiftData:
         f"target fans run next to a ventilation fan ({VENT_HZ[0]:g}-{VENT_HZ[1]:g} Hz, {VENT_BLADES} blades), "
         "with louder low-frequency noise and a softer mounting (gain 0.6-0.9)"
     )
-    details = {"sample_rate_hz": FAN_RATE_HZ, "window": FAN_WINDOW, "blades": FAN_BLADES, "rpm": list(FAN_RPM)}
+    details = {"sample_rate_hz": FAN_RATE_HZ, "window": FAN_WINDOW, "blades": FAN_BLADES, "rpm": list(FAN_RPM), "rpm_jitter": FAN_RPM_JITTER}
     return _standardised("fan", (source_x, source_y), (target_x, target_y), rng, FAN_CLASSES, shift, details)
 
 

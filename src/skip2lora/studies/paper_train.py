@@ -8,13 +8,13 @@ Timing is per batch with time.perf_counter around four phases, each its own call
 The fine-tuning time is the sum of the four, so the breakdown adds up to the total by
 construction. A separate wall-clock reading around the whole loop shows how much loop
 bookkeeping (loss logging, Python control flow) stayed outside the phases, and the process's CPU
-time over the loop gives a second reading that other programs' load on the machine does not inflate.
+time over the loop gives a second reading that other programs' load inflates far less.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class PretrainResult:
     epochs: int
     final_loss: float
     seconds: float
-    source_accuracy: float = field(default=0.0)
+    source_accuracy: float = 0.0
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
