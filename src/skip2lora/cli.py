@@ -60,21 +60,14 @@ def one_line(message: str) -> str:
 
 def check_config_files(argv: list[str]) -> None:
     """Name the file and the line when a config is missing or is not valid YAML."""
-    import yaml
+    from .config import read_yaml
 
     for position, token in enumerate(argv):
         flag, _, inline = token.partition("=")
         if flag != "--config":
             continue
         path = Path(inline or (argv[position + 1] if position + 1 < len(argv) else ""))
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist: check the path")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"config file {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of keys to values")
 

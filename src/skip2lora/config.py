@@ -112,6 +112,23 @@ class FinetuneConfig:
     skip2lora: Skip2LoRAConfig = field(default_factory=Skip2LoRAConfig)
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad syntax becomes one UserError line naming the file."""
+    import yaml
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+
+
 def to_plain_dict(cfg: Any) -> dict:
     """A JSON-serialisable dict of a config dataclass (paths become strings)."""
 
