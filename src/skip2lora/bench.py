@@ -24,14 +24,22 @@ import traceback
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch and the package's heavier modules load lazily: the parent never needs most of them
+    import torch
+
+    from .config import DataConfig, FinetuneConfig
+    from .data import TokenizedSample
+    from .methods import FinetuneMethod
 
 RESULT_PREFIX = "SKIP2LORA_BENCH_RESULT "
 DEFAULT_CONFIG_FILE = Path("configs/bench/default.yaml")
 OVERRIDE_SECTIONS = ("lora", "skip2lora", "train")
 EPOCH_TASKS = ("instruct", "authorship")
+PHASES = ("forward", "backward", "optimizer", "step")
 BENCH_DATA = "instruct"  # the step benchmark's batches: real prompts and responses, loss on responses only
 
 
@@ -102,16 +110,9 @@ def _name_list(value: Any, what: str, path: Path) -> list[str]:
 
 
 def load_suite(path: Path) -> BenchSuite:
-    import yaml
+    from .config import read_yaml
 
-    if not path.is_file():
-        raise UserError(f"benchmark config file {path} does not exist: check --config_file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"benchmark config file {path} is malformed YAML{where}") from exc
+    raw = read_yaml(path, "benchmark config file")
     if not isinstance(raw, dict) or not isinstance(raw.get("configs"), list) or not raw["configs"]:
         raise UserError(f"{path} must hold a mapping with a non-empty `configs` list")
     configs: dict[str, BenchConfig] = {}
@@ -148,7 +149,7 @@ def resolve_config_file(path: Path) -> Path:
 # Batches: instruct examples packed into rows of exactly seq_len tokens
 
 
-def pack_samples(samples: list, seq_len: int, rows: int) -> list:
+def pack_samples(samples: list[TokenizedSample], seq_len: int, rows: int) -> list[TokenizedSample]:
     """Concatenate tokenised examples into `rows` rows of exactly `seq_len` tokens.
 
     Each example keeps its labels (-100 on the prompt, token ids on the response); the example that
@@ -175,14 +176,20 @@ def pack_samples(samples: list, seq_len: int, rows: int) -> list:
     return packed
 
 
-def benchmark_batches(tokenizer, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
+def benchmark_batches(tokenizer: Any, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
     """`count` distinct batches of batch_size x seq_len tokens from the built-in instruction task."""
     from .config import DataConfig
     from .data import IGNORE_INDEX, collate, load_task_data, tokenize_examples
 
     data_cfg = DataConfig(name=BENCH_DATA, max_seq_length=seq_len, seed=seed)
     task = load_task_data(data_cfg)
-    samples = tokenize_examples(task.train, tokenizer, data_cfg, task.kind)
+    needed = batch_size * count * seq_len
+    samples: list[TokenizedSample] = []
+    # Tokenise only as many examples as the rows need (chat templates make tokenising the whole set slow).
+    for start in range(0, len(task.train), 64):
+        samples += tokenize_examples(task.train[start:start + 64], tokenizer, data_cfg, task.kind)
+        if sum(len(s.input_ids) for s in samples) >= needed:
+            break
     rows = pack_samples(samples, seq_len, batch_size * count)
     # A row needs a loss position after the first token (position p predicts p+1).
     if any(all(label == IGNORE_INDEX for label in row.labels[1:]) for row in rows):
@@ -223,18 +230,26 @@ def _reset_peak_rss() -> bool:
 
 
 class MemoryProbe:
-    """Peak memory from `start()` (model loaded, before the first step) to `read()`.
+    """Peak memory over intervals after `start()` (model loaded, before the first step).
 
     CPU: the process's resident set. getrusage's ru_maxrss is not used: after fork+exec it can carry
     the parent's size, while /proc/self/status VmHWM belongs to this process alone and can be reset.
-    GPU: torch.cuda's allocator peaks, reset at start.
+    GPU: torch.cuda's allocator peaks (allocated and reserved), reset at each interval.
     """
 
-    def __init__(self, device) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.baseline_mb = 0.0
         self.load_peak_mb: Optional[float] = None
-        self.peak_reset = False
+        self.resettable = device.type == "cuda"
+
+    def _reset(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.resettable = _reset_peak_rss()
 
     def start(self) -> None:
         import torch
@@ -244,38 +259,58 @@ class MemoryProbe:
         synchronize(self.device)
         if self.device.type == "cuda":
             self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        self.load_peak_mb = _proc_status_mb("VmHWM")
-        self.baseline_mb = _proc_status_mb("VmRSS") or current_rss_mb()
-        self.peak_reset = _reset_peak_rss()
+        else:
+            self.load_peak_mb = _proc_status_mb("VmHWM")
+            self.baseline_mb = _proc_status_mb("VmRSS") or current_rss_mb()
+        self._reset()
 
-    def read(self) -> dict:
+    def take_peak(self) -> dict[str, Optional[float]]:
+        """The peak since start() or the previous take_peak(); then a new interval begins."""
         import torch
 
         from .env import peak_rss_mb, synchronize
 
         synchronize(self.device)
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-            return {"kind": "cuda_allocated", "baseline_mb": self.baseline_mb, "peak_mb": peak,
-                    "peak_above_baseline_mb": peak - self.baseline_mb,
-                    "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 2**20}
-        peak = _proc_status_mb("VmHWM") if self.peak_reset else None
-        if peak is None:  # no /proc: the lifetime peak, which may include model loading
-            peak = self.load_peak_mb or peak_rss_mb()
-        return {"kind": "rss", "baseline_mb": self.baseline_mb, "peak_mb": peak,
-                "peak_above_baseline_mb": peak - self.baseline_mb, "load_peak_mb": self.load_peak_mb,
-                "peak_measured_from_start": self.peak_reset}
+            peak = {"used": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                    "reserved": torch.cuda.max_memory_reserved(self.device) / 2**20}
+        else:
+            # Without a resettable VmHWM this is the lifetime peak, model loading included (flagged below).
+            used = _proc_status_mb("VmHWM") if self.resettable else None
+            peak = {"used": used if used is not None else peak_rss_mb(), "reserved": None}
+        self._reset()
+        return peak
+
+    def report(self, *intervals: dict[str, Optional[float]]) -> dict:
+        """Peak over all intervals, and the last interval's peak alone (the timed iterations)."""
+        peak = max(i["used"] for i in intervals)
+        report = {"kind": "cuda_allocated" if self.device.type == "cuda" else "rss",
+                  "baseline_mb": self.baseline_mb, "peak_mb": peak, "peak_above_baseline_mb": peak - self.baseline_mb,
+                  "last_interval_peak_mb": intervals[-1]["used"], "peaks_reset": self.resettable}
+        if self.device.type == "cuda":
+            report["peak_reserved_mb"] = max(i["reserved"] for i in intervals)
+        else:
+            report["load_peak_mb"] = self.load_peak_mb
+        return report
 
 
-def _numel(param) -> int:
+def page_in_weights(method: FinetuneMethod) -> None:
+    """Read every weight once. Safetensors checkpoints load memory-mapped, so on CPU the weights only become
+    resident on first use; without this the first step's memory would include the model itself."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*method.model.parameters(), *method.model.buffers()]:
+            tensor.sum()
+
+
+def _numel(param: torch.nn.Parameter) -> int:
     # bitsandbytes packs two 4-bit weights per stored element; its quant_state keeps the real shape.
     shape = getattr(getattr(param, "quant_state", None), "shape", None)
     return int(math.prod(shape)) if shape is not None else int(param.numel())
 
 
-def parameter_counts(method) -> dict:
+def parameter_counts(method: FinetuneMethod) -> dict:
     """Total (frozen base + trainable, 4-bit weights counted as weights), trainable and adapter counts."""
     params = {id(p): p for p in method.model.parameters()}
     params.update({id(p): p for p in method.trainable_parameters()})
@@ -292,7 +327,7 @@ def parameter_counts(method) -> dict:
 # The worker: one configuration in its own process
 
 
-def finetune_config(spec: dict, data_cfg):
+def finetune_config(spec: dict, data_cfg: DataConfig) -> FinetuneConfig:
     """The FinetuneConfig a configuration describes: its method and section overrides."""
     from .config import FinetuneConfig
 
@@ -306,13 +341,13 @@ def finetune_config(spec: dict, data_cfg):
     return cfg
 
 
-def _optimizer(method, cfg):
+def _optimizer(method: FinetuneMethod, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     import torch
 
     return torch.optim.AdamW(method.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _optimizer_step(method, optimizer, cfg) -> None:
+def _optimizer_step(method: FinetuneMethod, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> None:
     import torch
 
     if cfg.train.max_grad_norm:
@@ -321,17 +356,20 @@ def _optimizer_step(method, optimizer, cfg) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _cache_counts(method) -> Optional[tuple[int, int]]:
+def _cache_counts(method: FinetuneMethod) -> Optional[tuple[int, int]]:
     cache = getattr(method, "cache", None)
     return None if cache is None else (cache.hits, cache.misses)
 
 
-def _build(spec: dict, data_cfg, kind: str, num_labels: Optional[int]):
+def _build(spec: dict, data_cfg: DataConfig, kind: str, num_labels: Optional[int]) -> tuple:
+    """(config, device, precision, method, model info, seconds to build) for a worker spec."""
     import torch
 
     from .env import precision_dtype, resolve_device, resolve_precision
     from .methods import build_method
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     cfg = finetune_config(spec, data_cfg)
     device = resolve_device(spec["device"])
     precision = resolve_precision(spec["precision"], device)
@@ -359,6 +397,7 @@ def run_step_benchmark(spec: dict) -> dict:
                benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"])]
     optimizer = _optimizer(method, cfg)
     method.train()
+    page_in_weights(method)
     memory = MemoryProbe(device)
     memory.start()
 
@@ -381,18 +420,24 @@ def run_step_benchmark(spec: dict) -> dict:
     losses = []
     for i in range(spec["warmup"]):
         losses.append(step(batches[i % distinct])[1])
+    warmup_peak = memory.take_peak()
     before = _cache_counts(method)
+    parts_before = dict(getattr(method, "forward_parts_s", {}))
     phases: list[list[float]] = [[], [], [], []]
     loss_counts = []
     for i in range(spec["iters"]):
         times, loss_value, count = step(batches[i % distinct])
-        for phase, seconds in zip(phases, times):
+        for phase, seconds in zip(phases, times, strict=True):
             phase.append(seconds)
         losses.append(loss_value)
         loss_counts.append(count)
     after = _cache_counts(method)
+    timed_peak = memory.take_peak()
+    # Skip2-LoRA splits its forward into cache lookups/trunk, adapters and head loss: mean ms per timed step.
+    forward_parts = {name: 1000.0 * (total - parts_before.get(name, 0.0)) / spec["iters"]
+                     for name, total in getattr(method, "forward_parts_s", {}).items()} or None
 
-    timing = {name: time_stats(values) for name, values in zip(("forward", "backward", "optimizer", "step"), phases)}
+    timing = {name: time_stats(values) for name, values in zip(PHASES, phases, strict=True)}
     tokens = spec["batch_size"] * spec["seq_len"]
     return {
         "parameters": parameter_counts(method),
@@ -401,8 +446,9 @@ def run_step_benchmark(spec: dict) -> dict:
         "loss_tokens_per_batch": statistics.fmean(loss_counts),
         "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0),
         "distinct_batches": distinct,
-        "memory": memory.read(),
+        "memory": memory.report(warmup_peak, timed_peak),
         "cache": _timed_cache_stats(method, before, after),
+        "forward_parts_ms": forward_parts,
         "loss": {"first": losses[0], "last": losses[-1]},
         "load_s": load_s,
         "precision": precision,
@@ -411,13 +457,36 @@ def run_step_benchmark(spec: dict) -> dict:
     }
 
 
-def _timed_cache_stats(method, before: Optional[tuple[int, int]], after: Optional[tuple[int, int]]) -> Optional[dict]:
+def _timed_cache_stats(method: FinetuneMethod, before: Optional[tuple[int, int]],
+                       after: Optional[tuple[int, int]]) -> Optional[dict]:
     if before is None or after is None:
         return None
     hits, misses = after[0] - before[0], after[1] - before[1]
     stats = method.cache.stats()
     return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None,
             "samples": stats["cache_samples"], "size_mb": stats["cache_size_mb"]}
+
+
+def warm_up_method(method: FinetuneMethod, batch: dict, precision: str, device: torch.device) -> None:
+    """One untimed forward and backward before the clock starts. It pays the process's one-off costs (lazy
+    kernel loading on GPUs, lazily imported modules) that would otherwise land in the first epoch of
+    whichever method runs, and leaves the weights, the optimizer and the Skip-Cache as they were."""
+    from .env import autocast_context, synchronize
+
+    cache = getattr(method, "cache", None)
+    if cache is not None:
+        method.cache = None  # the warm-up batch must not enter the cache nor count as a hit or miss
+    try:
+        method.train()
+        with autocast_context(precision, device):
+            loss_sum, count = method.loss_sum(batch)
+        (loss_sum / max(count, 1)).backward()
+        for param in method.trainable_parameters():
+            param.grad = None
+        synchronize(device)
+    finally:
+        if cache is not None:
+            method.cache = cache
 
 
 def run_epoch_benchmark(spec: dict) -> dict:
@@ -435,19 +504,26 @@ def run_epoch_benchmark(spec: dict) -> dict:
     num_labels = len(task.label_names) if task.label_names else None
     cfg, device, precision, method, info, load_s = _build(spec, data_cfg, task.kind, num_labels)
     train = tokenize_examples(task.train[:spec["samples"]], method.tokenizer, data_cfg, task.kind)
-    method.prepare(train, [], device)
     optimizer = _optimizer(method, cfg)
+    batch_size = spec["batch_size"]
+    warm_up_method(method, to_device(collate(train[:batch_size], method.tokenizer.pad_token_id), device),
+                   precision, device)
+    page_in_weights(method)
     memory = MemoryProbe(device)
     memory.start()
-    batch_size = spec["batch_size"]
+    # As in `skip2lora finetune`, preparation (the Skip-Cache prebuild) is fine-tuning time.
+    started = time.perf_counter()
+    method.prepare(train, [], device)
+    synchronize(device)
+    prepare_s = time.perf_counter() - started
     epoch_times, epoch_losses = [], []
     for epoch in range(spec["epochs"]):
-        method.on_epoch_start(epoch)
+        synchronize(device)
+        started = time.perf_counter()
+        method.on_epoch_start(epoch)  # inside the clock: a disk Skip-Cache flushes its shards here
         method.train()
         order = epoch_order(len(train), spec["seed"], epoch)
         total_loss, total_count = 0.0, 0
-        synchronize(device)
-        started = time.perf_counter()
         for start in range(0, len(order), batch_size):
             batch = to_device(collate([train[i] for i in order[start:start + batch_size]],
                                       method.tokenizer.pad_token_id), device)
@@ -464,19 +540,21 @@ def run_epoch_benchmark(spec: dict) -> dict:
     cache_stats = None
     if cache is not None:
         stats = cache.stats()
-        cache_stats = {"hits": stats["cache_hits"], "misses": stats["cache_misses"], "hit_rate": stats["cache_hit_rate"],
-                       "samples": stats["cache_samples"], "size_mb": stats["cache_size_mb"]}
+        cache_stats = {"hits": stats["cache_hits"], "misses": stats["cache_misses"],
+                       "hit_rate": stats["cache_hit_rate"], "samples": stats["cache_samples"],
+                       "size_mb": stats["cache_size_mb"]}
     return {
         "kind": task.kind,
         "samples_used": len(train),
         "steps_per_epoch": math.ceil(len(train) / batch_size),
+        "prepare_s": prepare_s,
         "epoch_times_s": epoch_times,
-        "first_epoch_s": epoch_times[0],
+        "first_epoch_s": prepare_s + epoch_times[0],
         "later_epochs_s": sum(epoch_times[1:]),
-        "total_s": sum(epoch_times),
+        "total_s": prepare_s + sum(epoch_times),
         "epoch_losses": epoch_losses,
         "parameters": parameter_counts(method),
-        "memory": memory.read(),
+        "memory": memory.report(memory.take_peak()),
         "cache": cache_stats,
         "load_s": load_s,
         "precision": precision,
@@ -485,7 +563,7 @@ def run_epoch_benchmark(spec: dict) -> dict:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """One line: the user-facing message of a UserError, else the exception's type and first line."""
+    """One line: a UserError's message, else the exception's type and message (cut to 300 characters)."""
     message = " ".join(str(exc).split())
     if isinstance(exc, UserError):
         return message
@@ -494,22 +572,24 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message[:300]}" if message else type(exc).__name__
 
 
+def worker_result(spec: dict) -> dict:
+    """Run one configuration's spec in this process: its measurements, or the reason it failed."""
+    try:
+        result = run_epoch_benchmark(spec) if spec["mode"] == "epochs" else run_step_benchmark(spec)
+    except Exception as exc:  # any failure becomes a row marked failed; the parent carries on
+        traceback.print_exc(file=sys.stderr)
+        return {"status": "failed", "error": failure_reason(exc)}
+    return {**result, "status": "ok"}
+
+
 def worker_main(spec_json: str) -> int:
-    """Run one configuration and print RESULT_PREFIX + JSON (results, or the reason it failed)."""
+    """The subprocess entry: print RESULT_PREFIX + JSON of worker_result; exit 1 when it failed."""
     from .cli import quiet_libraries
 
     quiet_libraries()
-    spec = json.loads(spec_json)
-    try:
-        result = run_epoch_benchmark(spec) if spec["mode"] == "epochs" else run_step_benchmark(spec)
-        result["status"] = "ok"
-        code = 0
-    except Exception as exc:  # any failure becomes a row marked failed; the parent carries on
-        traceback.print_exc(file=sys.stderr)
-        result = {"status": "failed", "error": failure_reason(exc)}
-        code = 1
+    result = worker_result(json.loads(spec_json))
     print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return code
+    return 0 if result["status"] == "ok" else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +606,10 @@ def _worker_env() -> dict:
 
 def _exit_reason(returncode: int, stderr: str) -> str:
     if returncode < 0:
-        name = signal.Signals(-returncode).name
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
         hint = " (the system may have run out of memory)" if -returncode == signal.SIGKILL else ""
         return f"worker killed by {name}{hint}"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -569,21 +652,23 @@ def model_facts(name: str) -> dict:
 
 def benchmark_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skip2lora benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf file")
+    parser.add_argument("--batch_size", type=int, default=4, help="rows per batch")
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per row (instruct examples packed)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (they fill the Skip-Cache)")
     parser.add_argument("--configs", nargs="+", default=None, help="configuration names (default: all in the file)")
-    parser.add_argument("--config_file", type=Path, default=DEFAULT_CONFIG_FILE)
-    parser.add_argument("--out_dir", type=Path, default=Path("out/bench"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--config_file", type=Path, default=DEFAULT_CONFIG_FILE, help="YAML list of configurations")
+    parser.add_argument("--out_dir", type=Path, default=Path("out/bench"), help="where the JSON result goes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-true", "bf16-mixed"])
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="data order and adapter initialisation")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: torch's choice)")
     parser.add_argument("--epochs", type=int, default=None, help="also time whole fine-tuning runs of N epochs")
     parser.add_argument("--samples", type=int, default=256, help="training samples per epoch (with --epochs)")
     parser.add_argument("--epoch_configs", nargs="+", default=None, help="default: the file's epoch_benchmark.configs")
-    parser.add_argument("--epoch_tasks", nargs="+", default=None, help=f"default: the file's (from {', '.join(EPOCH_TASKS)})")
+    parser.add_argument("--epoch_tasks", nargs="+", default=None,
+                        help=f"default: the file's epoch_benchmark.tasks (from {', '.join(EPOCH_TASKS)})")
     return parser
 
 
@@ -591,6 +676,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, minimum in (("iters", 1), ("warmup", 0), ("batch_size", 1), ("seq_len", 2), ("samples", 1)):
         if getattr(args, flag) < minimum:
             raise UserError(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.epochs is not None and args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
 
@@ -602,7 +689,8 @@ def check_context(model: dict, seq_len: int) -> None:
 
 
 def selected_configs(suite: BenchSuite, names: Optional[list[str]]) -> list[BenchConfig]:
-    """The named configurations (all by default), with the baseline first so every ratio has it."""
+    """The named configurations (all by default); the baseline is added first when not named, so every
+    ratio has it."""
     names = list(dict.fromkeys(names or list(suite.configs)))
     check_names(names, suite, f"in --configs (file {suite.path})")
     if suite.baseline not in names:
@@ -654,7 +742,8 @@ RULE = "=" * 96
 
 def print_config_section(index: int, count: int, config: dict) -> None:
     print(RULE)
-    print(f"[{index}/{count}] {config['name']}: {config['label']}" + ("  [baseline]" if config.get("is_baseline") else ""))
+    baseline = "  [baseline]" if config.get("is_baseline") else ""
+    print(f"[{index}/{count}] {config['name']}: {config['label']}{baseline}")
     print(RULE)
     if config["status"] != "ok":
         print(f"FAILED after {config['wall_s']:.1f}s: {config['error']}\n", flush=True)
@@ -663,22 +752,26 @@ def print_config_section(index: int, count: int, config: dict) -> None:
     adapter = "-" if p["adapter"] is None else f"{p['adapter']:,}"
     print(f"Parameters : total {p['total']:,} | trainable {p['trainable']:,} ({100 * p['trainable_ratio']:.3f}%) "
           f"| adapter {adapter}")
-    for phase, label in (("forward", "Forward"), ("backward", "Backward"), ("optimizer", "Optimizer"), ("step", "Step")):
-        t = config["timing"][phase]
+    for phase in ("forward", "backward", "optimizer", "step"):
+        t, label = config["timing"][phase], phase.capitalize()
         print(f"{label:<11}: mean {t['mean_ms']:.2f} ms | min {t['min_ms']:.2f} | max {t['max_ms']:.2f} "
               f"| std {t['std_ms']:.2f}")
     m = config["memory"]
     what = "peak allocated" if m["kind"] == "cuda_allocated" else "peak RSS"
     extra = f" | peak reserved {m['peak_reserved_mb']:.1f} MB" if "peak_reserved_mb" in m else ""
     print(f"Memory     : {what} {m['peak_mb']:.1f} MB ({m['peak_above_baseline_mb']:+.1f} MB over "
-          f"{m['baseline_mb']:.1f} MB after load){extra}")
+          f"{m['baseline_mb']:.1f} MB after load); timed iterations alone {m['last_interval_peak_mb']:.1f} MB{extra}")
     cache = config.get("cache")
     if cache:
         rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
         print(f"Skip-Cache : hit rate while timed {rate} ({cache['hits']} hits, {cache['misses']} misses); "
               f"{cache['samples']} rows cached, {cache['size_mb']:.2f} MB")
+    parts = config.get("forward_parts_ms")
+    if parts:
+        print("Fwd parts  : " + " | ".join(f"{name} {ms:.2f} ms" for name, ms in parts.items()))
+    loss = config["loss"]
     print(f"Throughput : {config['tokens_per_s']:,.0f} tokens/s; {config['loss_tokens_per_batch']:.0f} loss tokens "
-          f"of {config['tokens_per_batch']} per batch; loss {config['loss']['first']:.4f} -> {config['loss']['last']:.4f}")
+          f"of {config['tokens_per_batch']} per batch; loss {loss['first']:.4f} -> {loss['last']:.4f}")
     print(f"Process    : model built in {config['load_s']:.1f}s, worker {config['wall_s']:.1f}s in all, "
           f"{config['threads']} threads\n", flush=True)
 
@@ -706,7 +799,7 @@ def print_summary(result: dict) -> None:
 
 def _spec(args: argparse.Namespace, config: BenchConfig, device: str, **extra) -> dict:
     return {"config": config.as_dict(), "model": args.model, "device": device, "precision": args.precision,
-            "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, **extra}
+            "seed": args.seed, "threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len, **extra}
 
 
 def run_step_configs(args: argparse.Namespace, configs: list[BenchConfig], baseline: str, device: str) -> list[dict]:
@@ -751,7 +844,8 @@ def run_epoch_configs(args: argparse.Namespace, suite: BenchSuite, plan: EpochPl
             runs.append(run)
             if run["status"] == "ok":
                 times = ", ".join(f"{t:.2f}" for t in run["epoch_times_s"])
-                print(f"  epochs (s): {times} | total {run['total_s']:.2f}s", flush=True)
+                print(f"  prepare {run['prepare_s']:.2f}s | epochs (s): {times} | total {run['total_s']:.2f}s",
+                      flush=True)
             else:
                 print(f"  FAILED: {run['error']}", flush=True)
         out["tasks"].append({"task": task, "kind": next((r["kind"] for r in runs if r["status"] == "ok"), None),
@@ -785,32 +879,41 @@ def main_benchmark(argv: list[str] | None = None) -> int:
 
     created = datetime.now()
     print(f"[skip2lora] benchmark: {len(configs)} configurations on {args.model} ({device.type}), batch "
-          f"{args.batch_size} x {args.seq_len} tokens, {args.warmup} warm-up + {args.iters} timed iterations\n", flush=True)
+          f"{args.batch_size} x {args.seq_len} tokens, {args.warmup} warm-up + {args.iters} timed iterations\n",
+          flush=True)
     results = run_step_configs(args, configs, suite.baseline, str(device))
+    epoch_results = run_epoch_configs(args, suite, plan, str(device)) if plan else None
     precision = next((r["precision"] for r in results if r["status"] == "ok"), args.precision)
+    # Read last: on a GPU this creates a CUDA context in this process, which must not sit beside the workers.
+    environment = environment_info(device)
     payload = {
         "schema": SCHEMA,
         "command": "skip2lora benchmark " + shlex.join(argv),
         "created": created.isoformat(timespec="seconds"),
         "config_file": str(suite.path),
-        "environment": {**environment_info(device), "cpu_count": os.cpu_count()},
+        # Threads as the workers used them: --threads, else torch's default (the same in this process).
+        "environment": {**environment, **({"threads": args.threads} if args.threads else {}),
+                        "cpu_count": os.cpu_count()},
         "model": model,
-        "shapes": {"batch_size": args.batch_size, "seq_len": args.seq_len, "tokens_per_batch": args.batch_size * args.seq_len,
-                   "iters": args.iters, "warmup": args.warmup, "distinct_batches": max(1, args.warmup),
-                   "data": BENCH_DATA, "precision": precision, "seed": args.seed},
+        "shapes": {"batch_size": args.batch_size, "seq_len": args.seq_len,
+                   "tokens_per_batch": args.batch_size * args.seq_len, "iters": args.iters, "warmup": args.warmup,
+                   "distinct_batches": max(1, args.warmup), "data": BENCH_DATA, "precision": precision,
+                   "seed": args.seed},
         "baseline": suite.baseline,
         "configs": results,
         "comparison": comparison(results, suite.baseline),
-        "epoch_benchmark": run_epoch_configs(args, suite, plan, str(device)) if plan else None,
+        "epoch_benchmark": epoch_results,
     }
     path = result_path(args.out_dir, created)
     atomic_write_json(path, payload)
     print_summary(payload)
     failed = [r["name"] for r in results if r["status"] != "ok"]
+    for task in (epoch_results or {}).get("tasks", []):
+        failed += [f"{r['name']} on {task['task']}" for r in task["runs"] if r["status"] != "ok"]
     print(f"[skip2lora] wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    if len(failed) == len(results):
-        raise UserError(f"every configuration failed, first {failed[0]}: {results[0]['error']}")
-    return 1 if failed else 0
+    if all(r["status"] != "ok" for r in results):
+        raise UserError(f"every configuration failed, first {results[0]['name']}: {results[0]['error']}")
+    return 1 if failed else 0  # the results are written either way; a script can still tell
 
 
 def _module_main(argv: list[str]) -> int:

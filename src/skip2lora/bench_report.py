@@ -28,6 +28,7 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     note: Optional[str] = None
+    text_columns: int = 1  # leading columns of names, aligned left; the rest are numbers, aligned right
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +60,10 @@ def fmt_times(value: Optional[float]) -> str:
 
 
 def fmt_reduction(value: Optional[float]) -> str:
-    return _fmt(value, "{:,.1f}x")
+    """Three significant digits below 100 (full fine-tuning's reduction is a small fraction)."""
+    if value is None:
+        return MISSING
+    return f"{value:,.0f}x" if value >= 99.5 else f"{value:#.3g}x"
 
 
 def fmt_pct(value: Optional[float]) -> str:
@@ -119,13 +123,16 @@ def memory_table(result: dict) -> Table:
     rows = []
     for c in ok_configs(result):
         m = c["memory"]
-        row = [config_title(c), fmt_mb(m["peak_mb"]), fmt_mb(m["baseline_mb"]), fmt_mb(m["peak_above_baseline_mb"])]
+        row = [config_title(c), fmt_mb(m["peak_mb"]), fmt_mb(m.get("last_interval_peak_mb")), fmt_mb(m["baseline_mb"]),
+               fmt_mb(m["peak_above_baseline_mb"])]
         rows.append(row + [fmt_mb(m.get("peak_reserved_mb"))] if cuda else row)
     what = "torch.cuda.max_memory_allocated" if cuda else "peak resident set size (VmHWM)"
-    headers = ["configuration", "peak MB", "after load MB", "above baseline MB"]
+    headers = ["configuration", "peak MB", "timed-only peak MB", "after load MB", "peak above load MB"]
     return Table("Memory", headers + (["peak reserved MB"] if cuda else []), rows,
-                 note=f"{what} during warm-up and timing, each configuration in its own process; "
-                      "baseline = after loading the model, before the first step")
+                 note=f"{what}, each configuration in its own process; after load = the model loaded and its "
+                      "weights resident, before the first step; peak = warm-up and timed iterations (a cached "
+                      "Skip2-LoRA fills its cache in the warm-up); timed-only = the timed iterations alone"
+                      + ("" if cuda else ", which on CPU includes memory freed earlier but still held by the process"))
 
 
 def speedup_table(result: dict) -> Table:
@@ -149,7 +156,8 @@ def failure_table(result: dict) -> Optional[Table]:
     failed = [c for c in result["configs"] if c["status"] != "ok"]
     if not failed:
         return None
-    return Table("Failed configurations", ["configuration", "reason"], [[c["name"], c["error"]] for c in failed])
+    return Table("Failed configurations", ["configuration", "reason"], [[c["name"], c["error"]] for c in failed],
+                 text_columns=2)
 
 
 def comparison_tables(result: dict) -> list[Table]:
@@ -181,8 +189,11 @@ def epoch_table(result: dict) -> Optional[Table]:
                f"reduction vs {bench['reference']}", "later-epoch reduction", "cache hit rate"]
     title = (f"Fine-tuning time: {bench['epochs']} epochs x {bench['samples']} samples, batch {bench['batch_size']}, "
              f"max {bench['seq_len']} tokens")
-    return Table(title, headers, rows,
-                 note="reduction = 1 - configuration time / reference time (whole fine-tuning, and epochs 2..N); "
+    return Table(title, headers, rows, text_columns=2,
+                 note="each run in its own process, after one untimed forward/backward that leaves weights, optimizer "
+                      "and Skip-Cache untouched; "
+                      "first epoch includes preparation (the Skip-Cache prebuild), as `skip2lora finetune` counts it; "
+                      "reduction = 1 - configuration time / reference time (whole fine-tuning, and epochs 2..N); "
                       "cache hit rate over all epochs")
 
 
@@ -216,7 +227,7 @@ def headline_table(results: list[dict]) -> Table:
         for row in headline_rows(result):
             rows.append(([run_title(result)] if several else []) + row)
     title = "Headline" + ("" if several else f": {run_title(results[0])}")
-    return Table(title, (["run"] if several else []) + HEADLINE_HEADERS, rows)
+    return Table(title, (["run"] if several else []) + HEADLINE_HEADERS, rows, text_columns=2 if several else 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,11 +235,12 @@ def headline_table(results: list[dict]) -> Table:
 
 
 def render_text(table: Table) -> str:
-    """Columns padded to their widest cell; the first column left-aligned, numbers right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(table.headers, *table.rows)]
+    """Columns padded to their widest cell; names left-aligned, numbers right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(table.headers, *table.rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(cell.ljust(w) if i < table.text_columns else cell.rjust(w) for i, (cell, w) in pairs)
 
     out = [table.title, line(table.headers), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in table.rows] or ["(no rows)"]
@@ -242,7 +254,7 @@ def _md_cell(cell: str) -> str:
 
 
 def render_markdown(table: Table, level: int = 3) -> str:
-    align = ["---"] + ["---:"] * (len(table.headers) - 1)
+    align = ["---"] * table.text_columns + ["---:"] * (len(table.headers) - table.text_columns)
     out = [f"{'#' * level} {table.title}", "", "| " + " | ".join(table.headers) + " |", "| " + " | ".join(align) + " |"]
     out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
     if not table.rows:
@@ -260,7 +272,8 @@ def environment_table(result: dict) -> Table:
     env = result["environment"]
     keys = ["device", "device_name", "threads", "python", "torch", "transformers", "peft", "bitsandbytes",
             "skip2lora", "platform"]
-    return Table("Environment", ["what", "value"], [[k, str(env.get(k, MISSING))] for k in keys])
+    rows = [[k, MISSING if env.get(k) is None else str(env[k])] for k in keys]
+    return Table("Environment", ["what", "value"], rows, text_columns=2)
 
 
 def setup_line(result: dict) -> str:
@@ -273,8 +286,7 @@ def setup_line(result: dict) -> str:
 
 
 def render_run(result: dict, source: str) -> str:
-    parts = [f"## {run_title(result)}", "",
-             f"Produced by `{result['command']}` → `{source}`.", "", setup_line(result), "",
+    parts = [f"## {run_title(result)}", f"Produced by `{result['command']}` → `{source}`.", setup_line(result),
              render_markdown(environment_table(result))]
     parts += [render_markdown(table) for table in comparison_tables(result)]
     epochs = epoch_table(result)
@@ -285,7 +297,7 @@ def render_run(result: dict, source: str) -> str:
 
 def render_report(results: list[tuple[str, dict]], command: str) -> tuple[str, str]:
     """The Markdown document and, separately, its headline table as Markdown (for the README)."""
-    headline = render_markdown(headline_table([r for _, r in results]))
+    headline = render_markdown(headline_table([r for _, r in results]), level=2)
     sources = ", ".join(f"`{s}`" for s, _ in results)
     header = "\n".join([
         "# Benchmark results", "",

@@ -21,6 +21,8 @@ commands:
   predict    classify texts with a fine-tuned classification checkpoint
   merge      fold a LoRA adapter into its base model and save a Hugging Face directory
   demo       the showcase run on the built-in SmolLM2-135M model and instruction task
+  benchmark  side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA, full
+  report-bench  render docs/results.md from saved benchmark JSON files
   paper      reproduce the Skip2-LoRA paper's small-DNN domain-shift setting
   paper-report  render docs/paper.md from saved paper-study JSON files
 
@@ -213,6 +215,18 @@ def cmd_demo(argv: list[str]) -> int:
     return main_demo(argv)
 
 
+def cmd_benchmark(argv: list[str]) -> int:
+    from .bench import main_benchmark
+
+    return main_benchmark(argv)
+
+
+def cmd_report_bench(argv: list[str]) -> int:
+    from .bench_report import main_report_bench
+
+    return main_report_bench(argv)
+
+
 def cmd_paper(argv: list[str]) -> int:
     from .studies.paper import main_paper
 
@@ -231,6 +245,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "predict": cmd_predict,
     "merge": cmd_merge,
     "demo": cmd_demo,
+    "benchmark": cmd_benchmark,
+    "report-bench": cmd_report_bench,
     "paper": cmd_paper,
     "paper-report": cmd_paper_report,
 }

@@ -79,7 +79,18 @@ def environment_info(device: torch.device) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set size so far (Linux reports KiB)."""
+    """The process's own peak resident set size so far.
+
+    /proc/self/status VmHWM is this process's high-water mark; getrusage's ru_maxrss can carry the
+    parent's value into a child process, so it is only the fallback off Linux.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -12,6 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def panels(count: int, width: float = 5.2, height: float = 4.2):
+    """A figure with `count` side-by-side panels (always a 2-D axes array)."""
+    return plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+
+
+def save_figure(fig, png_path: Path, dpi: int = 110) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=dpi)
+    plt.close(fig)
+    return png_path
+
+
 def read_metrics(csv_path: Path) -> list[dict]:
     """Rows of a metrics.csv with numbers parsed; empty cells become None."""
     with open(csv_path, newline="") as handle:
@@ -40,8 +54,4 @@ def plot_loss_curves(runs: Sequence[tuple[str, Path]], png_path: Path, x: str = 
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, dpi=120)

@@ -218,12 +218,9 @@ def _dataset_section(result: dict) -> list[str]:
 
 def plot_times(results: Sequence[dict], png: Path) -> Path:
     """Stacked bars: mean fine-tuning seconds per phase, one panel per dataset."""
-    import matplotlib
+    from ..plots import panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
+    fig, axes = panels(len(results))
     for ax, result in zip(axes[0], results):
         methods = list(result["methods"])
         bottom = [0.0] * len(methods)
@@ -238,21 +235,16 @@ def plot_times(results: Sequence[dict], png: Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    from ..plots import save_figure
+
+    return save_figure(fig, png)
 
 
 def plot_accuracy(results: Sequence[dict], png: Path) -> Path:
     """Bars with standard-deviation whiskers; the dashed line is the pretrained model's accuracy."""
-    import matplotlib
+    from ..plots import panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
+    fig, axes = panels(len(results))
     for ax, result in zip(axes[0], results):
         methods = list(result["methods"])
         means = [result["methods"][m]["accuracy"]["mean"] for m in methods]
@@ -267,11 +259,9 @@ def plot_accuracy(results: Sequence[dict], png: Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    from ..plots import save_figure
+
+    return save_figure(fig, png)
 
 
 def _load_note(results: Sequence[dict]) -> list[str]:

@@ -1,0 +1,281 @@
+"""`skip2lora benchmark` and `skip2lora report-bench` on the tiny model.
+
+One benchmark run (module fixture) serves most tests: each configuration is a subprocess that costs
+seconds to start, so the run holds just a baseline, a cached Skip2-LoRA and a configuration that must
+fail. The epoch benchmark test runs the same worker code in-process to stay fast. No test asserts a
+timing; they check that every number is recorded and that the ratios printed are the ones the
+measurements give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import signal
+import statistics
+import textwrap
+
+import pytest
+import torch
+
+from skip2lora import bench, bench_report
+from skip2lora.data import IGNORE_INDEX, TokenizedSample
+from skip2lora.errors import UserError
+
+ITERS = 2
+SUITE = """
+baseline: lora
+epoch_benchmark:
+  configs: [lora, s2-cached]
+  tasks: [instruct, authorship]
+configs:
+  - name: lora
+    label: LoRA q+v r=4
+    method: lora
+    lora: {r: 4, alpha: 8, dropout: 0.0}
+  - name: s2-cached
+    label: Skip2-LoRA 4 blocks, cached
+    method: skip2lora
+    skip2lora: {block_indices: [0, 1, 2, 3], r: 4, alpha: 8, cache: memory}
+  - name: s2-bad
+    label: Skip2-LoRA with a block the model lacks
+    method: skip2lora
+    skip2lora: {block_indices: [0, 99]}
+"""
+COMMON = ["--model", "tiny", "--iters", str(ITERS), "--warmup", "1", "--seq_len", "32", "--batch_size", "2",
+          "--threads", "1", "--device", "cpu"]
+
+
+def write_suite(directory) -> str:
+    path = directory / "suite.yaml"
+    path.write_text(textwrap.dedent(SUITE))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One benchmark in worker processes; returns (exit code, printed text, JSON, JSON path)."""
+    directory = tmp_path_factory.mktemp("bench")
+    argv = COMMON + ["--config_file", write_suite(directory), "--out_dir", str(directory / "out")]
+    return run_benchmark(argv, directory / "out")
+
+
+def run_benchmark(argv: list[str], out_dir) -> tuple[int, str, dict, object]:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = bench.main_benchmark(argv)
+    files = list(out_dir.glob("skip2lora_benchmark_*.json"))
+    assert len(files) == 1
+    return code, printed.getvalue(), json.loads(files[0].read_text()), files[0]
+
+
+def by_name(payload: dict) -> dict:
+    return {c["name"]: c for c in payload["configs"]}
+
+
+def test_benchmark_json_has_every_field_for_every_configuration(run):
+    code, _, payload, _ = run
+    assert code == 1  # one configuration failed; the JSON and summary are still written
+    assert payload["schema"] == bench_report.SCHEMA
+    assert payload["command"].startswith("skip2lora benchmark --model tiny")
+    for key in ("device", "device_name", "threads", "torch", "transformers", "peft"):
+        assert key in payload["environment"]
+    assert payload["environment"]["threads"] == 1
+    assert payload["model"]["max_context"] == 512 and payload["model"]["num_layers"] == 4
+    assert payload["shapes"]["tokens_per_batch"] == 64
+    assert payload["epoch_benchmark"] is None  # only with --epochs
+    configs = by_name(payload)
+    assert list(configs) == ["lora", "s2-cached", "s2-bad"]
+    for name in ("lora", "s2-cached"):
+        config = configs[name]
+        assert config["status"] == "ok" and config["error"] is None
+        params = config["parameters"]
+        assert 0 < params["trainable"] == params["adapter"] < params["total"]
+        assert params["trainable_ratio"] == pytest.approx(params["trainable"] / params["total"])
+        timing = config["timing"]
+        for phase in bench_report.PHASES:
+            stats = timing[phase]
+            assert len(stats["samples_ms"]) == ITERS
+            assert stats["min_ms"] <= stats["mean_ms"] <= stats["max_ms"]
+            assert stats["mean_ms"] == pytest.approx(statistics.fmean(stats["samples_ms"]))
+            assert stats["std_ms"] == pytest.approx(statistics.stdev(stats["samples_ms"]))
+        # The whole step is the three phases back to back, read from the same clock marks.
+        for i in range(ITERS):
+            parts = sum(timing[p]["samples_ms"][i] for p in ("forward", "backward", "optimizer"))
+            assert timing["step"]["samples_ms"][i] == pytest.approx(parts)
+        memory = config["memory"]
+        assert memory["peaks_reset"]  # Linux: VmHWM reset after loading, so the peak is the benchmark's own
+        assert memory["peak_mb"] >= memory["last_interval_peak_mb"] >= memory["baseline_mb"] > 0
+        assert memory["peak_above_baseline_mb"] == pytest.approx(memory["peak_mb"] - memory["baseline_mb"])
+        assert 0 < config["loss_tokens_per_batch"] < 64
+        assert math.isfinite(config["loss"]["last"])
+    assert configs["lora"]["is_baseline"] and configs["lora"]["cache"] is None
+    cache = configs["s2-cached"]["cache"]
+    # The warm-up filled the cache with the batch that was then timed: every timed lookup hits.
+    assert cache == {**cache, "hits": 2 * ITERS, "misses": 0, "hit_rate": 1.0, "samples": 2}
+    assert set(configs["s2-cached"]["forward_parts_ms"]) == {"features", "adapters", "head_loss"}
+
+
+def test_summary_ratios_come_from_the_measured_fields(run):
+    _, printed, payload, _ = run
+    configs = by_name(payload)
+    base = configs["lora"]
+    rows = payload["comparison"]["rows"]
+    assert set(rows) == {"lora", "s2-cached"}
+    for name, row in rows.items():
+        config = configs[name]
+        reduction = base["parameters"]["trainable"] / config["parameters"]["trainable"]
+        assert row["parameter_reduction"] == pytest.approx(reduction)
+        for phase in ("forward", "backward", "step"):
+            expected = base["timing"][phase]["mean_ms"] / config["timing"][phase]["mean_ms"]
+            assert row[f"{phase}_speedup"] == pytest.approx(expected)
+    summary = printed[printed.index("COMPARISON SUMMARY"):]
+    s2 = rows["s2-cached"]
+    speedup_line = next(line for line in summary.splitlines() if line.startswith("s2-cached") and "x " in line + " ")
+    expected = (bench_report.fmt_reduction(s2["parameter_reduction"]), f"{s2['backward_speedup']:.2f}x",
+                f"{s2['step_speedup']:.2f}x")
+    for value in expected:
+        assert value in speedup_line
+    for title in ("Parameters", "Forward pass", "Backward pass", "Optimizer step and whole step", "Memory",
+                  "Reduction and speed-up vs lora"):
+        assert title in summary
+
+
+def test_a_failing_configuration_is_reported_and_the_others_still_run(run):
+    _, printed, payload, _ = run
+    configs = by_name(payload)
+    failed = configs["s2-bad"]
+    assert failed["status"] == "failed"
+    assert "99" in failed["error"] and "\n" not in failed["error"]
+    assert configs["s2-cached"]["status"] == "ok"
+    assert "Failed configurations" in printed and "FAILED after" in printed
+    assert "s2-bad" not in payload["comparison"]["rows"]
+
+
+def check_epoch_task(task: dict, reference: str, other: str) -> None:
+    runs = {r["name"]: r for r in task["runs"]}
+    for r in runs.values():
+        assert r["status"] == "ok" and r["samples_used"] == 8 and r["steps_per_epoch"] == 4
+        assert len(r["epoch_times_s"]) == len(r["epoch_losses"]) == 2
+        assert r["total_s"] == pytest.approx(r["prepare_s"] + sum(r["epoch_times_s"]))
+        assert r["first_epoch_s"] + r["later_epochs_s"] == pytest.approx(r["total_s"])
+    base, s2 = runs[reference], runs[other]
+    assert s2["cache"]["samples"] == 8 and s2["cache"]["misses"] == 0  # prebuilt before the first epoch
+    assert task["reductions"][other]["total_pct"] == pytest.approx(100 * (1 - s2["total_s"] / base["total_s"]))
+    later = 100 * (1 - s2["later_epochs_s"] / base["later_epochs_s"])
+    assert task["reductions"][other]["later_epochs_pct"] == pytest.approx(later)
+
+
+def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_path, monkeypatch, request):
+    # The same worker code, run in this process: the subprocess path is covered by the fixture.
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench, "run_worker", lambda spec: {**bench.worker_result(spec), "wall_s": 0.0})
+    request.addfinalizer(lambda: torch.set_num_threads(threads))  # the workers' --threads 1 must not stick
+    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "lora",
+                     "--epochs", "2", "--samples", "8"]
+    code, printed, payload, path = run_benchmark(argv, tmp_path)
+    assert code == 0
+    tasks = payload["epoch_benchmark"]["tasks"]
+    assert [(t["task"], t["kind"]) for t in tasks] == [("instruct", "generation"), ("authorship", "classification")]
+    for task in tasks:
+        check_epoch_task(task, "lora", "s2-cached")
+    table = printed[printed.index("Fine-tuning time: 2 epochs x 8 samples"):]
+    s2 = tasks[0]["runs"][1]
+    assert f"{s2['total_s']:.2f}" in table and f"{tasks[0]['reductions']['s2-cached']['total_pct']:.1f}%" in table
+    bench_report.write_report([str(path)], tmp_path / "results.md")
+    markdown = (tmp_path / "results.md").read_text()
+    assert "### Fine-tuning time: 2 epochs x 8 samples" in markdown
+    assert f"| authorship | s2-cached | 8 | {tasks[1]['runs'][1]['first_epoch_s']:.2f} |" in markdown
+
+
+def test_report_bench_renders_markdown_tables(run, tmp_path, capsys):
+    _, _, payload, path = run
+    out = tmp_path / "results.md"
+    assert bench_report.main_report_bench([str(path.parent / "*.json"), "--out", str(out)]) == 0
+    markdown = out.read_text()
+    assert f"Produced by `{payload['command']}`" in markdown
+    for heading in ("## ", "### Environment", "### Parameters", "### Forward pass", "### Backward pass",
+                    "### Optimizer step and whole step", "### Memory", "### Reduction and speed-up vs lora",
+                    "### Failed configurations"):
+        assert heading in markdown
+    backward = by_name(payload)["s2-cached"]["timing"]["backward"]["mean_ms"]
+    assert f"| s2-cached | {backward:.2f} |" in markdown
+    headline = capsys.readouterr().out
+    assert "## Headline" in headline and "| lora (baseline) |" in headline and "| s2-cached |" in headline
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--configs", "nope"], "unknown configuration 'nope'"),
+    (["--iters", "0"], "--iters must be at least 1"),
+    (["--seq_len", "1024"], "exceeds the context of tiny (512 positions)"),
+    (["--model", "no/such/model"], "does not exist"),
+    (["--epochs", "2", "--epoch_configs", "nope"], "unknown configuration 'nope'"),
+    (["--epochs", "2", "--epoch_tasks", "poetry"], "unknown epoch task 'poetry'"),
+])
+def test_bad_input_is_one_user_error_before_any_worker_starts(tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(bench, "run_worker", lambda spec: pytest.fail("a worker started"))
+    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path / "out")] + extra
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bench.main_benchmark(argv)
+
+
+def test_a_model_whose_config_does_not_load_is_a_user_error(tmp_path):
+    model_dir = tmp_path / "broken"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="does not load"):
+        bench.main_benchmark(COMMON + ["--config_file", write_suite(tmp_path), "--model", str(model_dir)])
+
+
+def test_unknown_override_field_in_the_yaml_is_a_user_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("configs:\n  - {name: x, method: skip2lora, skip2lora: {blocks: [0]}}\n")
+    with pytest.raises(UserError, match="skip2lora.blocks is not a field"):
+        bench.load_suite(path)
+
+
+def test_the_default_suite_holds_the_documented_configurations():
+    suite = bench.load_suite(bench.resolve_config_file(bench.DEFAULT_CONFIG_FILE))
+    assert suite.baseline == "lora-qv"
+    assert {"skip2lora-2", "skip2lora-2-cached", "skip2lora-4-cached", "skip2lora-6-cached", "qlora-qv",
+            "full"} <= set(suite.configs)
+    assert suite.configs["skip2lora-6-cached"].overrides["skip2lora"]["block_indices"] == [0, 1, 2, 3, 4, 5]
+    assert suite.configs["skip2lora-6"].overrides["skip2lora"]["cache"] == "none"
+    assert suite.epoch_configs == ["lora-qv", "skip2lora-6-cached"] and suite.epoch_tasks == ["instruct", "authorship"]
+
+
+def sample(name: str, prompt: list[int], response: list[int]) -> TokenizedSample:
+    return TokenizedSample(name, prompt + response, [IGNORE_INDEX] * len(prompt) + response, len(prompt))
+
+
+def test_packing_fills_rows_exactly_and_keeps_response_only_labels():
+    samples = [sample("a", [1, 2, 3], [4, 5]), sample("b", [6, 7], [8])]
+    rows = bench.pack_samples(samples, seq_len=7, rows=3)
+    assert [len(r.input_ids) for r in rows] == [7, 7, 7]
+    assert rows[0].input_ids == [1, 2, 3, 4, 5, 6, 7]  # "b" is cut at the row's end ...
+    assert rows[0].labels == [IGNORE_INDEX] * 3 + [4, 5] + [IGNORE_INDEX] * 2
+    assert rows[1].input_ids == [1, 2, 3, 4, 5, 6, 7]  # ... and the next row starts with the next example
+    assert rows[0].sample_id == rows[1].sample_id  # same content, same id: the cache can key it
+    assert rows[2].sample_id == bench.pack_samples(samples, 7, 3)[2].sample_id
+
+
+def test_a_killed_worker_is_reported_in_one_line():
+    reason = bench._exit_reason(-signal.SIGKILL, "")
+    assert reason.startswith("worker killed by SIGKILL")
+    reason = bench._exit_reason(1, "Traceback ...\nRuntimeError: boom\n")
+    assert reason == "worker exited with code 1: RuntimeError: boom"
+
+
+def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path, monkeypatch):
+    # Weights that do not load fail in every worker; the reason reaches the user once, and the JSON is kept.
+    monkeypatch.setattr(bench, "run_worker", lambda spec: {"status": "failed", "error": "weights are damaged",
+                                                           "wall_s": 0.0})
+    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "s2-cached"]
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(UserError, match="every configuration failed, "
+                                                                   "first lora: weights are damaged"):
+        bench.main_benchmark(argv)
+    payload = json.loads(next(tmp_path.glob("skip2lora_benchmark_*.json")).read_text())
+    assert [c["status"] for c in payload["configs"]] == ["failed", "failed"]
+    assert payload["comparison"]["baseline_status"] == "failed" and payload["comparison"]["rows"] == {}
