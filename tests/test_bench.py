@@ -279,3 +279,14 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
     payload = json.loads(next(tmp_path.glob("skip2lora_benchmark_*.json")).read_text())
     assert [c["status"] for c in payload["configs"]] == ["failed", "failed"]
     assert payload["comparison"]["baseline_status"] == "failed" and payload["comparison"]["rows"] == {}
+
+
+def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+    from skip2lora.bench_report import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\noutro\n")
+    update_readme(readme, "| new | table |", Path("docs/results.md"))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n")
+    assert "| new | table |" in text and "old table" not in text
