@@ -282,6 +282,8 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
 
 
 def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+    from pathlib import Path
+
     from skip2lora.bench_report import README_END, README_START, update_readme
 
     readme = tmp_path / "README.md"
