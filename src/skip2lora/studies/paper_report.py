@@ -192,28 +192,25 @@ def _dataset_section(result: dict) -> list[str]:
         )
         lines.append("")
     if "reduction_met" in tg:
-        verdict = "met" if tg["reduction_met"] else "missed"
-        lines.append(
-            f"**Time target ({REDUCTION_TARGET_PCT:g}% below LoRA-All): {verdict}** — Skip2-LoRA's fine-tuning time was "
-            f"{tg['reduction_pct']:.1f}% below LoRA-All's (mean of per-seed ratios)."
-        )
-        if not tg["reduction_met"]:
-            lines.append("")
-            lines.append(_explain_reduction(result))
-        lines.append("")
+        _verdict(lines, tg["reduction_met"], f"Time target ({REDUCTION_TARGET_PCT:g}% below LoRA-All)",
+                 f"Skip2-LoRA's fine-tuning time was {tg['reduction_pct']:.1f}% below LoRA-All's (mean of per-seed ratios).",
+                 lambda: _explain_reduction(result))
     if "accuracy_met" in tg:
-        verdict = "met" if tg["accuracy_met"] else "missed"
-        gap = tg["accuracy_gap_pts"]
-        lines.append(
-            f"**Accuracy target (within {ACCURACY_TOLERANCE_PTS:g} points of FT-All): {verdict}** — Skip2-LoRA "
-            f"{_pm(result['methods']['Skip2-LoRA']['accuracy'])}% against FT-All {_pm(result['methods']['FT-All']['accuracy'])}% "
-            f"({gap:+.1f} points)."
-        )
-        if not tg["accuracy_met"]:
-            lines.append("")
-            lines.append(_explain_accuracy(result))
-        lines.append("")
+        methods = result["methods"]
+        _verdict(lines, tg["accuracy_met"], f"Accuracy target (within {ACCURACY_TOLERANCE_PTS:g} points of FT-All)",
+                 f"Skip2-LoRA {_pm(methods['Skip2-LoRA']['accuracy'])}% against FT-All {_pm(methods['FT-All']['accuracy'])}% "
+                 f"({tg['accuracy_gap_pts']:+.1f} points).",
+                 lambda: _explain_accuracy(result))
     return lines
+
+
+def _verdict(lines: list[str], met: bool, target: str, finding: str, explain) -> None:
+    """One bold verdict line, then the explanation when the target was missed."""
+    lines.append(f"**{target}: {'met' if met else 'missed'}** — {finding}")
+    if not met:
+        lines.append("")
+        lines.append(explain())
+    lines.append("")
 
 
 def plot_times(results: Sequence[dict], png: Path) -> Path:
