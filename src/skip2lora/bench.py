@@ -342,18 +342,15 @@ def finetune_config(spec: dict, data_cfg: DataConfig) -> FinetuneConfig:
 
 
 def _optimizer(method: FinetuneMethod, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    import torch
+    from .train import build_optimizer
 
-    return torch.optim.AdamW(method.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return build_optimizer(method, cfg)
 
 
 def _optimizer_step(method: FinetuneMethod, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> None:
-    import torch
+    from .train import apply_gradients
 
-    if cfg.train.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.train.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_gradients(method, optimizer, cfg)
 
 
 def _cache_counts(method: FinetuneMethod) -> Optional[tuple[int, int]]:

@@ -102,6 +102,19 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def build_optimizer(method: FinetuneMethod, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over the method's trainable parameters, as every run and the benchmark use it."""
+    return torch.optim.AdamW(method.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def apply_gradients(method: FinetuneMethod, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig) -> None:
+    """Clip (when configured), step and clear the gradients."""
+    if cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass
 class MicroBatchStream:
     """Micro-batch m of a run is a pure function of (seed, m): a resumed run sees the same data."""
@@ -234,7 +247,7 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     steps_per_epoch = math.ceil(stream.per_epoch / accumulation)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(method, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     )
@@ -306,12 +319,9 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
             phases["backward"] += time.perf_counter() - mark
             step_tokens += int(batch["attention_mask"].sum())
         mark = time.perf_counter()
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.train.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
+        apply_gradients(method, optimizer, cfg)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         phases["optimizer"] += time.perf_counter() - mark
         step_time = time.perf_counter() - started

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..cache import CachedFeatures, SkipCache
 from ..config import Skip2LoRAConfig
+from ..env import synchronize
 from ..errors import UserError
 from ..models import ModelInfo
 from ..paths import cache_root
@@ -271,8 +272,6 @@ class Skip2LoRAMethod(FinetuneMethod):
     def _lap(self, name: str, mark: float, device: torch.device) -> float:
         """Accumulate the forward's parts (features = cache lookups + trunk on misses)."""
         if self.adapters.training:
-            from ..env import synchronize
-
             synchronize(device)
             now = time.perf_counter()
             self.forward_parts_s[name] = self.forward_parts_s.get(name, 0.0) + now - mark
