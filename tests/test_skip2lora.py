@@ -214,3 +214,28 @@ def test_skip2lora_trains_on_a_4bit_trunk(make_config):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in method.model.modules())
     result = run_finetune(cfg, show_progress=False)
     assert result["summary"]["final_train_loss"] < result["summary"]["first_train_loss"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
+def test_shared_prompt_prefix_is_computed_once_with_the_same_features(make_config, model):
+    """The cache build runs a prefix every sample shares once; the features match a full forward."""
+    import torch
+
+    from skip2lora.data import collate, load_task_data, tokenize_examples
+    from skip2lora.methods import build_method
+
+    cfg = make_config("skip2lora", model=model, data__prompt_style="alpaca", data__num_train=12,
+                      data__max_seq_length=256)
+    task = load_task_data(cfg.data)
+    method, _ = build_method(cfg, task.kind, None, torch.device("cpu"), torch.float32)
+    samples = tokenize_examples(task.train, method.tokenizer, cfg.data, task.kind)[:6]
+    prefix = method._shared_prefix(samples, torch.device("cpu"))
+    assert prefix is not None and method.shared_prefix_tokens == prefix[0] >= 8  # the Alpaca header
+    batch = collate(samples, method.tokenizer.pad_token_id)
+    rows = list(range(len(samples)))
+    with_prefix = method._trunk_features(batch, rows, prefix)
+    without = method._trunk_features(batch, rows)
+    for a, b in zip(with_prefix, without):
+        assert torch.equal(a.targets, b.targets)
+        torch.testing.assert_close(a.blocks, b.blocks, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.final, b.final, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,8 @@ OVERRIDE_SECTIONS = ("lora", "skip2lora", "train")
 EPOCH_TASKS = ("instruct", "authorship")
 PHASES = ("forward", "backward", "optimizer", "step")
 BENCH_DATA = "instruct"  # the step benchmark's batches: real prompts and responses, loss on responses only
+# A reference row, not a fine-tuning method: the frozen model's own forward (no grad) on the same batches.
+INFERENCE = "inference"
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +85,9 @@ def parse_config_entry(entry: Any, index: int, path: Path) -> BenchConfig:
     if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
         raise UserError(f"{path}: configs[{index}] needs at least `name` and `method`")
     name, method = str(entry["name"]), entry["method"]
-    if method not in METHODS:
-        raise UserError(f"{path}: configuration {name} has method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in METHODS and method != INFERENCE:
+        raise UserError(f"{path}: configuration {name} has method {method!r}; "
+                        f"use one of {', '.join([*METHODS, INFERENCE])}")
     allowed = _section_fields()
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in entry.items():
@@ -294,13 +297,13 @@ class MemoryProbe:
         return report
 
 
-def page_in_weights(method: FinetuneMethod) -> None:
+def page_in_weights(model: torch.nn.Module) -> None:
     """Read every weight once. Safetensors checkpoints load memory-mapped, so on CPU the weights only become
     resident on first use; without this the first step's memory would include the model itself."""
     import torch
 
     with torch.no_grad():
-        for tensor in [*method.model.parameters(), *method.model.buffers()]:
+        for tensor in [*model.parameters(), *model.buffers()]:
             tensor.sum()
 
 
@@ -376,12 +379,90 @@ def _build(spec: dict, data_cfg: DataConfig, kind: str, num_labels: Optional[int
     return cfg, device, precision, method, info, time.perf_counter() - started
 
 
+def head_floor_ms(method: FinetuneMethod, batches: list[dict], iters: int) -> Optional[float]:
+    """The floor under a cached Skip2-LoRA step: the frozen head and its loss over the loss positions alone
+    (forward and the gradient to its input, chunked as the method does it), with features already at hand."""
+    import torch
+
+    if getattr(method, "cache", None) is None or method.kind != "generation":
+        return None
+    from .methods.skip2lora import frozen_head_ce_sum
+
+    seconds = []
+    for i in range(iters):
+        with torch.no_grad():
+            feats = method.batch_features(batches[i % len(batches)])
+        hidden = feats.final.detach().clone().requires_grad_(True)
+        started = time.perf_counter()
+        frozen_head_ce_sum(hidden, method.trunk.head, feats.targets).backward()
+        seconds.append(time.perf_counter() - started)
+    return 1000.0 * statistics.fmean(seconds)
+
+
+def run_inference_benchmark(spec: dict) -> dict:
+    """The reference every training peak is held against: the frozen model's forward with its loss, under
+    no_grad, on the batches the training rows use."""
+    import torch
+
+    from .env import autocast_context, precision_dtype, resolve_device, resolve_precision, synchronize
+    from .models import load_base_model
+    from .train import to_device
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
+    precision = resolve_precision(spec["precision"], device)
+    started = time.perf_counter()
+    model, tokenizer, info = load_base_model(spec["model"], dtype=precision_dtype(precision), device=str(device))
+    load_s = time.perf_counter() - started
+    model.eval()
+    distinct = max(1, spec["warmup"])
+    batches = [to_device(b, device) for b in
+               benchmark_batches(tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"])]
+    page_in_weights(model)
+    memory = MemoryProbe(device)
+    memory.start()
+
+    def forward(batch: dict) -> tuple[float, float]:
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast_context(precision, device):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        synchronize(device)
+        return time.perf_counter() - t0, float(loss)
+
+    losses = [forward(batches[i % distinct])[1] for i in range(spec["warmup"])]
+    warmup_peak = memory.take_peak()
+    seconds = []
+    for i in range(spec["iters"]):
+        elapsed, loss_value = forward(batches[i % distinct])
+        seconds.append(elapsed)
+        losses.append(loss_value)
+    timed_peak = memory.take_peak()
+    zero = time_stats([0.0] * len(seconds))
+    timing = {"forward": time_stats(seconds), "backward": zero, "optimizer": zero, "step": time_stats(seconds)}
+    tokens = spec["batch_size"] * spec["seq_len"]
+    return {
+        "parameters": {"total": info.num_parameters, "trainable": 0, "adapter": None, "trainable_ratio": 0.0},
+        "timing": timing, "tokens_per_batch": tokens,
+        "loss_tokens_per_batch": statistics.fmean(int((b["labels"] != -100).sum()) for b in batches),
+        "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0), "distinct_batches": distinct,
+        "memory": memory.report(warmup_peak, timed_peak), "cache": None, "forward_parts_ms": None,
+        "head_floor_ms": None, "loss": {"first": losses[0], "last": losses[-1]}, "load_s": load_s,
+        "precision": precision, "threads": torch.get_num_threads(), "model_parameters": info.num_parameters,
+    }
+
+
 def run_step_benchmark(spec: dict) -> dict:
     """Warm-up, then timed iterations of forward (loss), backward and optimizer step on fixed batches.
 
     The batches timed are the ones the warm-up used, so a cached Skip2-LoRA hits its cache as in epoch >= 2.
     """
     import torch
+
+    if spec["config"]["method"] == INFERENCE:
+        return run_inference_benchmark(spec)
 
     from .config import DataConfig
     from .env import autocast_context, synchronize
@@ -394,7 +475,7 @@ def run_step_benchmark(spec: dict) -> dict:
                benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"])]
     optimizer = _optimizer(method, cfg)
     method.train()
-    page_in_weights(method)
+    page_in_weights(method.model)
     memory = MemoryProbe(device)
     memory.start()
 
@@ -446,6 +527,7 @@ def run_step_benchmark(spec: dict) -> dict:
         "memory": memory.report(warmup_peak, timed_peak),
         "cache": _timed_cache_stats(method, before, after),
         "forward_parts_ms": forward_parts,
+        "head_floor_ms": head_floor_ms(method, batches, spec["iters"]),
         "loss": {"first": losses[0], "last": losses[-1]},
         "load_s": load_s,
         "precision": precision,
@@ -505,7 +587,7 @@ def run_epoch_benchmark(spec: dict) -> dict:
     batch_size = spec["batch_size"]
     warm_up_method(method, to_device(collate(train[:batch_size], method.tokenizer.pad_token_id), device),
                    precision, device)
-    page_in_weights(method)
+    page_in_weights(method.model)
     memory = MemoryProbe(device)
     memory.start()
     # As in `skip2lora finetune`, preparation (the Skip-Cache prebuild) is fine-tuning time.
@@ -766,6 +848,10 @@ def print_config_section(index: int, count: int, config: dict) -> None:
     parts = config.get("forward_parts_ms")
     if parts:
         print("Fwd parts  : " + " | ".join(f"{name} {ms:.2f} ms" for name, ms in parts.items()))
+    floor = config.get("head_floor_ms")
+    if floor:
+        print(f"Floor      : frozen head + loss over the loss positions alone {floor:.2f} ms; the whole step is "
+              f"{config['timing']['step']['mean_ms'] / floor:.2f}x that")
     loss = config["loss"]
     print(f"Throughput : {config['tokens_per_s']:,.0f} tokens/s; {config['loss_tokens_per_batch']:.0f} loss tokens "
           f"of {config['tokens_per_batch']} per batch; loss {loss['first']:.4f} -> {loss['last']:.4f}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
-from .paths import atomic_write_bytes
+from .paths import atomic_write_bytes, replace_marked_block
 
 SCHEMA = "skip2lora-benchmark/1"
 PHASES = ("forward", "backward", "optimizer", "step")
@@ -106,33 +106,52 @@ def step_table(result: dict) -> Table:
     rows = []
     for c in ok_configs(result):
         opt, step = c["timing"]["optimizer"], c["timing"]["step"]
-        cache = c.get("cache")
+        cache, floor = c.get("cache"), c.get("head_floor_ms")
         rows.append([config_title(c), fmt_ms(opt["mean_ms"]), fmt_ms(opt["std_ms"]), fmt_ms(step["mean_ms"]),
                      fmt_ms(step["min_ms"]), fmt_ms(step["max_ms"]), fmt_ms(step["std_ms"]),
                      _fmt(c.get("tokens_per_s"), "{:,.0f}"),
-                     fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"])])
+                     fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"]),
+                     fmt_ms(floor), fmt_times(None if not floor else step["mean_ms"] / floor)])
     headers = ["configuration", "optimizer mean ms", "optimizer std ms", "step mean ms", "step min ms",
-               "step max ms", "step std ms", "tokens/s", "cache hit rate"]
+               "step max ms", "step std ms", "tokens/s", "cache hit rate", "head floor ms", "step / floor"]
     return Table("Optimizer step and whole step", headers, rows,
                  note="whole step = forward + backward + optimizer step (gradient clipping, AdamW, zero_grad); "
-                      "cache hit rate: Skip-Cache lookups that hit during the timed iterations")
+                      "cache hit rate: Skip-Cache lookups that hit during the timed iterations; head floor: the "
+                      "frozen head and its loss over the loss positions alone, forward and input gradient "
+                      "(cached Skip2-LoRA only: what a step cannot go below)")
+
+
+def inference_peak_mb(result: dict) -> Optional[float]:
+    """Peak memory of the frozen model's inference forward, when the benchmark ran that reference row."""
+    reference = next((c for c in ok_configs(result) if c["method"] == "inference"), None)
+    return None if reference is None else reference["memory"]["peak_mb"]
 
 
 def memory_table(result: dict) -> Table:
     cuda = result["environment"]["device"] == "cuda"
+    reference = inference_peak_mb(result)
     rows = []
     for c in ok_configs(result):
         m = c["memory"]
+        cache_mb = (c.get("cache") or {}).get("size_mb") or 0.0
         row = [config_title(c), fmt_mb(m["peak_mb"]), fmt_mb(m.get("last_interval_peak_mb")), fmt_mb(m["baseline_mb"]),
-               fmt_mb(m["peak_above_baseline_mb"])]
+               fmt_mb(m["peak_above_baseline_mb"]), fmt_mb(cache_mb if c.get("cache") else None),
+               fmt_times(ratio_or_none(m["peak_mb"] - cache_mb, reference))]
         rows.append(row + [fmt_mb(m.get("peak_reserved_mb"))] if cuda else row)
     what = "torch.cuda.max_memory_allocated" if cuda else "peak resident set size (VmHWM)"
-    headers = ["configuration", "peak MB", "timed-only peak MB", "after load MB", "peak above load MB"]
+    headers = ["configuration", "peak MB", "timed-only peak MB", "after load MB", "peak above load MB",
+               "cache store MB", "peak without cache / inference peak"]
     return Table("Memory", headers + (["peak reserved MB"] if cuda else []), rows,
                  note=f"{what}, each configuration in its own process; after load = the model loaded and its "
                       "weights resident, before the first step; peak = warm-up and timed iterations (a cached "
                       "Skip2-LoRA fills its cache in the warm-up); timed-only = the timed iterations alone"
-                      + ("" if cuda else ", which on CPU includes memory freed earlier but still held by the process"))
+                      + ("" if cuda else ", which on CPU includes memory freed earlier but still held by the process")
+                      + "; the last ratio holds the training peak, less the Skip-Cache store, against the frozen "
+                        "model's inference forward on the same batches (the `inference` row)")
+
+
+def ratio_or_none(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def speedup_table(result: dict) -> Table:
@@ -350,7 +369,7 @@ def main_report_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="benchmark JSON files, folders of them, or glob patterns")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--readme", type=Path, default=None,
-                        help="also replace the block between README_START and README_END markers in this file")
+                        help="also replace the block between the <!-- results:start/end --> markers in this file")
     args = parser.parse_args(argv)
     headline = write_report(args.files, args.out)
     print(headline)
@@ -361,17 +380,8 @@ def main_report_bench(argv: list[str] | None = None) -> int:
     return 0
 
 
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
-
-
 def update_readme(readme: Path, headline: str, report: Path) -> None:
-    """Put the generated headline table between the README's markers (the rest stays as written)."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise UserError(f"{readme} has no {README_START} ... {README_END} block to fill")
-    before, rest = text.split(README_START, 1)
-    after = rest.split(README_END, 1)[1]
-    block = (f"{README_START}\n_Generated by `skip2lora report-bench ... --readme {readme.name}` from the JSON files "
-             f"behind [{report}]({report}); do not edit by hand._\n\n{headline.strip()}\n{README_END}")
-    atomic_write_bytes(readme, (before + block + after).encode())
+    """Put the generated headline table between the README's results markers (the rest stays as written)."""
+    replace_marked_block(readme, "results",
+                         f"_Generated by `skip2lora report-bench ... --readme {readme.name}` from the JSON files "
+                         f"behind [{report}]({report}); do not edit by hand._\n\n{headline.strip()}")

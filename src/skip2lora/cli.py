@@ -20,7 +20,9 @@ commands:
   generate   generate text with a fine-tuned checkpoint (base + adapters, KV cache)
   predict    classify texts with a fine-tuned classification checkpoint
   merge      fold a LoRA adapter into its base model and save a Hugging Face directory
-  demo       the showcase run on the built-in SmolLM2-135M model and instruction task
+  demo       LoRA vs Skip2-LoRA on the built-in SmolLM2-135M, same time budget, two built-in tasks
+  experiment run a matrix of fine-tunings (tasks x variants x seeds) from a YAML spec; resumable
+  compare   compare runs over seeds: tables, time-to-quality, plots and report.md
   benchmark  side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA, full
   report-bench  render docs/results.md from saved benchmark JSON files
   paper      reproduce the Skip2-LoRA paper's small-DNN domain-shift setting
@@ -215,6 +217,18 @@ def cmd_demo(argv: list[str]) -> int:
     return main_demo(argv)
 
 
+def cmd_experiment(argv: list[str]) -> int:
+    from .experiment import main_experiment
+
+    return main_experiment(argv)
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from .compare import main_compare
+
+    return main_compare(argv)
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from .bench import main_benchmark
 
@@ -245,6 +259,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "predict": cmd_predict,
     "merge": cmd_merge,
     "demo": cmd_demo,
+    "experiment": cmd_experiment,
+    "compare": cmd_compare,
     "benchmark": cmd_benchmark,
     "report-bench": cmd_report_bench,
     "paper": cmd_paper,

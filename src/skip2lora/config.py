@@ -53,6 +53,9 @@ class EvalConfig:
     """Validation during and after training."""
 
     interval: int = 50
+    # Also evaluate each time this much training time (seconds) has passed: methods with very different
+    # step costs then get validation points at comparable wall-clock times.
+    interval_s: Optional[float] = None
     initial: bool = True
     max_samples: Optional[int] = None
     # Exact-match accuracy by greedy generation on held-out prompts (generative tasks with answers).
@@ -89,6 +92,8 @@ class Skip2LoRAConfig:
     # instead of on first sight during the first epoch. Its time counts as training time.
     cache_prebuild: bool = True
     cache_build_batch_size: int = 32
+    # In that pass, run a prompt prefix that every sample shares once and reuse its keys and values.
+    share_prefix: bool = True
     quantize_trunk: bool = False
 
 

@@ -1,5 +1,9 @@
-"""`skip2lora demo`: fine-tune the built-in SmolLM2-135M on the built-in instruction task and show
-validation loss and exact-match accuracy before and after, with a loss-curve plot."""
+"""`skip2lora demo`: traditional LoRA against Skip2-LoRA (cached) on the built-in SmolLM2-135M, under
+the same training-time budget, on two built-in tasks: Shakespeare-vs-Milton authorship
+(classification, where the frozen features already carry the answer) and the generative instruction
+task (a new skill, where the trunk itself must change). It runs as an experiment (one subprocess per
+run), then compares the runs: a table on the terminal, `OUT/report.md` and the plots beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,76 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from .config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, TrainConfig
-from .plots import plot_loss_curves
-from .train import run_finetune
+DEMO_BASELINE = "lora"
 
 
-def demo_config(out_dir: Path, model: str, max_steps: int) -> FinetuneConfig:
-    """LoRA q+v (r=8, alpha=16) on the instruction task; the plain prompt keeps sequences short on CPU."""
-    return FinetuneConfig(
-        model=model,
-        method="lora",
-        out_dir=out_dir / "lora",
-        overwrite=True,
-        data=DataConfig(name="instruct", prompt_style="plain", max_seq_length=64),
-        train=TrainConfig(global_batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=5, max_steps=max_steps,
-                          min_lr_ratio=0.1),
-        eval=EvalConfig(interval=max(1, max_steps // 3), max_samples=100, accuracy_samples=60, max_new_tokens=12),
-        lora=LoRAConfig(r=8, alpha=16, dropout=0.05),
-    )
+def demo_spec(model: str, budget_s: float, seed: int, block_indices: list[int]) -> dict:
+    """The demo as an experiment spec; the budget counts training time including the Skip-Cache build."""
+    eval_every = max(budget_s / 3, 1.0)
+    return {
+        "name": "demo",
+        "description": f"LoRA vs Skip2-LoRA on {model}, {budget_s:.0f} s of training each",
+        "seeds": [seed],
+        "baseline": DEMO_BASELINE,
+        "common": {
+            "model": model,
+            "train": {"max_time_s": budget_s, "warmup_steps": 5, "min_lr_ratio": 0.1},
+            # Evaluation by elapsed training time, so both methods get points at comparable times.
+            "eval": {"interval": 1_000_000, "interval_s": eval_every},
+        },
+        "tasks": {
+            # Small training sets: building the cache costs one inference pass over them (charged to
+            # Skip2-LoRA's budget), and then every epoch is nearly free. LoRA pays the trunk every step.
+            "authorship": {
+                "data": {"name": "authorship", "max_seq_length": 96, "num_train": 128, "num_val": 64},
+                # Batches of 8 give LoRA twice the updates of 16 in the same time; both methods use them.
+                "train": {"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "weight_decay": 0.01},
+                "per_variant": {
+                    "lora": {"train": {"epochs": 3}},
+                    # Its evaluations read cached validation features, so they can be frequent.
+                    "skip2lora": {"train": {"epochs": 300}, "eval": {"interval_s": max(budget_s / 12, 1.0)}},
+                },
+            },
+            "instruct": {
+                "data": {"name": "instruct", "prompt_style": "plain", "max_seq_length": 64, "num_train": 256,
+                         "num_val": 64},
+                "train": {"global_batch_size": 16, "micro_batch_size": 16, "lr": 2e-3},
+                "eval": {"accuracy_samples": 40, "max_new_tokens": 12},
+                "per_variant": {"lora": {"train": {"epochs": 2}}, "skip2lora": {"train": {"epochs": 100}}},
+            },
+        },
+        "variants": {
+            "lora": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                "target_modules": ["q_proj", "v_proj"]}},
+            "skip2lora": {"method": "skip2lora",
+                          "skip2lora": {"block_indices": block_indices, "r": 16, "alpha": 32, "dropout": 0.1,
+                                        "cache": "memory"}},
+        },
+    }
 
 
 def main_demo(argv: Optional[list[str]] = None) -> int:
+    from .compare import compare_runs
+    from .errors import UserError
+    from .experiment import run_experiment
+
     parser = argparse.ArgumentParser(prog="skip2lora demo", description=__doc__)
     parser.add_argument("--out_dir", type=Path, default=Path("out/demo"))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--max_steps", type=int, default=60)
+    parser.add_argument("--budget_s", type=float, default=60.0, help="training seconds per run (cache build included)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--block_indices", default="0,1,2,3,4,5", help="Skip2-LoRA's blocks, comma-separated")
+    parser.add_argument("--verbose", action="store_true", help="stream each run's output")
     args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        raise UserError(f"--budget_s must be > 0 seconds (got {args.budget_s})")
 
-    result = run_finetune(demo_config(args.out_dir, args.model, args.max_steps))
-    summary = result["summary"]
-    png = plot_loss_curves([("LoRA q+v r=8", Path(result["metrics_csv"]))], args.out_dir / "loss_curve.png",
-                           title=f"{args.model}: LoRA on the built-in instruction task")
-    rows = [
-        ("validation loss", summary["initial_val_loss"], summary["final_val_loss"], "{:.4f}"),
-        ("exact-match accuracy", summary["initial_val_acc"], summary["final_val_acc"], "{:.1%}"),
-    ]
-    print()
-    print(f"{'':24}{'before':>12}{'after':>12}")
-    for label, before, after, fmt in rows:
-        print(f"{label:24}{fmt.format(before):>12}{fmt.format(after):>12}")
-    print(f"\ntraining: {summary['steps']} steps in {summary['train_time_s']:.0f} s "
-          f"({summary['steps_per_s']:.2f} steps/s, {summary['tokens_per_s']:.0f} tokens/s), "
-          f"peak memory {summary['peak_memory_mb']:.0f} MB on {result['environment']['device_name']}")
-    print(f"loss curve: {png}")
+    try:
+        blocks = [int(b) for b in args.block_indices.split(",")]
+    except ValueError as exc:
+        raise UserError(f"--block_indices must be comma-separated integers (got {args.block_indices!r})") from exc
+    run_experiment(demo_spec(args.model, args.budget_s, args.seed, blocks), args.out_dir, verbose=args.verbose)
+    result = compare_runs([args.out_dir], args.out_dir, baseline=DEMO_BASELINE,
+                          title=f"skip2lora demo: LoRA vs Skip2-LoRA on {args.model}")
+    print(f"\nreport: {result['files']['report']}")
     return 0

@@ -59,3 +59,16 @@ def atomic_directory(final_dir: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final_dir
+
+
+def replace_marked_block(path: Path, name: str, body: str) -> None:
+    """Put `body` between `<!-- NAME:start -->` and `<!-- NAME:end -->` in a text file; the rest stays."""
+    from .errors import UserError
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    if start not in text or end not in text:
+        raise UserError(f"{path} has no {start} ... {end} block to fill: add the two marker lines where it goes")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    atomic_write_bytes(Path(path), (before + f"{start}\n{body.strip()}\n{end}" + after).encode())

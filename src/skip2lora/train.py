@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -55,6 +56,10 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise UserError(f"train.epochs must be >= 1 (got {t.epochs})")
     if cfg.eval.interval < 1:
         raise UserError(f"eval.interval must be >= 1 (got {cfg.eval.interval})")
+    if cfg.eval.interval_s is not None and cfg.eval.interval_s <= 0:
+        raise UserError(f"eval.interval_s must be > 0 seconds (got {cfg.eval.interval_s})")
+    if t.max_time_s is not None and t.max_time_s <= 0:
+        raise UserError(f"train.max_time_s must be > 0 seconds (got {t.max_time_s})")
     if t.lr <= 0:
         raise UserError(f"train.lr must be > 0 (got {t.lr})")
 
@@ -168,13 +173,17 @@ def evaluate(
         for start in range(0, len(val_samples), batch_size):
             chunk = val_samples[start:start + batch_size]
             batch = to_device(collate(chunk, pad_id), device)
-            loss_sum, n = method.loss_sum(batch)
-            total += float(loss_sum)
-            count += n
             if method.kind == "classification":
-                predictions = method.classify(batch).argmax(-1)
-                correct += int((predictions == batch["class_labels"]).sum())
+                # One forward gives both: the loss is the cross-entropy of the very logits classified.
+                logits = method.classify(batch).float()
+                total += float(F.cross_entropy(logits, batch["class_labels"], reduction="sum"))
+                count += len(chunk)
+                correct += int((logits.argmax(-1) == batch["class_labels"]).sum())
                 seen += len(chunk)
+            else:
+                loss_sum, n = method.loss_sum(batch)
+                total += float(loss_sum)
+                count += n
         if method.kind == "generation" and has_accuracy and cfg.eval.accuracy_samples > 0:
             subset = val_samples[: cfg.eval.accuracy_samples]
             for start in range(0, len(subset), batch_size):
@@ -216,6 +225,7 @@ class RunProgress:
     epoch: int = 0
     history: list = field(default_factory=list)
     phase_s: dict = field(default_factory=dict)
+    next_eval_s: float = 0.0
 
 
 def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
@@ -261,6 +271,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     # Preparation (the Skip-Cache build) is part of what fine-tuning costs, so it counts as training time.
     progress.train_time_s += prepare_time
     progress.phase_s["prepare"] = progress.phase_s.get("prepare", 0.0) + prepare_time
+    if cfg.eval.interval_s is not None and start_step == 0:
+        progress.next_eval_s = progress.train_time_s + cfg.eval.interval_s
 
     logger = MetricLogger(out)
     environment = environment_info(device)
@@ -345,7 +357,10 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
 
         out_of_time = cfg.train.max_time_s is not None and progress.train_time_s >= cfg.train.max_time_s
         last = step == total_steps or out_of_time
-        if val_samples and (step % cfg.eval.interval == 0 or last):
+        time_for_eval = cfg.eval.interval_s is not None and progress.train_time_s >= progress.next_eval_s
+        if val_samples and (step % cfg.eval.interval == 0 or last or time_for_eval):
+            if cfg.eval.interval_s is not None:
+                progress.next_eval_s = progress.train_time_s + cfg.eval.interval_s
             result = run_eval(step)
             bar.write(f"[skip2lora] step {step}: {format_eval(result)}")
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:

@@ -29,6 +29,8 @@ from .base import FinetuneMethod
 from .trunk import CausalLMTrunk
 
 HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
+# A prompt prefix shared by every sample of a cache build is computed once when at least this long.
+MIN_SHARED_PREFIX = 4
 
 
 class _ChunkedFrozenHeadCE(torch.autograd.Function):
@@ -127,6 +129,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             )
         self.trunk_time_s = 0.0
         self.forward_parts_s: dict[str, float] = {}
+        self.shared_prefix_tokens = 0
 
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
@@ -174,16 +177,23 @@ class Skip2LoRAMethod(FinetuneMethod):
                 "trainable_ratio": trainable / max(total, 1)}
 
     # -- features ----------------------------------------------------------------------------
-    def _trunk_features(self, batch: dict, rows: list[int]) -> list[CachedFeatures]:
-        """Run the frozen trunk on some rows of a batch; keep only their loss positions."""
+    def _trunk_features(self, batch: dict, rows: list[int], prefix: Optional[tuple[int, object]] = None
+                        ) -> list[CachedFeatures]:
+        """Run the frozen trunk on some rows of a batch; keep only their loss positions.
+
+        `prefix` = (length, key/value state) of a prompt prefix all these rows start with: only what
+        follows it runs through the trunk (every loss position lies after it).
+        """
         started = time.perf_counter()
         input_ids = batch["input_ids"][rows]
         attention_mask = batch["attention_mask"][rows]
         width = int(attention_mask.sum(dim=1).max())
-        blocks, final = self.trunk.features(input_ids[:, :width], attention_mask[:, :width])
+        skip, state = prefix if prefix is not None else (0, None)
+        blocks, final = self.trunk.features(input_ids[:, skip:width], attention_mask[:, skip:width], state)
         sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         result = []
         for local, (positions, targets) in enumerate(loss_positions(sub_batch, self.kind)):
+            positions = positions - skip
             result.append(CachedFeatures(
                 blocks=torch.stack([blocks[k][local, positions] for k in self.block_indices]),
                 final=final[local, positions],
@@ -204,18 +214,39 @@ class Skip2LoRAMethod(FinetuneMethod):
         # cost is not training time for any method.
         pending = [s for s in train_samples if self.cache.sample_key(s.input_ids) not in self.cache]
         pending.sort(key=lambda s: len(s.input_ids), reverse=True)  # similar lengths together: little padding
+        prefix = self._shared_prefix(pending, device)
         size = max(1, self.cfg.cache_build_batch_size)
         for start in tqdm(range(0, len(pending), size), desc="skip-cache", leave=False, disable=len(pending) < 4 * size):
             chunk = pending[start:start + size]
             batch = collate(chunk, self.tokenizer.pad_token_id)
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            for sample, feats in zip(chunk, self._trunk_features(batch, list(range(len(chunk))))):
+            for sample, feats in zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix)):
                 if not self.cache.put(self.cache.sample_key(sample.input_ids), feats):
                     break
             if self.cache.full:
                 break
         self.cache.flush()
         self.cache.build_time_s += time.perf_counter() - started
+
+    def _shared_prefix(self, samples: list, device: torch.device) -> Optional[tuple[int, object]]:
+        """(length, key/value state) of the longest token prefix that every sample shares and that ends
+        before each sample's first loss position, when it is long enough to be worth computing once."""
+        if not samples or not self.cfg.share_prefix:
+            return None
+        first = samples[0].input_ids
+        length = min(len(s.input_ids) for s in samples) - 1  # at least one position must follow it
+        for sample in samples[1:]:
+            same = 0
+            while same < length and sample.input_ids[same] == first[same]:
+                same += 1
+            length = same
+        if self.kind == "generation":
+            length = min([length] + [s.prompt_length - 1 for s in samples])
+        self.shared_prefix_tokens = max(length, 0)
+        if length < MIN_SHARED_PREFIX:
+            return None
+        prefix_ids = torch.tensor([first[:length]], dtype=torch.long, device=device)
+        return length, self.trunk.prefix_state(prefix_ids)
 
     def batch_features(self, batch: dict) -> CachedFeatures:
         """All loss positions of the batch, from the cache where seen before, else from the trunk."""
@@ -322,7 +353,7 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
-                  "forward_parts_s": dict(self.forward_parts_s)}
+                  "forward_parts_s": dict(self.forward_parts_s), "shared_prefix_tokens": self.shared_prefix_tokens}
         if self.cache is not None:
             self.cache.flush()
             extras.update(self.cache.stats())

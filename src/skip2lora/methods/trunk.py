@@ -7,8 +7,9 @@ model's output embedding. Llama-style and GPT-2-style models both fit.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -65,12 +66,33 @@ class CausalLMTrunk:
         return capture
 
     @torch.no_grad()
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """({block: [B, T, d]}, final [B, T, d]) with no autograd graph: the trunk never backpropagates."""
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prefix: Optional[Any] = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """({block: [B, T, d]}, final [B, T, d]) with no autograd graph: the trunk never backpropagates.
+
+        With `prefix` (from `prefix_state`), the inputs are what follows that shared prefix and the
+        features cover those positions only: the prefix's keys and values are reused, not recomputed.
+        """
         self.captured = {}
-        final = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if prefix is None:
+            final = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:
+            past = copy.deepcopy(prefix)
+            past.batch_repeat_interleave(input_ids.size(0))
+            ones = torch.ones((input_ids.size(0), past.get_seq_length()), dtype=attention_mask.dtype,
+                              device=attention_mask.device)
+            final = self.decoder(input_ids=input_ids, attention_mask=torch.cat([ones, attention_mask], dim=1),
+                                 past_key_values=past, use_cache=True).last_hidden_state
         blocks, self.captured = self.captured, {}
         return blocks, final
+
+    @torch.no_grad()
+    def prefix_state(self, prefix_ids: torch.Tensor) -> Any:
+        """Run a prompt prefix that many samples share once; its key/value cache stands in for it later."""
+        self.captured = {}
+        past = self.decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+        self.captured = {}
+        return past
 
     @contextmanager
     def head_correction(self, correction) -> Iterator[None]:

@@ -1,0 +1,459 @@
+"""Rendering of a `skip2lora compare` result: the stdout table, report.md and the PNG plots.
+
+Everything here reads the comparison payload built by `compare.py` (the same dict that is saved as
+comparison.json); nothing is measured or averaged here, and every number in the text, the
+conclusion included, is formatted from that payload.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .bench_report import MISSING, Table, render_markdown, render_text
+from .paths import atomic_write_bytes
+from .plots import panels, save_figure
+
+PLOT_FILES = {"loss": "loss_comparison.png", "loss_time": "loss_vs_time.png", "memory": "memory.png",
+              "accuracy_time": "accuracy_vs_time.png"}
+FORMATS = {
+    "steps_per_s": "{:.3f}", "tokens_per_s": "{:,.1f}", "train_time_s": "{:.1f}", "peak_memory_mb": "{:,.0f}",
+    "final_train_loss": "{:.4f}", "final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "val_loss": "{:.4f}",
+    "final_val_acc": "{:.3f}", "best_val_acc": "{:.3f}", "val_acc": "{:.3f}", "trainable_params": "{:,.0f}",
+    "cache_build_s": "{:.2f}", "cache_size_mb": "{:.1f}", "cache_hit_rate": "{:.1%}", "time_s": "{:.1f}",
+}
+METRIC_WORDS = {"val_acc": "validation accuracy", "val_loss": "validation loss"}
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+
+
+def fmt_value(value: Optional[float], key: str) -> str:
+    return MISSING if value is None else FORMATS.get(key, "{:.4g}").format(value)
+
+
+def fmt_stat(stat: dict, key: str) -> str:
+    """'mean ± std' over seeds; the mean alone with one seed; '-' with none."""
+    if not stat or stat.get("mean") is None:
+        return MISSING
+    text = fmt_value(stat["mean"], key)
+    return text if stat.get("std") is None else f"{text} ± {fmt_value(stat['std'], key)}"
+
+
+def verdict(flag: Optional[bool]) -> str:
+    return "n/a" if flag is None else ("beyond spread" if flag else "within spread")
+
+
+def fmt_delta(stat: dict, is_baseline: bool) -> str:
+    """Relative difference of the mean vs the baseline, with the spread-rule verdict."""
+    if is_baseline:
+        return "baseline"
+    if stat.get("delta_pct") is None:
+        return MISSING
+    return f"{stat['delta_pct']:+.1f}%, {verdict(stat.get('beyond_spread'))}"
+
+
+def fmt_speedup(value: Optional[float]) -> str:
+    return MISSING if value is None else f"{value:.2f}x"
+
+
+def seeds_phrase(count: int) -> str:
+    return "one seed" if count == 1 else f"mean over {count} seeds"
+
+
+def variant_label(variant: dict) -> str:
+    return f"{variant['name']} (baseline)" if variant["is_baseline"] else variant["name"]
+
+
+def has_metric(cset: dict, key: str) -> bool:
+    return any(v["metrics"][key]["n"] for v in cset["variants"])
+
+
+def stat_and_delta(variant: dict, key: str) -> list[str]:
+    stat = variant["metrics"][key]
+    return [fmt_stat(stat, key), fmt_delta(stat, variant["is_baseline"])]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables of one comparison set
+
+
+def parameter_table(cset: dict) -> Table:
+    rows = []
+    for v in cset["variants"]:
+        ratio = v["metrics"]["trainable_ratio"]["mean"]
+        rows.append([variant_label(v), v["method"], str(len(v["runs"])), fmt_stat(v["metrics"]["trainable_params"],
+                     "trainable_params"), MISSING if ratio is None else f"{100 * ratio:.3f}%"])
+    return Table("Parameter efficiency", ["variant", "method", "runs", "trainable params", "% of the model"], rows,
+                 note="% of the model = trainable / all parameters of the fine-tuned model", text_columns=2)
+
+
+def speed_table(cset: dict) -> Table:
+    phases: list[str] = []
+    for v in cset["variants"]:
+        phases += [p for p in v["time_breakdown_s"] if p not in phases]
+    cache_names = {"cache_build_s": "cache build s", "cache_size_mb": "cache MB", "cache_hit_rate": "cache hit rate"}
+    cache_keys = [k for k in cache_names if has_metric(cset, k)]
+    headers = (["variant", "steps/s", "Δ steps/s", "training time s", "Δ time", "peak memory MB", "Δ memory"]
+               + [f"{p} s" for p in phases] + [cache_names[k] for k in cache_keys])
+    rows = []
+    for v in cset["variants"]:
+        row = [variant_label(v)] + stat_and_delta(v, "steps_per_s") + stat_and_delta(v, "train_time_s")
+        row += stat_and_delta(v, "peak_memory_mb")
+        row += [fmt_stat(v["time_breakdown_s"].get(p, {}), "time_s") for p in phases]
+        rows.append(row + [fmt_stat(v["metrics"][k], k) for k in cache_keys])
+    note = "training time = training wall-clock, Skip-Cache build included, evaluation excluded"
+    if phases:
+        note += "; phase columns: seconds spent in each part of the training steps"
+    return Table("Speed and memory", headers, rows, note=note)
+
+
+def quality_table(cset: dict) -> Table:
+    keys = ["final_train_loss", "final_val_loss", "best_val_loss"] + (["best_val_acc"] if cset["has_accuracy"] else [])
+    names = {"final_train_loss": "final train loss", "final_val_loss": "final val loss",
+             "best_val_loss": "best val loss", "best_val_acc": "best val acc"}
+    headers = ["variant"]
+    for key in keys:
+        headers += [names[key], f"Δ {names[key]}"]
+    rows = [[variant_label(v)] + [cell for key in keys for cell in stat_and_delta(v, key)] for v in cset["variants"]]
+    return Table("Accuracy and loss", headers, rows,
+                 note="best = min loss / max accuracy over the evaluations after step 0; Δ = difference of the "
+                      "means vs the baseline, with the spread-rule verdict")
+
+
+def time_to_quality_table(cset: dict) -> Table:
+    target, equal_time = cset["target"], cset["equal_time_s"]
+    at = MISSING if equal_time is None else fmt_value(equal_time, "time_s")
+    metrics = ["val_loss"] + (["val_acc"] if cset["has_accuracy"] else [])
+    headers = (["variant", "reached", "time to target s", "speed-up vs baseline", "spread"]
+               + [f"{METRIC_WORDS[m].replace('validation', 'val')} at {at} s" for m in metrics])
+    rows = []
+    for v in cset["variants"]:
+        ttt = v["time_to_target"]
+        rows.append([variant_label(v), f"{ttt['reached']}/{ttt['runs']}", fmt_stat(ttt, "time_s"),
+                     "baseline" if v["is_baseline"] else fmt_speedup(ttt["speedup"]),
+                     "-" if v["is_baseline"] else verdict(ttt["beyond_spread"])]
+                    + [fmt_stat(v["at_equal_time"][m], m) for m in metrics])
+    note = (f"target = {cset['baseline']}'s best {METRIC_WORDS[target['metric']]}, "
+            f"{fmt_value(target['value'], target['metric'])} ({seeds_phrase(target['baseline_seeds'])}); "
+            + (f"{target['note']}; " if target.get("note") else "") +
+            "time to target = mean ± std over the runs that reached it; speed-up = baseline time / variant time; "
+            f"the last columns are each run's last evaluation at or before {at} s, when the shortest run ended")
+    return Table("Time to quality", headers, rows, note=note)
+
+
+def runs_table(cset: dict, out_dir: Path) -> Table:
+    rows = []
+    for v in cset["variants"]:
+        for run in v["runs"]:
+            seed = MISSING if run["seed"] is None else str(run["seed"])
+            rows.append([v["name"], seed, display_path(run["path"], out_dir),
+                         fmt_value(run["end_time_s"], "time_s"), fmt_value(run["time_to_target_s"], "time_s")])
+    return Table("Runs", ["variant", "seed", "folder", "training time s", "time to target s"], rows, text_columns=3)
+
+
+def display_path(path: str, out_dir: Path) -> str:
+    """The run folder relative to the report when it lies below it."""
+    relative = os.path.relpath(Path(path).resolve(), out_dir.resolve())
+    return path if relative.startswith("..") else relative
+
+
+# --------------------------------------------------------------------------------------------
+# Conclusion
+
+
+def spread_sentence(flag: Optional[bool]) -> str:
+    if flag is None:
+        return "with fewer than 2 seeds on a side, the spread rule cannot judge this difference"
+    if flag:
+        return "the difference is larger than the seed-to-seed spread"
+    return "the difference is within the seed-to-seed spread, so it is not conclusive"
+
+
+def time_to_quality_sentences(cset: dict) -> list[str]:
+    target, variants = cset["target"], cset["variants"]
+    base = variants[0]
+    word = METRIC_WORDS[target["metric"]]
+    if target["value"] is None:
+        return [f"The baseline {base['name']} logged no {word}, so there is no time-to-quality target."]
+    sentences = [f"Target: {base['name']}'s best {word}, {fmt_value(target['value'], target['metric'])} "
+                 f"({seeds_phrase(target['baseline_seeds'])})"
+                 + (f"; {target['note']}." if target.get("note") else ".")]
+    reached = [v for v in variants if v["time_to_target"]["reached"]]
+    if reached:
+        winner = min(reached, key=lambda v: v["time_to_target"]["mean"])
+        sentences.append(winner_sentence(winner, base))
+        for v in reached:
+            if v is not winner and not v["is_baseline"]:
+                ttt = v["time_to_target"]
+                speed = "" if ttt["speedup"] is None else (f"; {fmt_speedup(ttt['speedup'])} the baseline's speed, "
+                                                           f"{verdict(ttt['beyond_spread'])}")
+                sentences.append(f"{v['name']} needs {fmt_stat(ttt, 'time_s')} s ({ttt['reached']}/{ttt['runs']} "
+                                 f"runs reached it{speed}).")
+    for v in variants:
+        if not v["time_to_target"]["reached"]:
+            runs = v["time_to_target"]["runs"]
+            where = "its only run" if runs == 1 else f"any of its {runs} runs"
+            sentences.append(f"{v['name']} never reached the target in {where}.")
+    return sentences
+
+
+def winner_sentence(winner: dict, base: dict) -> str:
+    ttt, base_ttt = winner["time_to_target"], base["time_to_target"]
+    if winner["is_baseline"]:
+        return (f"The baseline {base['name']} reaches it first, in {fmt_stat(ttt, 'time_s')} s "
+                f"({ttt['reached']}/{ttt['runs']} runs); no variant is faster to this quality.")
+    text = (f"{winner['name']} reaches it fastest: {fmt_stat(ttt, 'time_s')} s "
+            f"({ttt['reached']}/{ttt['runs']} runs) vs ")
+    if not base_ttt["reached"]:
+        return text + f"never for the baseline {base['name']}."
+    return (text + f"{fmt_stat(base_ttt, 'time_s')} s for {base['name']} ({base_ttt['reached']}/{base_ttt['runs']} "
+            f"runs), a {fmt_speedup(ttt['speedup'])} speed-up; {spread_sentence(ttt['beyond_spread'])}.")
+
+
+def comparison_phrase(base: dict, variant: dict, key: str, better: str) -> str:
+    b, v = base["metrics"][key], variant["metrics"][key]
+    return f"{better} ({fmt_stat(b, key)} vs {fmt_stat(v, key)}: {v['delta_pct']:+.1f}%, {verdict(v['beyond_spread'])})"
+
+
+def baseline_wins(cset: dict) -> list[str]:
+    """Where the baseline is better than each variant on quality (a better mean, with the verdict)."""
+    base = cset["variants"][0]
+    checks = [("best_val_acc", "a higher best validation accuracy", True),
+              ("best_val_loss", "a lower best validation loss", False),
+              ("final_val_loss", "a lower final validation loss", False)]
+    sentences = []
+    for variant in cset["variants"][1:]:
+        phrases = []
+        for key, better, higher in checks:
+            b, v = base["metrics"][key]["mean"], variant["metrics"][key]
+            if b is None or v["mean"] is None or v["delta_pct"] is None:
+                continue
+            if (b > v["mean"]) if higher else (b < v["mean"]):
+                phrases.append(comparison_phrase(base, variant, key, better))
+        if phrases:
+            sentences.append(f"Against {variant['name']}, the baseline {base['name']} keeps "
+                             + "; ".join(phrases) + ".")
+        else:
+            sentences.append(f"{base['name']} is not better than {variant['name']} on best or final validation "
+                             "loss" + (" or accuracy." if cset["has_accuracy"] else "."))
+    return sentences
+
+
+def cost_sentences(cset: dict) -> list[str]:
+    base = cset["variants"][0]
+    sentences = []
+    for v in cset["variants"][1:]:
+        steps, memory = v["metrics"]["steps_per_s"], v["metrics"]["peak_memory_mb"]
+        base_steps = base["metrics"]["steps_per_s"]["mean"]
+        if steps["mean"] is None or not base_steps or memory["delta_pct"] is None:
+            continue
+        sentences.append(f"{v['name']} runs {steps['mean'] / base_steps:.2f}x the baseline's steps/s "
+                         f"({verdict(steps['beyond_spread'])}) with {memory['delta_pct']:+.1f}% peak memory "
+                         f"({verdict(memory['beyond_spread'])}).")
+    return sentences
+
+
+def equal_time_sentence(cset: dict) -> Optional[str]:
+    metric = cset["target"]["metric"]
+    if cset["equal_time_s"] is None:
+        return None
+    values = ", ".join(f"{v['name']} {fmt_stat(v['at_equal_time'][metric], metric)}" for v in cset["variants"])
+    return (f"At equal wall-clock ({fmt_value(cset['equal_time_s'], 'time_s')} s of training, when the shortest "
+            f"run ended), {METRIC_WORDS[metric]}: {values}.")
+
+
+def conclusion(cset: dict) -> str:
+    """A paragraph that states the comparison's outcome; every number comes from the payload."""
+    sentences = time_to_quality_sentences(cset) + cost_sentences(cset)
+    if len(cset["variants"]) > 1:
+        sentences += baseline_wins(cset)
+    at_equal = equal_time_sentence(cset)
+    return " ".join(sentences + ([at_equal] if at_equal else []))
+
+
+# --------------------------------------------------------------------------------------------
+# Plots: one panel per comparison set in each figure, one colour per variant across figures
+
+
+def variant_colors(payload: dict) -> dict[str, str]:
+    names: list[str] = []
+    for cset in payload["sets"]:
+        names += [v["name"] for v in cset["variants"] if v["name"] not in names]
+    return {name: f"C{i % 10}" for i, name in enumerate(names)}
+
+
+def _finish_axis(ax, cset: dict, xlabel: str, ylabel: str) -> None:
+    ax.set_title(cset["name"], fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def plot_loss_by_step(payload: dict, png_path: Path, colors: dict) -> Path:
+    fig, axes = panels(len(payload["sets"]))
+    for ax, cset in zip(axes[0], payload["sets"]):
+        for v in cset["variants"]:
+            curve = v["loss_curve"]
+            if not curve["step"]:
+                continue
+            color = colors[v["name"]]
+            ax.plot(curve["step"], curve["mean"], marker="o", color=color, label=f"{v['name']} (n={len(v['runs'])})")
+            ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.2)
+        _finish_axis(ax, cset, "optimizer step", "validation loss (mean, min-max band)")
+    return save_figure(fig, png_path)
+
+
+def plot_metric_vs_time(payload: dict, png_path: Path, colors: dict, metric: str, sets: list[dict]) -> Path:
+    """One line per run; the target as a dashed line where it is this metric."""
+    fig, axes = panels(len(sets))
+    for ax, cset in zip(axes[0], sets):
+        for v in cset["variants"]:
+            for index, run in enumerate(v["runs"]):
+                points = [(t, y) for t, y in zip(run["eval"]["elapsed_s"], run["eval"][metric])
+                          if t is not None and y is not None]
+                if points:
+                    ax.plot(*zip(*points), marker=".", color=colors[v["name"]], alpha=0.8,
+                            label=v["name"] if index == 0 else None)
+        target = cset["target"]
+        if target["metric"] == metric and target["value"] is not None:
+            ax.axhline(target["value"], color="grey", linestyle="--", linewidth=1, label="target")
+        _finish_axis(ax, cset, "training time (s)", METRIC_WORDS[metric])
+    return save_figure(fig, png_path)
+
+
+def plot_memory(payload: dict, png_path: Path, colors: dict) -> Path:
+    fig, axes = panels(len(payload["sets"]))
+    for ax, cset in zip(axes[0], payload["sets"]):
+        names = [v["name"] for v in cset["variants"]]
+        stats = [v["metrics"]["peak_memory_mb"] for v in cset["variants"]]
+        ax.bar(names, [s["mean"] or 0.0 for s in stats], yerr=[s["std"] or 0.0 for s in stats], capsize=4,
+               color=[colors[name] for name in names])
+        ax.tick_params(axis="x", labelrotation=20)
+        _finish_axis(ax, cset, "variant", "peak memory MB (mean ± std)")
+    return save_figure(fig, png_path)
+
+
+def write_plots(payload: dict, out_dir: Path) -> dict[str, Path]:
+    colors = variant_colors(payload)
+    plots = {
+        "loss": plot_loss_by_step(payload, out_dir / PLOT_FILES["loss"], colors),
+        "loss_time": plot_metric_vs_time(payload, out_dir / PLOT_FILES["loss_time"], colors, "val_loss",
+                                         payload["sets"]),
+        "memory": plot_memory(payload, out_dir / PLOT_FILES["memory"], colors),
+    }
+    with_accuracy = [cset for cset in payload["sets"] if cset["has_accuracy"]]
+    if with_accuracy:
+        plots["accuracy_time"] = plot_metric_vs_time(payload, out_dir / PLOT_FILES["accuracy_time"], colors,
+                                                     "val_acc", with_accuracy)
+    return plots
+
+
+# --------------------------------------------------------------------------------------------
+# report.md and the stdout table
+
+
+def environment_table(payload: dict) -> Table:
+    rows = []
+    for key, values in payload["environment"].items():
+        if values:  # older runs lack some fields; leave them out rather than print empty rows
+            text = "; ".join(str(v) for v in values)
+            rows.append([key, text + (" (differs between runs)" if len(values) > 1 else "")])
+    return Table("Environment", ["what", "value"], rows, text_columns=2)
+
+
+def setup_lines(payload: dict) -> list[str]:
+    lines = []
+    for cset in payload["sets"]:
+        size = cset["model_parameters"]
+        model = f"`{cset['model']}`" + ("" if size is None else f" ({size:,} parameters)")
+        seeds = ", ".join(str(s) for s in cset["seeds"]) or MISSING
+        lines.append(f"- {cset['name']}: model {model}, dataset `{cset['dataset']}`, task `{cset['task']}`, "
+                     f"seeds {seeds}, baseline `{cset['baseline']}`")
+    return lines
+
+
+def render_set(cset: dict, out_dir: Path, level: int) -> str:
+    tables = [parameter_table(cset), speed_table(cset), quality_table(cset), time_to_quality_table(cset),
+              runs_table(cset, out_dir)]
+    return "\n\n".join(render_markdown(table, level=level) for table in tables)
+
+
+def render_report(payload: dict, out_dir: Path, plots: dict[str, Path]) -> str:
+    several = len(payload["sets"]) > 1
+    parts = [f"# {payload['title']}",
+             f"<!-- Generated by `skip2lora compare` from {len(payload['runs'])} runs. Do not edit by hand. -->",
+             "Every number below is computed from the runs' `run.json` and `metrics.csv`; "
+             "the same numbers are in `comparison.json`.",
+             "## Setup", "\n".join(setup_lines(payload)), render_markdown(environment_table(payload), level=3)]
+    if payload["warnings"]:
+        parts += ["### Warnings", "\n".join(f"- {w}" for w in payload["warnings"])]
+    parts += ["## How to read the numbers",
+              f"- Values are mean ± sample standard deviation over seeds (the mean alone with one seed).\n"
+              f"- Spread rule: {payload['spread_rule']}.\n- Time to quality: {payload['target_rule']}."]
+    for cset in payload["sets"]:
+        parts += [f"## {cset['name']}" if several else "## Results", render_set(cset, out_dir, level=3)]
+    parts.append("## Plots")
+    parts += [f"![{key.replace('_', ' ')}]({os.path.relpath(path, out_dir)})" for key, path in plots.items()]
+    parts.append("## Conclusion")
+    parts += [f"**{cset['name']}.** {cset['conclusion']}" if several else cset["conclusion"]
+              for cset in payload["sets"]]
+    return "\n\n".join(parts) + "\n"
+
+
+def stdout_table(cset: dict) -> Table:
+    accuracy = cset["has_accuracy"]
+    headers = (["variant", "seeds", "steps/s", "train s", "peak MB", "best val loss"]
+               + (["best val acc"] if accuracy else []) + ["reached", "to target s", "speed-up"])
+    rows = []
+    for v in cset["variants"]:
+        m, ttt = v["metrics"], v["time_to_target"]
+        rows.append([variant_label(v), str(len(v["runs"])), fmt_stat(m["steps_per_s"], "steps_per_s"),
+                     fmt_stat(m["train_time_s"], "train_time_s"), fmt_stat(m["peak_memory_mb"], "peak_memory_mb"),
+                     fmt_stat(m["best_val_loss"], "best_val_loss")]
+                    + ([fmt_stat(m["best_val_acc"], "best_val_acc")] if accuracy else [])
+                    + [f"{ttt['reached']}/{ttt['runs']}", fmt_stat(ttt, "time_s"),
+                       "baseline" if v["is_baseline"] else fmt_speedup(ttt["speedup"])])
+    target = cset["target"]
+    note = (f"target: {cset['baseline']}'s best {METRIC_WORDS[target['metric']]} "
+            f"{fmt_value(target['value'], target['metric'])}")
+    return Table(cset["name"], headers, rows, note=note)
+
+
+def render_stdout(payload: dict) -> str:
+    """The compact fixed-width comparison printed by `skip2lora compare`."""
+    return "\n\n".join(render_text(stdout_table(cset)) for cset in payload["sets"])
+
+
+def write_report(payload: dict, out_dir: Path) -> dict:
+    """Write the plots and report.md to `out_dir`; adds each set's conclusion to the payload.
+
+    Returns {"report": path, "plots": [paths]} as strings.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for cset in payload["sets"]:
+        cset["conclusion"] = conclusion(cset)
+    plots = write_plots(payload, out_dir)
+    report = out_dir / "report.md"
+    atomic_write_bytes(report, render_report(payload, out_dir, plots).encode())
+    return {"report": str(report), "plots": [str(path) for path in plots.values()]}
+
+
+def readme_block(payload: dict, readme_dir: Path, command: str) -> str:
+    """The comparison table(s), conclusion(s) and the time-to-quality plot, for a README section."""
+    files = payload["files"]
+    parts = [f"_Generated by `{command}` from the runs' own logs; do not edit by hand._"]
+    for cset in payload["sets"]:
+        parts += [render_markdown(stdout_table(cset), level=4), cset["conclusion"]]
+    plots = {Path(p).stem: Path(p) for p in files["plots"]}
+    for key in ("accuracy_vs_time", "loss_vs_time"):
+        if key in plots:
+            parts.append(f"![{key.replace('_', ' ')}]({os.path.relpath(plots[key], readme_dir)})")
+    report = os.path.relpath(files["report"], readme_dir)
+    parts.append(f"Full report with the environment, parameter, speed and accuracy tables: [{report}]({report}).")
+    return "\n\n".join(parts)
