@@ -45,7 +45,7 @@ TARGET_TOLERANCE = 1e-9
 CSV_ROUNDING = 1e-5
 
 SPREAD_RULE = ("a difference is beyond the seed-to-seed spread when |mean_a - mean_b| > std_a + std_b "
-               "(sample standard deviations over seeds); n/a when either side has fewer than 2 seeds")
+               "(sample standard deviations over seeds); not judged when either side has fewer than 2 seeds")
 TARGET_RULE = ("time-to-target = training wall-clock (elapsed_s: Skip-Cache build included, evaluation excluded) "
                "at the first evaluation whose metric reaches the target; the target is the baseline's best "
                "validation accuracy (mean over its seeds) when the task has accuracy, else its best validation "

@@ -43,7 +43,7 @@ def fmt_stat(stat: dict, key: str) -> str:
 
 
 def verdict(flag: Optional[bool]) -> str:
-    return "n/a" if flag is None else ("beyond spread" if flag else "within spread")
+    return "spread not judged: < 2 seeds" if flag is None else ("beyond spread" if flag else "within spread")
 
 
 def fmt_delta(stat: dict, is_baseline: bool) -> str:
@@ -250,7 +250,8 @@ def cost_sentences(cset: dict) -> list[str]:
         base_steps = base["metrics"]["steps_per_s"]["mean"]
         if steps["mean"] is None or not base_steps or memory["delta_pct"] is None:
             continue
-        sentences.append(f"{v['name']} runs {steps['mean'] / base_steps:.2f}x the baseline's steps/s "
+        sentences.append(f"{v['name']} runs {steps['mean'] / base_steps:.2f}x the baseline's steps per second of "
+                         "training time "
                          f"({verdict(steps['beyond_spread'])}) with {memory['delta_pct']:+.1f}% peak memory "
                          f"({verdict(memory['beyond_spread'])}).")
     return sentences

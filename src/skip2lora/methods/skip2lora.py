@@ -130,6 +130,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.trunk_time_s = 0.0
         self.forward_parts_s: dict[str, float] = {}
         self.shared_prefix_tokens = 0
+        self.prebuild: Optional[dict] = None
 
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
@@ -226,7 +227,12 @@ class Skip2LoRAMethod(FinetuneMethod):
             if self.cache.full:
                 break
         self.cache.flush()
-        self.cache.build_time_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.cache.build_time_s += elapsed
+        # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
+        tokens = sum(len(s.input_ids) for s in pending)
+        self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
+                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
 
     def _shared_prefix(self, samples: list, device: torch.device) -> Optional[tuple[int, object]]:
         """(length, key/value state) of the longest token prefix that every sample shares and that ends
@@ -353,7 +359,8 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
-                  "forward_parts_s": dict(self.forward_parts_s), "shared_prefix_tokens": self.shared_prefix_tokens}
+                  "forward_parts_s": dict(self.forward_parts_s), "shared_prefix_tokens": self.shared_prefix_tokens,
+                  "cache_prebuild": self.prebuild}
         if self.cache is not None:
             self.cache.flush()
             extras.update(self.cache.stats())
