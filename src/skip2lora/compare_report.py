@@ -94,7 +94,8 @@ def speed_table(cset: dict) -> Table:
     phases: list[str] = []
     for v in cset["variants"]:
         phases += [p for p in v["time_breakdown_s"] if p not in phases]
-    cache_names = {"cache_build_s": "cache build s", "cache_size_mb": "cache MB", "cache_hit_rate": "cache hit rate"}
+    cache_names = {"cache_build_s": "cache fill s (train + validation)", "cache_size_mb": "cache MB",
+                   "cache_hit_rate": "cache hit rate"}
     cache_keys = [k for k in cache_names if has_metric(cset, k)]
     headers = (["variant", "steps/s", "Δ steps/s", "training time s", "Δ time", "peak memory MB", "Δ memory"]
                + [f"{p} s" for p in phases] + [cache_names[k] for k in cache_keys])
@@ -104,7 +105,9 @@ def speed_table(cset: dict) -> Table:
         row += stat_and_delta(v, "peak_memory_mb")
         row += [fmt_stat(v["time_breakdown_s"].get(p, {}), "time_s") for p in phases]
         rows.append(row + [fmt_stat(v["metrics"][k], k) for k in cache_keys])
-    note = "training time = training wall-clock, Skip-Cache build included, evaluation excluded"
+    note = ("training time = training wall-clock, Skip-Cache build included, evaluation excluded; prepare = the "
+            "cache prebuild over the training samples (part of training time); cache fill = that plus caching the "
+            "validation features on first sight during evaluation (not training time)")
     if phases:
         note += "; phase columns: seconds spent in each part of the training steps"
     return Table("Speed and memory", headers, rows, note=note)
