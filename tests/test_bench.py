@@ -133,7 +133,8 @@ def test_summary_ratios_come_from_the_measured_fields(run):
             assert row[f"{phase}_speedup"] == pytest.approx(expected)
     summary = printed[printed.index("COMPARISON SUMMARY"):]
     s2 = rows["s2-cached"]
-    speedup_line = next(line for line in summary.splitlines() if line.startswith("s2-cached") and "x " in line + " ")
+    speedups = summary[summary.index("Reduction and speed-up"):]
+    speedup_line = next(line for line in speedups.splitlines() if line.startswith("s2-cached"))
     expected = (bench_report.fmt_reduction(s2["parameter_reduction"]), f"{s2['backward_speedup']:.2f}x",
                 f"{s2['step_speedup']:.2f}x")
     for value in expected:
@@ -292,3 +293,27 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n")
     assert "| new | table |" in text and "old table" not in text
+
+
+def test_cached_skip2lora_reports_its_head_floor(run):
+    _, printed, payload, _ = run
+    configs = by_name(payload)
+    floor = configs["s2-cached"]["head_floor_ms"]
+    assert floor is not None and 0 < floor <= configs["s2-cached"]["timing"]["step"]["mean_ms"]
+    assert configs["lora"]["head_floor_ms"] is None
+    assert "Floor      : frozen head + loss" in printed
+
+
+def test_inference_reference_row_measures_the_frozen_forward():
+    """The `inference` pseudo-method: no trainable parameters, forward only, and its own memory peak."""
+    config = {"name": "inference", "method": "inference", "label": "inference", "overrides": {}}
+    spec = {"config": config, "model": "tiny", "device": "cpu", "precision": "32-true", "seed": 1, "threads": 1,
+            "batch_size": 2, "seq_len": 32, "mode": "steps", "iters": 2, "warmup": 1}
+    result = bench.run_step_benchmark(spec)
+    assert result["parameters"]["trainable"] == 0
+    assert result["timing"]["backward"]["mean_ms"] == 0.0
+    assert result["timing"]["step"]["mean_ms"] == result["timing"]["forward"]["mean_ms"] > 0
+    assert result["memory"]["peak_mb"] > 0 and result["loss"]["first"] > 0
+    row = {**config, "status": "ok", "is_baseline": False, **result}
+    table = bench_report.memory_table({"environment": {"device": "cpu"}, "configs": [row]})
+    assert table.rows[0][-1] == "1.00x"  # the reference against itself

@@ -144,3 +144,48 @@ def test_sequence_classification_with_peft_lora(make_config):
     assert result["summary"]["final_val_acc"] is not None
     config = json.loads((cfg.out_dir / "final" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS"
+
+
+def eval_steps(out_dir: Path) -> list[int]:
+    rows = read_rows(out_dir)
+    return [int(r["step"]) for r in rows if r["val_loss"]]
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    with open(next((out_dir / "logs" / "csv").glob("version_*/metrics.csv")), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluation_by_training_time(make_config):
+    """eval.interval_s evaluates whenever that much training time has passed, whatever the step interval."""
+    cfg = make_config("lora", eval__interval=1000, eval__interval_s=1e-9)
+    run_finetune(cfg, show_progress=False)
+    assert eval_steps(cfg.out_dir) == [0, 1, 2, 3, 4]
+
+
+def test_classification_eval_loss_is_the_cross_entropy_of_the_classified_logits(make_config):
+    """One forward per validation batch serves both the loss and the accuracy."""
+    from skip2lora.data import load_task_data, tokenize_examples
+    from skip2lora.train import evaluate
+
+    cfg = make_config("skip2lora", data__name="authorship", data__num_train=8, data__num_val=8, data__max_seq_length=64)
+    task = load_task_data(cfg.data)
+    method, _ = build_method(cfg, task.kind, len(task.label_names), torch.device("cpu"), torch.float32)
+    val = tokenize_examples(task.val, method.tokenizer, cfg.data, task.kind)
+    result = evaluate(method, val, {}, cfg, torch.device("cpu"), "32-true", True)
+    from skip2lora.data import collate
+
+    batch = collate(val, method.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss_sum, count = method.loss_sum(batch)
+        accuracy = float((method.classify(batch).argmax(-1) == batch["class_labels"]).float().mean())
+    assert result["val_loss"] == pytest.approx(float(loss_sum) / count, rel=1e-5)
+    assert result["val_acc"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("field, value", [("eval__interval_s", 0.0), ("train__max_time_s", -1.0)])
+def test_non_positive_time_settings_are_rejected(make_config, field, value):
+    from skip2lora.errors import UserError
+
+    with pytest.raises(UserError, match="must be > 0 seconds"):
+        run_finetune(make_config("lora", **{field: value}), show_progress=False)
