@@ -239,3 +239,27 @@ def test_shared_prompt_prefix_is_computed_once_with_the_same_features(make_confi
         assert torch.equal(a.targets, b.targets)
         torch.testing.assert_close(a.blocks, b.blocks, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.final, b.final, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooled_classification_features_and_reload(make_config):
+    """pooling: mean caches one row per block: the mean of that block's output over the real tokens."""
+    from skip2lora.data import collate, load_task_data, tokenize_examples
+    from skip2lora.methods.skip2lora import load_skip2lora
+
+    cfg = make_config("skip2lora", data__name="authorship", data__num_train=16, data__num_val=8,
+                      data__max_seq_length=64, skip2lora__pooling="mean", train__lr=1e-2)
+    task = load_task_data(cfg.data)
+    method, _ = build_method(cfg, task.kind, 2, torch.device("cpu"), torch.float32)
+    samples = tokenize_examples(task.val, method.tokenizer, cfg.data, task.kind)[:3]
+    batch = collate(samples, method.tokenizer.pad_token_id)
+    feats = method._trunk_features(batch, [0, 1, 2])
+    blocks, final = method.trunk.features(batch["input_ids"], batch["attention_mask"])
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        torch.testing.assert_close(feats[row].final[0], final[row, :n].mean(dim=0))
+        torch.testing.assert_close(feats[row].blocks[1, 0], blocks[cfg.skip2lora.block_indices[1]][row, :n].mean(dim=0))
+    assert method.cache_fingerprint()["pooling"] == "mean"
+
+    run_finetune(cfg, show_progress=False)
+    reloaded = load_skip2lora(cfg.out_dir / "final", torch.device("cpu"))
+    assert reloaded.pooling == "mean"

@@ -83,6 +83,9 @@ class Skip2LoRAConfig:
     alpha: int = 32
     dropout: float = 0.0
     input_norm: bool = True
+    # Classification only: the features of the last real token ("last") or the mean over the real tokens
+    # ("mean"), for each selected block and the final state.
+    pooling: Literal["last", "mean"] = "last"
     output: Literal["hidden", "logits"] = "hidden"
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -120,6 +120,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             nn.init.normal_(self.class_head.weight, std=0.02)
             nn.init.zeros_(self.class_head.bias)
         self.num_labels = num_labels
+        self.pooling = cfg.pooling if kind == "classification" else "last"
         self.max_seq_length = max_seq_length
         self.cache: Optional[SkipCache] = None
         if cfg.cache != "none":
@@ -143,6 +144,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             "tokenizer": hashlib.sha1(tokenizer_hash.encode()).hexdigest()[:16] + f":{len(vocab)}",
             "blocks": self.block_indices,
             "kind": self.kind,
+            "pooling": self.pooling,
             "max_seq_length": self.max_seq_length,
         }
 
@@ -192,6 +194,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         skip, state = prefix if prefix is not None else (0, None)
         blocks, final = self.trunk.features(input_ids[:, skip:width], attention_mask[:, skip:width], state)
         sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        if self.pooling == "mean":
+            return self._mean_pooled(blocks, final, sub_batch, started)
         result = []
         for local, (positions, targets) in enumerate(loss_positions(sub_batch, self.kind)):
             positions = positions - skip
@@ -234,10 +238,24 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
                          "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
 
+    def _mean_pooled(self, blocks: dict, final: torch.Tensor, batch: dict, started: float) -> list[CachedFeatures]:
+        """Per sample, one feature row per block (and final): the mean over its real tokens."""
+        width = final.size(1)
+        mask = batch["attention_mask"][:, :width].unsqueeze(-1).to(final.dtype)
+        counts = mask.sum(dim=1).clamp(min=1)
+        pooled = {k: (blocks[k] * mask).sum(dim=1) / counts for k in self.block_indices}
+        pooled_final = (final * mask).sum(dim=1) / counts
+        result = [CachedFeatures(blocks=torch.stack([pooled[k][row:row + 1] for k in self.block_indices]),
+                                 final=pooled_final[row:row + 1], targets=batch["class_labels"][row:row + 1])
+                  for row in range(final.size(0))]
+        self.trunk_time_s += time.perf_counter() - started
+        return result
+
     def _shared_prefix(self, samples: list, device: torch.device) -> Optional[tuple[int, object]]:
         """(length, key/value state) of the longest token prefix that every sample shares and that ends
         before each sample's first loss position, when it is long enough to be worth computing once."""
-        if not samples or not self.cfg.share_prefix:
+        # Mean pooling needs every position's features, the prefix's too: no sharing there.
+        if not samples or not self.cfg.share_prefix or self.pooling == "mean":
             return None
         first = samples[0].input_ids
         length = min(len(s.input_ids) for s in samples) - 1  # at least one position must follow it
@@ -345,6 +363,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             "alpha": self.cfg.alpha,
             "dropout": self.cfg.dropout,
             "input_norm": self.cfg.input_norm,
+            "pooling": self.pooling,
             "output": self.output_mode,
             "hidden_size": self.info.hidden_size,
             "vocab_size": self.info.vocab_size,
@@ -379,6 +398,7 @@ def load_skip2lora(checkpoint: Path, device: torch.device, base_model: Optional[
     model, tokenizer, info = load_base_model(base_model or config["base_model_name_or_path"], device=str(device))
     cfg = Skip2LoRAConfig(block_indices=config["block_indices"], r=config["r"], alpha=config["alpha"],
                           dropout=config["dropout"], input_norm=config["input_norm"], output=config["output"],
+                          pooling=config.get("pooling", "last"),
                           cache="none")
     method = Skip2LoRAMethod(model, tokenizer, config["task"], cfg, info, num_labels=config.get("num_labels"))
     state = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
