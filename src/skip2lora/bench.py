@@ -313,6 +313,12 @@ def _numel(param: torch.nn.Parameter) -> int:
     return int(math.prod(shape)) if shape is not None else int(param.numel())
 
 
+def weights_mb(model: torch.nn.Module) -> float:
+    """Bytes the model's parameters and buffers occupy as stored (4-bit weights count as packed)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def parameter_counts(method: FinetuneMethod) -> dict:
     """Total (frozen base + trainable, 4-bit weights counted as weights), trainable and adapter counts."""
     params = {id(p): p for p in method.model.parameters()}
@@ -323,7 +329,7 @@ def parameter_counts(method: FinetuneMethod) -> dict:
     if adapter is None and hasattr(method, "adapter_parameter_count"):
         adapter = method.adapter_parameter_count()
     return {"total": total, "trainable": int(trainable), "adapter": adapter,
-            "trainable_ratio": trainable / max(total, 1)}
+            "trainable_ratio": trainable / max(total, 1), "weights_mb": weights_mb(method.model)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +450,8 @@ def run_inference_benchmark(spec: dict) -> dict:
     timing = {"forward": time_stats(seconds), "backward": zero, "optimizer": zero, "step": time_stats(seconds)}
     tokens = spec["batch_size"] * spec["seq_len"]
     return {
-        "parameters": {"total": info.num_parameters, "trainable": 0, "adapter": None, "trainable_ratio": 0.0},
+        "parameters": {"total": info.num_parameters, "trainable": 0, "adapter": None, "trainable_ratio": 0.0,
+                       "weights_mb": weights_mb(model)},
         "timing": timing, "tokens_per_batch": tokens,
         "loss_tokens_per_batch": statistics.fmean(int((b["labels"] != -100).sum()) for b in batches),
         "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0), "distinct_batches": distinct,
@@ -830,7 +837,7 @@ def print_config_section(index: int, count: int, config: dict) -> None:
     p = config["parameters"]
     adapter = "-" if p["adapter"] is None else f"{p['adapter']:,}"
     print(f"Parameters : total {p['total']:,} | trainable {p['trainable']:,} ({100 * p['trainable_ratio']:.3f}%) "
-          f"| adapter {adapter}")
+          f"| adapter {adapter}" + (f" | weights {p['weights_mb']:.1f} MB as stored" if p.get("weights_mb") else ""))
     for phase in ("forward", "backward", "optimizer", "step"):
         t, label = config["timing"][phase], phase.capitalize()
         print(f"{label:<11}: mean {t['mean_ms']:.2f} ms | min {t['min_ms']:.2f} | max {t['max_ms']:.2f} "

@@ -88,9 +88,12 @@ def config_title(config: dict) -> str:
 
 def parameter_table(result: dict) -> Table:
     rows = [[config_title(c), fmt_int(c["parameters"]["total"]), fmt_int(c["parameters"]["trainable"]),
-             fmt_int(c["parameters"]["adapter"]), fmt_ratio(c["parameters"]["trainable_ratio"])]
+             fmt_int(c["parameters"]["adapter"]), fmt_ratio(c["parameters"]["trainable_ratio"]),
+             fmt_mb(c["parameters"].get("weights_mb"))]
             for c in ok_configs(result)]
-    return Table("Parameters", ["configuration", "total", "trainable", "adapter", "trainable ratio"], rows)
+    return Table("Parameters", ["configuration", "total", "trainable", "adapter", "trainable ratio", "weights MB"],
+                 rows, note="weights MB: the model's parameters and buffers as stored (4-bit weights packed); "
+                            "'-' in files written before this column existed")
 
 
 def phase_table(result: dict, phase: str, title: str) -> Table:
