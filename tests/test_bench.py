@@ -285,14 +285,18 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
 def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     from pathlib import Path
 
-    from skip2lora.bench_report import README_END, README_START, update_readme
+    from skip2lora.bench_report import update_readme
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\noutro\n")
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n")
     update_readme(readme, "| new | table |", Path("docs/results.md"))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n")
     assert "| new | table |" in text and "old table" not in text
+    readme.write_text("no markers here\n")
+    with pytest.raises(UserError, match="no <!-- results:start --> ... <!-- results:end --> block"):
+        update_readme(readme, "| new | table |", Path("docs/results.md"))
+    assert readme.read_text() == "no markers here\n"
 
 
 def test_cached_skip2lora_reports_its_head_floor(run):
