@@ -264,7 +264,7 @@ def run_experiment(source: Union[Path, dict], out_root: Optional[Path] = None, v
         for run in runs:
             print(f"  {run.name}: {states[run.name]}")
         return states
-    outcome = {name: state for name, state in states.items()}
+    outcome = dict(states)
     failed = []
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=spec["name"], unit="run", dynamic_ncols=True)
     for run in pending:

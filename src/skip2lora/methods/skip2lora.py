@@ -195,15 +195,13 @@ class Skip2LoRAMethod(FinetuneMethod):
         blocks, final = self.trunk.features(input_ids[:, skip:width], attention_mask[:, skip:width], state)
         sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if self.pooling == "mean":
-            return self._mean_pooled(blocks, final, sub_batch, started)
-        result = []
-        for local, (positions, targets) in enumerate(loss_positions(sub_batch, self.kind)):
-            positions = positions - skip
-            result.append(CachedFeatures(
-                blocks=torch.stack([blocks[k][local, positions] for k in self.block_indices]),
-                final=final[local, positions],
-                targets=targets,
-            ))
+            result = self._mean_pooled(blocks, final, sub_batch)
+        else:
+            result = []
+            for local, (positions, targets) in enumerate(loss_positions(sub_batch, self.kind)):
+                kept = positions - skip  # the trunk saw only what follows the shared prefix
+                result.append(CachedFeatures(blocks=torch.stack([blocks[k][local, kept] for k in self.block_indices]),
+                                             final=final[local, kept], targets=targets))
         self.trunk_time_s += time.perf_counter() - started
         return result
 
@@ -238,18 +236,16 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
                          "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
 
-    def _mean_pooled(self, blocks: dict, final: torch.Tensor, batch: dict, started: float) -> list[CachedFeatures]:
+    def _mean_pooled(self, blocks: dict, final: torch.Tensor, batch: dict) -> list[CachedFeatures]:
         """Per sample, one feature row per block (and final): the mean over its real tokens."""
         width = final.size(1)
         mask = batch["attention_mask"][:, :width].unsqueeze(-1).to(final.dtype)
         counts = mask.sum(dim=1).clamp(min=1)
         pooled = {k: (blocks[k] * mask).sum(dim=1) / counts for k in self.block_indices}
         pooled_final = (final * mask).sum(dim=1) / counts
-        result = [CachedFeatures(blocks=torch.stack([pooled[k][row:row + 1] for k in self.block_indices]),
-                                 final=pooled_final[row:row + 1], targets=batch["class_labels"][row:row + 1])
-                  for row in range(final.size(0))]
-        self.trunk_time_s += time.perf_counter() - started
-        return result
+        return [CachedFeatures(blocks=torch.stack([pooled[k][row:row + 1] for k in self.block_indices]),
+                               final=pooled_final[row:row + 1], targets=batch["class_labels"][row:row + 1])
+                for row in range(final.size(0))]
 
     def _shared_prefix(self, samples: list, device: torch.device) -> Optional[tuple[int, object]]:
         """(length, key/value state) of the longest token prefix that every sample shares and that ends
