@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from skip2lora.cli import quiet_libraries  # noqa: E402
 from skip2lora.config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig  # noqa: E402
+from skip2lora.outdir import RunDir, read_metrics_csv  # noqa: E402
 
 quiet_libraries()
 
@@ -35,7 +36,20 @@ def tiny_config(out_dir: Path, method: str = "lora", model: str = "tiny", **chan
             setattr(getattr(cfg, section), field, value)
         else:
             setattr(cfg, key, value)
+    # Re-run every check on the changed values, as a config read from YAML would be.
+    for section in (cfg.data, cfg.train, cfg.eval, cfg.lora, cfg.skip2lora, cfg):
+        section.__post_init__()
     return cfg
+
+
+def train_and_eval_losses(out_dir: Path) -> tuple[list[float], list[float]]:
+    """The train_loss and val_loss columns of a run's metrics, over all its versions, in order."""
+    train, val = [], []
+    for csv_path in RunDir(out_dir).metrics_versions():
+        rows, _ = read_metrics_csv(csv_path)
+        train += [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+        val += [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    return train, val
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ import textwrap
 import pytest
 import torch
 
-from skip2lora import bench, bench_report
+from skip2lora import bench
+from skip2lora.report import bench_report
 from skip2lora.data import IGNORE_INDEX, TokenizedSample
 from skip2lora.errors import UserError
 
@@ -191,22 +192,6 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
     assert f"| authorship | s2-cached | 8 | {tasks[1]['runs'][1]['first_epoch_s']:.2f} |" in markdown
 
 
-def test_report_bench_renders_markdown_tables(run, tmp_path, capsys):
-    _, _, payload, path = run
-    out = tmp_path / "results.md"
-    assert bench_report.main_report_bench([str(path.parent / "*.json"), "--out", str(out)]) == 0
-    markdown = out.read_text()
-    assert f"Produced by `{payload['command']}`" in markdown
-    for heading in ("## ", "### Environment", "### Parameters", "### Forward pass", "### Backward pass",
-                    "### Optimizer step and whole step", "### Memory", "### Reduction and speed-up vs lora",
-                    "### Failed configurations"):
-        assert heading in markdown
-    backward = by_name(payload)["s2-cached"]["timing"]["backward"]["mean_ms"]
-    assert f"| s2-cached | {backward:.2f} |" in markdown
-    headline = capsys.readouterr().out
-    assert "## Headline" in headline and "| lora (baseline) |" in headline and "| s2-cached |" in headline
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--configs", "nope"], "unknown configuration 'nope'"),
     (["--iters", "0"], "--iters must be at least 1"),
@@ -280,23 +265,6 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
     payload = json.loads(next(tmp_path.glob("skip2lora_benchmark_*.json")).read_text())
     assert [c["status"] for c in payload["configs"]] == ["failed", "failed"]
     assert payload["comparison"]["baseline_status"] == "failed" and payload["comparison"]["rows"] == {}
-
-
-def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
-    from pathlib import Path
-
-    from skip2lora.bench_report import update_readme
-
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n")
-    update_readme(readme, "| new | table |", Path("docs/results.md"))
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n")
-    assert "| new | table |" in text and "old table" not in text
-    readme.write_text("no markers here\n")
-    with pytest.raises(UserError, match="no <!-- results:start --> ... <!-- results:end --> block"):
-        update_readme(readme, "| new | table |", Path("docs/results.md"))
-    assert readme.read_text() == "no markers here\n"
 
 
 def test_cached_skip2lora_reports_its_head_floor(run):

@@ -16,7 +16,6 @@ from skip2lora.studies.paper import (
     TINY_SHAPES,
     default_settings,
     main_paper,
-    main_paper_report,
     run_dataset,
     run_paper_study,
 )
@@ -29,6 +28,7 @@ from skip2lora.studies.paper_models import (
     matched_lora_ranks,
     skip_params,
 )
+from skip2lora.studies.paper_report import paper_report_command
 from skip2lora.studies.paper_train import PHASES, fine_tune, pretrain
 
 HAR_FEATURES = 561
@@ -222,7 +222,7 @@ def test_study_writes_json_and_the_report_renders(tmp_path):
     assert "reduction_vs_lora_all_pct" in skip2 and results["digits"]["dataset"]["name"] == "digits"
 
     out_md = tmp_path / "docs" / "paper.md"
-    assert main_paper_report([str(path), "--out", str(out_md)]) == 0
+    assert paper_report_command([str(path)], out=out_md) == 0
     text = out_md.read_text()
     assert "| Skip2-LoRA |" in text and "| LoRA-All |" in text
     assert f"{skip2['accuracy']['mean']:.1f} ± {skip2['accuracy']['std']:.1f}" in text
@@ -235,8 +235,3 @@ def test_command_line_rejects_bad_input(tmp_path):
         main_paper(["--dataset", "digits", "--seeds", "0", "--tiny", "--out_dir", str(tmp_path)])
     with pytest.raises(UserError, match="--har_path"):
         main_paper(["--dataset", "har", "--seeds", "1", "--tiny", "--out_dir", str(tmp_path)])
-    with pytest.raises(UserError, match="does not exist"):
-        main_paper_report([str(tmp_path / "missing.json"), "--out", str(tmp_path / "paper.md")])
-    (tmp_path / "other.json").write_text(json.dumps({"study": "something else"}))
-    with pytest.raises(UserError, match="not a paper-study result"):
-        main_paper_report([str(tmp_path / "other.json"), "--out", str(tmp_path / "paper.md")])

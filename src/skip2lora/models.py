@@ -112,8 +112,11 @@ def tiny_model_dir(name: str = "tiny") -> Path:
 
     def build(tmp: Path) -> None:
         tokenizer = tiny_tokenizer()
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tokenizer)))
+        # Seeded on a forked RNG: building the model on first use must not shift the run's own random
+        # stream, or a run would initialise its adapters differently with a cold cache than a warm one.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tokenizer)))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

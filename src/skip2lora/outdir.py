@@ -170,24 +170,34 @@ def read_metrics_csv(path: Path) -> tuple[list[dict], list[str]]:
     """Rows of one metrics.csv (numbers parsed, empty cells None) and one warning per damaged line.
 
     A killed run can leave a half-written last line; such lines are skipped and reported, not fatal.
+    Raises OSError / UnicodeDecodeError when the file cannot be read at all.
     """
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if not lines:
+        return [], [f"{path}: empty file"]
+    header = next(csv.reader(lines[:1]))
+    body = lines[1:]
+    # The logger writes and flushes whole lines, so a last line without its newline was cut mid-write,
+    # even when what is left of it still parses.
+    truncated = bool(body) and not text.endswith("\n")
+    if truncated:
+        body = body[:-1]
     rows: list[dict] = []
     warnings: list[str] = []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            return [], [f"{path}: empty file"]
-        for line_number, cells in enumerate(reader, start=2):
-            if not cells:
-                continue
-            if len(cells) != len(header):
-                warnings.append(f"{path}:{line_number}: {len(cells)} fields, expected {len(header)}: line skipped")
-                continue
-            try:
-                rows.append({name: parse_number(cell) for name, cell in zip(header, cells)})
-            except ValueError:
-                warnings.append(f"{path}:{line_number}: a value is not a number: line skipped")
+    for line_number, line in enumerate(body, start=2):
+        cells = next(csv.reader([line]), [])
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            warnings.append(f"{path}:{line_number}: {len(cells)} fields, expected {len(header)}: line skipped")
+            continue
+        try:
+            rows.append({name: parse_number(cell) for name, cell in zip(header, cells)})
+        except ValueError:
+            warnings.append(f"{path}:{line_number}: a value is not a number: line skipped")
+    if truncated:
+        warnings.append(f"{path}: the last line is truncated; using the {len(rows)} complete rows")
     return rows, warnings
 
 

@@ -1,23 +1,47 @@
-"""The one interface every fine-tuning method offers the trainer.
+"""The one contract every fine-tuning method keeps, and the registry methods add themselves to.
 
-The trainer only calls what is defined here; it never asks which method it is training.
+A method is an `nn.Module` wrapping the base model: `forward(batch)` returns `(loss_sum, count)`, the
+summed loss over the batch's loss-carrying units (tokens or samples) and how many there were. The
+training loop, the benchmark and the studies call only what is defined here; none of them asks which
+method it is running.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from ..config import FinetuneConfig
+    from ..models import ModelInfo
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over positions whose label is not -100, and their count."""
+METHOD_REGISTRY: dict[str, type["FinetuneMethod"]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: make a method buildable by its config name (`--method NAME`)."""
+
+    def add(cls: type) -> type:
+        cls.name = name
+        METHOD_REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                       count: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over positions whose label is not -100, and their count (counted on
+    the device unless the caller already knows it)."""
     shifted_logits = logits[:, :-1, :]
     shifted_labels = labels[:, 1:]
-    count = int((shifted_labels != -100).sum())
+    count = int((shifted_labels != -100).sum()) if count is None else count
     loss = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)).float(),
         shifted_labels.reshape(-1),
@@ -27,54 +51,110 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, count
 
 
-class FinetuneMethod:
-    """Base class: holds the model being trained and the task kind.
+def stored_numel(param: torch.Tensor) -> int:
+    """Weights a parameter holds. bitsandbytes packs two 4-bit weights per stored element; its quant_state
+    keeps the real shape, so a 4-bit model counts as many parameters as its full-precision original."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(math.prod(shape)) if shape is not None else int(param.numel())
 
-    Subclasses define which parameters train, how a batch becomes a loss, and how results are saved.
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """The one definition of the parameter figures every report prints."""
+
+    total: int
+    """Frozen base weights (4-bit ones counted as weights) plus everything new that trains."""
+    trainable: int
+    adapter: Optional[int]
+    """Parameters of the adapters alone (None for full fine-tuning)."""
+    weights_mb: float
+    """Bytes of all parameters and buffers as stored (4-bit weights packed)."""
+
+    @property
+    def trainable_ratio(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "trainable": self.trainable, "adapter": self.adapter,
+                "trainable_ratio": self.trainable_ratio, "weights_mb": self.weights_mb}
+
+
+class FinetuneMethod(nn.Module):
+    """Base class: the model being trained, its tokenizer and the task kind ("generation" or "classification").
+
+    Subclasses say which parameters train, how a batch becomes a loss and how results are saved.
     """
 
-    name: str = "base"
+    name: ClassVar[str] = "base"
 
-    def __init__(self, model: nn.Module, tokenizer, kind: str) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, kind: str) -> None:
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.kind = kind  # "generation" or "classification"
+        self.kind = kind
 
-    # -- what trains -------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def load_options(cls, cfg: "FinetuneConfig", kind: str) -> dict:
+        """How the base model must be loaded for this method (task head, 4-bit)."""
+        return {"task": kind, "quantize_4bit": False}
 
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer: Any, info: "ModelInfo", cfg: "FinetuneConfig", kind: str,
+               num_labels: Optional[int]) -> "FinetuneMethod":
+        raise NotImplementedError
+
+    # -- what trains ---------------------------------------------------------------------------
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a resume needs (frozen weights are reloaded from the base model)."""
         return {n: p.detach().clone() for n, p in self.named_trainable_parameters().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from ..errors import UserError
+
         params = self.named_trainable_parameters()
         missing = set(params) - set(state)
         if missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+            raise UserError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                            "it was written by another method or configuration")
         with torch.no_grad():
             for name, param in params.items():
+                if state[name].shape != param.shape:
+                    raise UserError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, this run "
+                                    f"expects {tuple(param.shape)}: resume with the settings it was trained with")
                 param.copy_(state[name].to(param.device, param.dtype))
 
-    def train(self) -> None:
-        self.model.train()
+    def parameter_counts(self) -> ParameterCounts:
+        unique = {id(p): p for p in self.parameters()}
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        tensors = [*unique.values(), *self.buffers()]
+        return ParameterCounts(
+            total=sum(stored_numel(p) for p in unique.values()),
+            trainable=int(trainable),
+            adapter=self.adapter_parameter_count(),
+            weights_mb=sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+        )
 
-    def eval(self) -> None:
-        self.model.eval()
+    def adapter_parameter_count(self) -> Optional[int]:
+        return None
 
-    # -- forward and loss --------------------------------------------------------------------
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+    # -- forward and loss ----------------------------------------------------------------------
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed loss over the batch's loss-carrying units (tokens or samples) and their count."""
         if self.kind == "classification":
             logits = self.classify(batch)
             labels = batch["class_labels"].to(logits.device)
-            return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
         outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return causal_lm_loss_sum(outputs.logits, batch["labels"].to(outputs.logits.device))
+        loss, count = causal_lm_loss_sum(outputs.logits, batch["labels"].to(outputs.logits.device),
+                                         batch.get("num_loss_positions"))
+        return loss, count
 
     def classify(self, batch: dict) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -92,25 +172,27 @@ class FinetuneMethod:
         )
         return out[:, input_ids.size(1):]
 
-    # -- persistence -------------------------------------------------------------------------
+    # -- hooks the loop calls ------------------------------------------------------------------
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
+        """Called once before training with the tokenised data (the Skip-Cache build uses it)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called when the data stream enters a new epoch (a disk Skip-Cache flushes here)."""
+
+    # -- measurements the benchmark and run.json read -----------------------------------------
+    def cache_stats(self) -> Optional[dict]:
+        """Skip-Cache statistics (hits, misses, samples, size), None for methods without a cache."""
+        return None
+
+    def forward_parts_s(self) -> dict[str, float]:
+        """Seconds spent so far in the named parts of the training forward (empty when not split)."""
+        return {}
+
+    def summary_extras(self) -> dict:
+        """Method-specific figures for run.json."""
+        return {}
+
+    # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """Write the fine-tuned result in the format users of this method know."""
         raise NotImplementedError
-
-    def parameter_counts(self) -> dict:
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        return {"total": int(total), "trainable": int(trainable), "trainable_ratio": trainable / max(total, 1)}
-
-    def summary_extras(self) -> dict:
-        """Method-specific figures for run.json (cache statistics, for example)."""
-        return {}
-
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
-        """Hook called once before training with the tokenised data (the Skip-Cache uses it)."""
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Hook for methods whose cost changes per epoch (the Skip-Cache)."""
-
-    def describe(self) -> Optional[str]:
-        return None

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 
-from .base import FinetuneMethod
+from ..config import FinetuneConfig
+from ..models import ModelInfo
+from .base import FinetuneMethod, register_method
 
 
+@register_method("full")
 class FullFinetuneMethod(FinetuneMethod):
-    name = "full"
-
-    def __init__(self, model: nn.Module, tokenizer, kind: str) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, kind: str, gradient_checkpointing: bool = False) -> None:
         for param in model.parameters():
             param.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         super().__init__(model, tokenizer, kind)
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
+               num_labels: Optional[int]) -> "FullFinetuneMethod":
+        return cls(model, tokenizer, kind, gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory), safe_serialization=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..methods.adapters import LowRankAdapter, SkipAdapterBank
+from ..methods.skip2lora.adapters import LowRankAdapter, SkipAdapterBank
 
 METHODS = ("FT-All", "FT-Last", "LoRA-All", "LoRA-Last", "Skip-LoRA", "Skip2-LoRA")
 

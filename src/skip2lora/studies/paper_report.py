@@ -6,12 +6,13 @@ sentences built from the numbers (targets met or missed, and why, from the time 
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..outdir import read_json_file
+from ..paths import atomic_write_bytes
+from ..report.tables import Table, fmt_mean_std, render_markdown
 
 PHASE_ORDER = ("forward", "backward", "update", "data")
 PHASE_COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "update": "#55A868", "data": "#8172B3"}
@@ -25,10 +26,7 @@ def load_results(json_paths: Sequence[Path]) -> list[dict]:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path} does not exist: pass the JSON files `skip2lora paper` wrote (e.g. out/paper/*.json)")
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): re-run `skip2lora paper`") from None
+        result = read_json_file(path, "paper-study result")
         if result.get("study") != "skip2lora-paper" or "methods" not in result:
             raise UserError(f"{path} is not a paper-study result: pass the paper_<dataset>.json files from `skip2lora paper`")
         result["json_path"] = str(path)
@@ -55,7 +53,8 @@ def targets(result: dict) -> dict:
 
 
 def _pm(stats: dict, digits: int = 1) -> str:
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    """'mean ± std' with `digits` decimals (the report's one mean ± std format)."""
+    return fmt_mean_std(stats, f"{{:.{digits}f}}")
 
 
 def _command(result: dict) -> str:
@@ -77,21 +76,20 @@ def _command(result: dict) -> str:
     return " ".join(parts)
 
 
-def _results_table(result: dict) -> list[str]:
-    lines = [
-        "| method | trainable params | accuracy % | forward s/epoch | backward s/epoch | update s/epoch | data s/epoch | fine-tuning total s | reduction vs LoRA-All % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| pretrained, no fine-tuning | 0 | {_pm(result['before'])} | | | | | | |",
-    ]
+RESULTS_HEADERS = ["method", "trainable params", "accuracy %", "forward s/epoch", "backward s/epoch", "update s/epoch",
+                   "data s/epoch", "fine-tuning total s", "reduction vs LoRA-All %"]
+
+
+def results_table(result: dict) -> Table:
+    """One dataset's methods: parameters, accuracy, time per phase and epoch, total, reduction vs LoRA-All."""
+    rows = [["pretrained, no fine-tuning", "0", _pm(result["before"])] + [""] * 6]
     for method, m in result["methods"].items():
         per = m["phase_per_epoch_s"]
         red = m.get("reduction_vs_lora_all_pct")
         red_text = "(baseline)" if method == "LoRA-All" else (_pm(red) if red else "")
-        lines.append(
-            f"| {method} | {m['trainable_params']:,} | {_pm(m['accuracy'])} | {per['forward']:.4f} | {per['backward']:.4f} "
-            f"| {per['update']:.4f} | {per['data']:.4f} | {_pm(m['total_s'], 3)} | {red_text} |"
-        )
-    return lines
+        rows.append([method, f"{m['trainable_params']:,}", _pm(m["accuracy"])]
+                    + [f"{per[phase]:.4f}" for phase in PHASE_ORDER] + [_pm(m["total_s"], 3), red_text])
+    return Table(f"{result['dataset']['name']}: results", RESULTS_HEADERS, rows)
 
 
 def _explain_reduction(result: dict) -> str:
@@ -173,7 +171,7 @@ def _dataset_section(result: dict) -> list[str]:
         f"- Seeds: {', '.join(str(x) for x in s['seeds'])}; mean ± sample standard deviation over seeds.",
         f"- Command: `{result.get('command') or _command(result)}` (equivalent single-dataset form: `{_command(result)}`)",
         "",
-        *_results_table(result),
+        render_markdown(results_table(result), level=0),
         "",
     ]
     skip2 = result["methods"].get("Skip2-LoRA")
@@ -215,7 +213,7 @@ def _verdict(lines: list[str], met: bool, target: str, finding: str, explain) ->
 
 def plot_times(results: Sequence[dict], png: Path) -> Path:
     """Stacked bars: mean fine-tuning seconds per phase, one panel per dataset."""
-    from ..plots import panels
+    from ..report.plots import panels, save_figure  # matplotlib loads only when a report is drawn
 
     fig, axes = panels(len(results))
     for ax, result in zip(axes[0], results):
@@ -232,20 +230,18 @@ def plot_times(results: Sequence[dict], png: Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    from ..plots import save_figure
-
     return save_figure(fig, png)
 
 
 def plot_accuracy(results: Sequence[dict], png: Path) -> Path:
     """Bars with standard-deviation whiskers; the dashed line is the pretrained model's accuracy."""
-    from ..plots import panels
+    from ..report.plots import panels, save_figure
 
     fig, axes = panels(len(results))
     for ax, result in zip(axes[0], results):
         methods = list(result["methods"])
         means = [result["methods"][m]["accuracy"]["mean"] for m in methods]
-        stds = [result["methods"][m]["accuracy"]["std"] for m in methods]
+        stds = [result["methods"][m]["accuracy"]["std"] or 0.0 for m in methods]  # one seed: no whisker
         ax.bar(methods, means, yerr=stds, capsize=3, color="#4C72B0")
         ax.axhline(result["before"]["mean"], color="black", linestyle="--", linewidth=1, label="pretrained, no fine-tuning")
         for i, value in enumerate(means):
@@ -256,8 +252,6 @@ def plot_accuracy(results: Sequence[dict], png: Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    from ..plots import save_figure
-
     return save_figure(fig, png)
 
 
@@ -326,6 +320,24 @@ and the method order rotates from seed to seed.
 """
 
 
+def summary_table(results: Sequence[dict]) -> Table:
+    """One row per dataset that ran both targets' methods: the reduction, both accuracies, the verdicts."""
+    rows = []
+    for result in results:
+        tg = targets(result)
+        m = result["methods"]
+        if "reduction_pct" not in tg or "accuracy_gap_pts" not in tg:
+            continue
+        verdicts = (("time met" if tg["reduction_met"] else "time missed") + ", "
+                    + ("accuracy met" if tg["accuracy_met"] else "accuracy missed"))
+        rows.append([result["dataset"]["name"], _pm(m["Skip2-LoRA"]["reduction_vs_lora_all_pct"]),
+                     _pm(m["Skip2-LoRA"]["accuracy"]), _pm(m["FT-All"]["accuracy"]), f"{tg['accuracy_gap_pts']:+.1f}",
+                     verdicts])
+    headers = ["dataset", "Skip2-LoRA time reduction vs LoRA-All %", "Skip2-LoRA accuracy %", "FT-All accuracy %",
+               "gap (points)", "targets"]
+    return Table("Summary", headers, rows)
+
+
 def render_paper_doc(json_paths: Sequence[Path], out_md: Path = Path("docs/paper.md")) -> None:
     """Write the study's Markdown report and its two PNG plots (next to the Markdown file)."""
     results = load_results(json_paths)
@@ -344,22 +356,7 @@ def render_paper_doc(json_paths: Sequence[Path], out_md: Path = Path("docs/paper
         f"Results created {', '.join(sorted({r['created'] for r in results}))}.",
         "",
         *_load_note(results),
-        "## Summary",
-        "",
-        "| dataset | Skip2-LoRA time reduction vs LoRA-All % | Skip2-LoRA accuracy % | FT-All accuracy % | gap (points) | targets |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for result in results:
-        tg = targets(result)
-        m = result["methods"]
-        if "reduction_pct" not in tg or "accuracy_gap_pts" not in tg:
-            continue
-        verdicts = ("time met" if tg["reduction_met"] else "time missed") + ", " + ("accuracy met" if tg["accuracy_met"] else "accuracy missed")
-        lines.append(
-            f"| {result['dataset']['name']} | {_pm(m['Skip2-LoRA']['reduction_vs_lora_all_pct'])} | {_pm(m['Skip2-LoRA']['accuracy'])} "
-            f"| {_pm(m['FT-All']['accuracy'])} | {tg['accuracy_gap_pts']:+.1f} | {verdicts} |"
-        )
-    lines += [
+        render_markdown(summary_table(results), level=2),
         "",
         f"![fine-tuning time by phase]({time_png.name})",
         "",
@@ -378,16 +375,16 @@ def render_paper_doc(json_paths: Sequence[Path], out_md: Path = Path("docs/paper
             "",
         ]
     lines.append(FOLLOWED)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text("\n".join(lines))
+    atomic_write_bytes(out_md, "\n".join(lines).encode())
 
 
-def main_paper_report(argv: list[str] | None = None) -> int:
-    """`skip2lora paper-report out/paper/*.json [--out docs/paper.md]`."""
-    parser = argparse.ArgumentParser(prog="skip2lora paper-report", description="Render docs/paper.md from paper-study JSON files.")
-    parser.add_argument("json_paths", type=Path, nargs="+", help="paper_<dataset>.json files from `skip2lora paper`")
-    parser.add_argument("--out", type=Path, default=Path("docs/paper.md"), help="Markdown file; the PNG plots go next to it")
-    args = parser.parse_args(argv)
-    render_paper_doc(args.json_paths, args.out)
-    print(f"wrote {args.out} and its plots")
+def paper_report_command(results: list[str], out: Path = Path("docs/paper.md")) -> int:
+    """Render docs/paper.md and its two PNG plots from paper-study JSON files.
+
+    Args:
+        results: The paper_<dataset>.json files `skip2lora paper` wrote (e.g. out/paper/*.json).
+        out: The Markdown file to write; the PNG plots go next to it.
+    """
+    render_paper_doc([Path(r) for r in results], Path(out))
+    print(f"wrote {out} and its plots")
     return 0

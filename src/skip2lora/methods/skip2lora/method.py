@@ -11,65 +11,27 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..cache import CachedFeatures, SkipCache
-from ..config import Skip2LoRAConfig
-from ..env import synchronize
-from ..errors import UserError
-from ..models import ModelInfo
-from ..paths import cache_root
+from ...config import FinetuneConfig, Skip2LoRAConfig
+from ...env import synchronize
+from ...errors import UserError
+from ...models import ModelInfo
+from ...paths import cache_root
+from ..base import FinetuneMethod, register_method
+from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
-from .base import FinetuneMethod
+from .cache import CachedFeatures, SkipCache
+from .head_loss import frozen_head_ce_sum
 from .trunk import CausalLMTrunk
 
-HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
 # A prompt prefix shared by every sample of a cache build is computed once when at least this long.
 MIN_SHARED_PREFIX = 4
-
-
-class _ChunkedFrozenHeadCE(torch.autograd.Function):
-    """Summed cross-entropy of a frozen linear head, chunked over positions.
-
-    Forward keeps no logits; backward recomputes each chunk's logits to form the input gradient.
-    Memory stays O(chunk x vocab) however many positions carry loss.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.size(0), chunk):
-            logits = F.linear(hidden[start:start + chunk].to(weight.dtype), weight, bias).float()
-            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
-        ctx.chunk = chunk
-        ctx.has_bias = bias is not None
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        grad = torch.empty_like(hidden)
-        for start in range(0, hidden.size(0), ctx.chunk):
-            end = start + ctx.chunk
-            probs = torch.softmax(F.linear(hidden[start:end].to(weight.dtype), weight, bias).float(), dim=-1)
-            probs[torch.arange(probs.size(0), device=probs.device), targets[start:end]] -= 1.0
-            grad[start:end] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-        return grad * grad_total, None, None, None, None
-
-
-def frozen_head_ce_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
-    """Summed CE of head(hidden) against targets; plain autograd when the logits are small enough."""
-    if hidden.size(0) <= chunk:
-        logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return _ChunkedFrozenHeadCE.apply(hidden, head.weight, head.bias, targets, chunk)
 
 
 def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,8 +53,8 @@ def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Ten
     return result
 
 
+@register_method("skip2lora")
 class Skip2LoRAMethod(FinetuneMethod):
-    name = "skip2lora"
 
     def __init__(self, model: nn.Module, tokenizer, kind: str, cfg: Skip2LoRAConfig, info: ModelInfo,
                  num_labels: Optional[int] = None, seed: int = 0,
@@ -129,7 +91,9 @@ class Skip2LoRAMethod(FinetuneMethod):
                 directory=cfg.cache_dir or (cache_root() / "skip-cache"), budget_mb=cfg.cache_budget_mb,
             )
         self.trunk_time_s = 0.0
-        self.forward_parts_s: dict[str, float] = {}
+        self.parts_s: dict[str, float] = {}
+        # Per-part timing of the forward waits for the device at each part: on only when asked.
+        self.time_parts = False
         self.shared_prefix_tokens = 0
         self.prebuild: Optional[dict] = None
 
@@ -148,36 +112,25 @@ class Skip2LoRAMethod(FinetuneMethod):
             "max_seq_length": self.max_seq_length,
         }
 
+    @classmethod
+    def load_options(cls, cfg: FinetuneConfig, kind: str) -> dict:
+        # The trunk is always the causal LM: a classifier's head is new and lives beside the adapters.
+        return {"task": "generation", "quantize_4bit": cfg.skip2lora.quantize_trunk}
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
+               num_labels: Optional[int]) -> "Skip2LoRAMethod":
+        return cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
+                   max_seq_length=cfg.data.max_seq_length)
+
     # -- what trains -------------------------------------------------------------------------
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        modules: dict[str, nn.Module] = {"adapters": self.adapters}
-        if self.class_head is not None:
-            modules["class_head"] = self.class_head
-        return modules
-
-    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"{prefix}.{name}": p for prefix, module in self.trainable_modules().items()
-                for name, p in module.named_parameters()}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.named_trainable_parameters().values())
-
-    def train(self) -> None:
+    def train(self, mode: bool = True) -> "Skip2LoRAMethod":
+        super().train(mode)
         self.model.eval()  # the trunk stays deterministic: that is what makes its features cacheable
-        for module in self.trainable_modules().values():
-            module.train()
+        return self
 
-    def eval(self) -> None:
-        self.model.eval()
-        for module in self.trainable_modules().values():
-            module.eval()
-
-    def parameter_counts(self) -> dict:
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.model.parameters()) + trainable
-        adapter = sum(p.numel() for p in self.adapters.parameters())
-        return {"total": int(total), "trainable": int(trainable), "adapter": int(adapter),
-                "trainable_ratio": trainable / max(total, 1)}
+    def adapter_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.adapters.parameters())
 
     # -- features ----------------------------------------------------------------------------
     def _trunk_features(self, batch: dict, rows: list[int], prefix: Optional[tuple[int, object]] = None
@@ -209,13 +162,13 @@ class Skip2LoRAMethod(FinetuneMethod):
         """Prebuild the cache: one no-grad pass over every sample, longest first, in large batches."""
         if self.cache is None or not self.cfg.cache_prebuild:
             return
-        from ..data import collate
+        from ...data import collate
         from tqdm.auto import tqdm
 
         started = time.perf_counter()
         # Training samples only: validation features are cached on first sight during evaluation, whose
         # cost is not training time for any method.
-        pending = [s for s in train_samples if self.cache.sample_key(s.input_ids) not in self.cache]
+        pending = [s for s in train_samples if s.content_hash not in self.cache]
         pending.sort(key=lambda s: len(s.input_ids), reverse=True)  # similar lengths together: little padding
         prefix = self._shared_prefix(pending, device)
         size = max(1, self.cfg.cache_build_batch_size)
@@ -224,7 +177,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             batch = collate(chunk, self.tokenizer.pad_token_id)
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             for sample, feats in zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix)):
-                if not self.cache.put(self.cache.sample_key(sample.input_ids), feats):
+                if not self.cache.put(sample.content_hash, feats):
                     break
             if self.cache.full:
                 break
@@ -274,10 +227,9 @@ class Skip2LoRAMethod(FinetuneMethod):
         per_sample: list[Optional[CachedFeatures]] = [None] * rows
         keys: list[Optional[str]] = [None] * rows
         if self.cache is not None:
-            for row in range(rows):
-                length = int(batch["attention_mask"][row].sum())
-                keys[row] = self.cache.sample_key(batch["input_ids"][row, :length].tolist())
-                per_sample[row] = self.cache.get(keys[row])
+            # Keys were hashed once per sample at tokenisation: no device read, no hashing per step.
+            keys = list(batch["content_hashes"])
+            per_sample = [self.cache.get(key) for key in keys]
         missing = [row for row in range(rows) if per_sample[row] is None]
         if missing:
             started = time.perf_counter()
@@ -299,7 +251,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         return self.adapters({k: feats.blocks[i] for i, k in enumerate(self.block_indices)})
 
     # -- forward and loss --------------------------------------------------------------------
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
         device = batch["input_ids"].device
         mark = time.perf_counter()
         feats = self.batch_features(batch)
@@ -321,13 +273,22 @@ class Skip2LoRAMethod(FinetuneMethod):
         return loss, count
 
     def _lap(self, name: str, mark: float, device: torch.device) -> float:
-        """Accumulate the forward's parts (features = cache lookups + trunk on misses)."""
-        if self.adapters.training:
+        """Accumulate the forward's parts (features = cache lookups + trunk on misses) when timing is on."""
+        if self.time_parts and self.training:
             synchronize(device)
             now = time.perf_counter()
-            self.forward_parts_s[name] = self.forward_parts_s.get(name, 0.0) + now - mark
+            self.parts_s[name] = self.parts_s.get(name, 0.0) + now - mark
             return now
         return mark
+
+    def forward_parts_s(self) -> dict[str, float]:
+        return dict(self.parts_s)
+
+    def cache_stats(self) -> Optional[dict]:
+        if self.cache is None:
+            return None
+        self.cache.flush()
+        return self.cache.stats()
 
     def classify(self, batch: dict) -> torch.Tensor:
         feats = self.batch_features(batch)
@@ -346,39 +307,26 @@ class Skip2LoRAMethod(FinetuneMethod):
             return super().generate(input_ids, attention_mask, max_new_tokens)
 
     # -- persistence -------------------------------------------------------------------------
-    def adapter_config(self) -> dict:
-        return {
-            "method": "skip2lora",
-            "peft_type": "SKIP2LORA",
-            "base_model_name_or_path": self.info.path,
-            "base_model_name": self.info.name,
-            "task": self.kind,
-            "num_labels": self.num_labels,
-            "block_indices": self.block_indices,
-            "r": self.cfg.r,
-            "alpha": self.cfg.alpha,
-            "dropout": self.cfg.dropout,
-            "input_norm": self.cfg.input_norm,
-            "pooling": self.pooling,
-            "output": self.output_mode,
-            "hidden_size": self.info.hidden_size,
-            "vocab_size": self.info.vocab_size,
-        }
+    def adapter_config(self) -> Skip2LoRAAdapterConfig:
+        return Skip2LoRAAdapterConfig(
+            base_model_name_or_path=self.info.path, base_model_name=self.info.name, task=self.kind,
+            num_labels=self.num_labels, block_indices=self.block_indices, r=self.cfg.r, alpha=self.cfg.alpha,
+            dropout=self.cfg.dropout, input_norm=self.cfg.input_norm, pooling=self.pooling,
+            output=self.output_mode, hidden_size=self.info.hidden_size, vocab_size=self.info.vocab_size,
+        )
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_trainable_parameters().items()}
-        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config(), indent=2) + "\n")
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        self.adapter_config().write(directory)
         self.tokenizer.save_pretrained(str(directory))
 
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
-                  "forward_parts_s": dict(self.forward_parts_s), "shared_prefix_tokens": self.shared_prefix_tokens,
+                  "forward_parts_s": self.forward_parts_s(), "shared_prefix_tokens": self.shared_prefix_tokens,
                   "cache_prebuild": self.prebuild}
-        if self.cache is not None:
-            self.cache.flush()
-            extras.update(self.cache.stats())
+        extras.update(self.cache_stats() or {})
         return extras
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -388,16 +336,14 @@ class Skip2LoRAMethod(FinetuneMethod):
 
 def load_skip2lora(checkpoint: Path, device: torch.device, base_model: Optional[str] = None) -> Skip2LoRAMethod:
     """Base model + saved Skip2-LoRA adapters (and classification head), ready for inference."""
-    from ..models import load_base_model
+    from ...models import load_base_model
 
-    config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
-    model, tokenizer, info = load_base_model(base_model or config["base_model_name_or_path"], device=str(device))
-    cfg = Skip2LoRAConfig(block_indices=config["block_indices"], r=config["r"], alpha=config["alpha"],
-                          dropout=config["dropout"], input_norm=config["input_norm"], output=config["output"],
-                          pooling=config.get("pooling", "last"),
-                          cache="none")
-    method = Skip2LoRAMethod(model, tokenizer, config["task"], cfg, info, num_labels=config.get("num_labels"))
-    state = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
-    method.load_trainable_state_dict(state)
+    config = Skip2LoRAAdapterConfig.read(Path(checkpoint))
+    model, tokenizer, info = load_base_model(base_model or config.base_model_name_or_path, device=str(device))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    method = Skip2LoRAMethod(model, tokenizer, config.task, config.method_config(), info,
+                             num_labels=config.num_labels)
+    method.load_trainable_state_dict(load_file(str(Path(checkpoint) / ADAPTER_WEIGHTS)))
     method.eval()
     return method

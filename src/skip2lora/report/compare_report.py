@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .bench_report import MISSING, Table, render_markdown, render_text
-from .paths import atomic_write_bytes
-from .plots import panels, save_figure
+from ..paths import atomic_write_bytes
+from .plots import finish_axis, panels, save_figure
+from .stats import ratio
+from .tables import (MISSING, Table, fmt_mean_std, fmt_number, fmt_ratio, fmt_times, render_markdown,
+                     render_text)
 
 PLOT_FILES = {"loss": "loss_comparison.png", "loss_time": "loss_vs_time.png", "memory": "memory.png",
               "accuracy_time": "accuracy_vs_time.png"}
@@ -31,15 +33,12 @@ METRIC_WORDS = {"val_acc": "validation accuracy", "val_loss": "validation loss"}
 
 
 def fmt_value(value: Optional[float], key: str) -> str:
-    return MISSING if value is None else FORMATS.get(key, "{:.4g}").format(value)
+    return fmt_number(value, FORMATS.get(key, "{:.4g}"))
 
 
 def fmt_stat(stat: dict, key: str) -> str:
-    """'mean ± std' over seeds; the mean alone with one seed; '-' with none."""
-    if not stat or stat.get("mean") is None:
-        return MISSING
-    text = fmt_value(stat["mean"], key)
-    return text if stat.get("std") is None else f"{text} ± {fmt_value(stat['std'], key)}"
+    """'mean ± std' over seeds in the format of `key`; the mean alone with one seed; '-' with none."""
+    return fmt_mean_std(stat, FORMATS.get(key, "{:.4g}"))
 
 
 def verdict(flag: Optional[bool]) -> str:
@@ -53,10 +52,6 @@ def fmt_delta(stat: dict, is_baseline: bool) -> str:
     if stat.get("delta_pct") is None:
         return MISSING
     return f"{stat['delta_pct']:+.1f}%, {verdict(stat.get('beyond_spread'))}"
-
-
-def fmt_speedup(value: Optional[float]) -> str:
-    return MISSING if value is None else f"{value:.2f}x"
 
 
 def seeds_phrase(count: int) -> str:
@@ -81,11 +76,9 @@ def stat_and_delta(variant: dict, key: str) -> list[str]:
 
 
 def parameter_table(cset: dict) -> Table:
-    rows = []
-    for v in cset["variants"]:
-        ratio = v["metrics"]["trainable_ratio"]["mean"]
-        rows.append([variant_label(v), v["method"], str(len(v["runs"])), fmt_stat(v["metrics"]["trainable_params"],
-                     "trainable_params"), MISSING if ratio is None else f"{100 * ratio:.3f}%"])
+    rows = [[variant_label(v), v["method"], str(len(v["runs"])),
+             fmt_stat(v["metrics"]["trainable_params"], "trainable_params"),
+             fmt_ratio(v["metrics"]["trainable_ratio"]["mean"])] for v in cset["variants"]]
     return Table("Parameter efficiency", ["variant", "method", "runs", "trainable params", "% of the model"], rows,
                  note="% of the model = trainable / all parameters of the fine-tuned model", text_columns=2)
 
@@ -136,7 +129,7 @@ def time_to_quality_table(cset: dict) -> Table:
     for v in cset["variants"]:
         ttt = v["time_to_target"]
         rows.append([variant_label(v), f"{ttt['reached']}/{ttt['runs']}", fmt_stat(ttt, "time_s"),
-                     "baseline" if v["is_baseline"] else fmt_speedup(ttt["speedup"]),
+                     "baseline" if v["is_baseline"] else fmt_times(ttt["speedup"]),
                      "-" if v["is_baseline"] else verdict(ttt["beyond_spread"])]
                     + [fmt_stat(v["at_equal_time"][m], m) for m in metrics])
     note = (f"target = {cset['baseline']}'s best {METRIC_WORDS[target['metric']]}, "
@@ -191,7 +184,7 @@ def time_to_quality_sentences(cset: dict) -> list[str]:
         for v in reached:
             if v is not winner and not v["is_baseline"]:
                 ttt = v["time_to_target"]
-                speed = "" if ttt["speedup"] is None else (f"; {fmt_speedup(ttt['speedup'])} the baseline's speed, "
+                speed = "" if ttt["speedup"] is None else (f"; {fmt_times(ttt['speedup'])} the baseline's speed, "
                                                            f"{verdict(ttt['beyond_spread'])}")
                 sentences.append(f"{v['name']} needs {fmt_stat(ttt, 'time_s')} s ({ttt['reached']}/{ttt['runs']} "
                                  f"runs reached it{speed}).")
@@ -213,7 +206,7 @@ def winner_sentence(winner: dict, base: dict) -> str:
     if not base_ttt["reached"]:
         return text + f"never for the baseline {base['name']}."
     return (text + f"{fmt_stat(base_ttt, 'time_s')} s for {base['name']} ({base_ttt['reached']}/{base_ttt['runs']} "
-            f"runs), a {fmt_speedup(ttt['speedup'])} speed-up; {spread_sentence(ttt['beyond_spread'])}.")
+            f"runs), a {fmt_times(ttt['speedup'])} speed-up; {spread_sentence(ttt['beyond_spread'])}.")
 
 
 def comparison_phrase(base: dict, variant: dict, key: str, better: str) -> str:
@@ -250,10 +243,10 @@ def cost_sentences(cset: dict) -> list[str]:
     sentences = []
     for v in cset["variants"][1:]:
         steps, memory = v["metrics"]["steps_per_s"], v["metrics"]["peak_memory_mb"]
-        base_steps = base["metrics"]["steps_per_s"]["mean"]
-        if steps["mean"] is None or not base_steps or memory["delta_pct"] is None:
+        relative_speed = ratio(steps["mean"], base["metrics"]["steps_per_s"]["mean"])
+        if relative_speed is None or memory["delta_pct"] is None:
             continue
-        sentences.append(f"{v['name']} runs {steps['mean'] / base_steps:.2f}x the baseline's steps per second of "
+        sentences.append(f"{v['name']} runs {fmt_times(relative_speed)} the baseline's steps per second of "
                          "training time "
                          f"({verdict(steps['beyond_spread'])}) with {memory['delta_pct']:+.1f}% peak memory "
                          f"({verdict(memory['beyond_spread'])}).")
@@ -289,15 +282,6 @@ def variant_colors(payload: dict) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(names)}
 
 
-def _finish_axis(ax, cset: dict, xlabel: str, ylabel: str) -> None:
-    ax.set_title(cset["name"], fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-
-
 def plot_loss_by_step(payload: dict, png_path: Path, colors: dict) -> Path:
     fig, axes = panels(len(payload["sets"]))
     for ax, cset in zip(axes[0], payload["sets"]):
@@ -308,7 +292,7 @@ def plot_loss_by_step(payload: dict, png_path: Path, colors: dict) -> Path:
             color = colors[v["name"]]
             ax.plot(curve["step"], curve["mean"], marker="o", color=color, label=f"{v['name']} (n={len(v['runs'])})")
             ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.2)
-        _finish_axis(ax, cset, "optimizer step", "validation loss (mean, min-max band)")
+        finish_axis(ax, cset["name"], "optimizer step", "validation loss (mean, min-max band)")
     return save_figure(fig, png_path)
 
 
@@ -326,7 +310,7 @@ def plot_metric_vs_time(payload: dict, png_path: Path, colors: dict, metric: str
         target = cset["target"]
         if target["metric"] == metric and target["value"] is not None:
             ax.axhline(target["value"], color="grey", linestyle="--", linewidth=1, label="target")
-        _finish_axis(ax, cset, "training time (s)", METRIC_WORDS[metric])
+        finish_axis(ax, cset["name"], "training time (s)", METRIC_WORDS[metric])
     return save_figure(fig, png_path)
 
 
@@ -338,7 +322,7 @@ def plot_memory(payload: dict, png_path: Path, colors: dict) -> Path:
         ax.bar(names, [s["mean"] or 0.0 for s in stats], yerr=[s["std"] or 0.0 for s in stats], capsize=4,
                color=[colors[name] for name in names])
         ax.tick_params(axis="x", labelrotation=20)
-        _finish_axis(ax, cset, "variant", "peak memory MB (mean ± std)")
+        finish_axis(ax, cset["name"], "variant", "peak memory MB (mean ± std)")
     return save_figure(fig, png_path)
 
 
@@ -421,7 +405,7 @@ def stdout_table(cset: dict) -> Table:
                      fmt_stat(m["best_val_loss"], "best_val_loss")]
                     + ([fmt_stat(m["best_val_acc"], "best_val_acc")] if accuracy else [])
                     + [f"{ttt['reached']}/{ttt['runs']}", fmt_stat(ttt, "time_s"),
-                       "baseline" if v["is_baseline"] else fmt_speedup(ttt["speedup"])])
+                       "baseline" if v["is_baseline"] else fmt_times(ttt["speedup"])])
     target = cset["target"]
     note = (f"target: {cset['baseline']}'s best {METRIC_WORDS[target['metric']]} "
             f"{fmt_value(target['value'], target['metric'])}")

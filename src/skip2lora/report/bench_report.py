@@ -7,71 +7,19 @@ nothing here measures, and nothing is typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from .errors import UserError
-from .paths import atomic_write_bytes, replace_marked_block
+from ..errors import UserError
+from ..outdir import read_json_file
+from ..paths import atomic_write_bytes, replace_marked_block
+from .stats import ratio
+from .tables import (MISSING, Table, fmt_int, fmt_mb, fmt_ms, fmt_number, fmt_pct, fmt_ratio, fmt_reduction, fmt_s,
+                     fmt_times, render_markdown, render_text)
 
 SCHEMA = "skip2lora-benchmark/1"
 PHASES = ("forward", "backward", "optimizer", "step")
-MISSING = "-"
-
-
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: Optional[str] = None
-    text_columns: int = 1  # leading columns of names, aligned left; the rest are numbers, aligned right
-
-
-# --------------------------------------------------------------------------------------------
-# Cell formats
-
-
-def _fmt(value: Any, pattern: str) -> str:
-    return MISSING if value is None else pattern.format(value)
-
-
-def fmt_int(value: Optional[int]) -> str:
-    return _fmt(value, "{:,}")
-
-
-def fmt_ms(value: Optional[float]) -> str:
-    return _fmt(value, "{:.2f}")
-
-
-def fmt_mb(value: Optional[float]) -> str:
-    return _fmt(value, "{:.1f}")
-
-
-def fmt_s(value: Optional[float]) -> str:
-    return _fmt(value, "{:.2f}")
-
-
-def fmt_times(value: Optional[float]) -> str:
-    return _fmt(value, "{:.2f}x")
-
-
-def fmt_reduction(value: Optional[float]) -> str:
-    """Three significant digits below 100 (full fine-tuning's reduction is a small fraction)."""
-    if value is None:
-        return MISSING
-    return f"{value:,.0f}x" if value >= 99.5 else f"{value:#.3g}x"
-
-
-def fmt_pct(value: Optional[float]) -> str:
-    return _fmt(value, "{:.1f}%")
-
-
-def fmt_ratio(value: Optional[float]) -> str:
-    return _fmt(None if value is None else 100.0 * value, "{:.3f}%")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,9 +60,9 @@ def step_table(result: dict) -> Table:
         cache, floor = c.get("cache"), c.get("head_floor_ms")
         rows.append([config_title(c), fmt_ms(opt["mean_ms"]), fmt_ms(opt["std_ms"]), fmt_ms(step["mean_ms"]),
                      fmt_ms(step["min_ms"]), fmt_ms(step["max_ms"]), fmt_ms(step["std_ms"]),
-                     _fmt(c.get("tokens_per_s"), "{:,.0f}"),
+                     fmt_number(c.get("tokens_per_s"), "{:,.0f}"),
                      fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"]),
-                     fmt_ms(floor), fmt_times(None if not floor else step["mean_ms"] / floor)])
+                     fmt_ms(floor), fmt_times(ratio(step["mean_ms"], floor))])
     headers = ["configuration", "optimizer mean ms", "optimizer std ms", "step mean ms", "step min ms",
                "step max ms", "step std ms", "tokens/s", "cache hit rate", "head floor ms", "step / floor"]
     return Table("Optimizer step and whole step", headers, rows,
@@ -139,7 +87,7 @@ def memory_table(result: dict) -> Table:
         cache_mb = (c.get("cache") or {}).get("size_mb") or 0.0
         row = [config_title(c), fmt_mb(m["peak_mb"]), fmt_mb(m.get("last_interval_peak_mb")), fmt_mb(m["baseline_mb"]),
                fmt_mb(m["peak_above_baseline_mb"]), fmt_mb(cache_mb if c.get("cache") else None),
-               fmt_times(ratio_or_none(m["peak_mb"] - cache_mb, reference))]
+               fmt_times(ratio(m["peak_mb"] - cache_mb, reference))]
         rows.append(row + [fmt_mb(m.get("peak_reserved_mb"))] if cuda else row)
     what = "torch.cuda.max_memory_allocated" if cuda else "peak resident set size (VmHWM)"
     headers = ["configuration", "peak MB", "timed-only peak MB", "after load MB", "peak above load MB",
@@ -151,10 +99,6 @@ def memory_table(result: dict) -> Table:
                       + ("" if cuda else ", which on CPU includes memory freed earlier but still held by the process")
                       + "; the last ratio holds the training peak, less the Skip-Cache store, against the frozen "
                         "model's inference forward on the same batches (the `inference` row)")
-
-
-def ratio_or_none(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
-    return None if numerator is None or not denominator else numerator / denominator
 
 
 def speedup_table(result: dict) -> Table:
@@ -253,40 +197,6 @@ def headline_table(results: list[dict]) -> Table:
 
 
 # --------------------------------------------------------------------------------------------
-# Renderers
-
-
-def render_text(table: Table) -> str:
-    """Columns padded to their widest cell; names left-aligned, numbers right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(table.headers, *table.rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(cell.ljust(w) if i < table.text_columns else cell.rjust(w) for i, (cell, w) in pairs)
-
-    out = [table.title, line(table.headers), "  ".join("-" * w for w in widths)]
-    out += [line(row) for row in table.rows] or ["(no rows)"]
-    if table.note:
-        out.append(f"({table.note})")
-    return "\n".join(out)
-
-
-def _md_cell(cell: str) -> str:
-    return str(cell).replace("|", "\\|")
-
-
-def render_markdown(table: Table, level: int = 3) -> str:
-    align = ["---"] * table.text_columns + ["---:"] * (len(table.headers) - table.text_columns)
-    out = [f"{'#' * level} {table.title}", "", "| " + " | ".join(table.headers) + " |", "| " + " | ".join(align) + " |"]
-    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
-    if not table.rows:
-        out.append("| (no rows) |" + " |" * (len(table.headers) - 1))
-    if table.note:
-        out += ["", f"_{table.note}._"]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------------------------
 # The report
 
 
@@ -348,11 +258,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def load_result(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not a readable JSON file: {exc}") from exc
-    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+    result = read_json_file(path, "benchmark result")
+    if result.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a `skip2lora benchmark` result (expected schema {SCHEMA})")
     return result
 
@@ -366,25 +273,29 @@ def write_report(patterns: list[str], out: Path) -> str:
     return headline
 
 
-def main_report_bench(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skip2lora report-bench",
-                                     description="Render docs/results.md from `skip2lora benchmark` JSON files.")
-    parser.add_argument("files", nargs="+", help="benchmark JSON files, folders of them, or glob patterns")
-    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="also replace the block between the <!-- results:start/end --> markers in this file")
-    args = parser.parse_args(argv)
-    headline = write_report(args.files, args.out)
-    print(headline)
-    print(f"\n[skip2lora] wrote {args.out}")
-    if args.readme is not None:
-        update_readme(args.readme, headline, args.out)
-        print(f"[skip2lora] updated the results block in {args.readme}")
-    return 0
-
-
 def update_readme(readme: Path, headline: str, report: Path) -> None:
     """Put the generated headline table between the README's results markers (the rest stays as written)."""
     replace_marked_block(readme, "results",
                          f"_Generated by `skip2lora report-bench ... --readme {readme.name}` from the JSON files "
                          f"behind [{report}]({report}); do not edit by hand._\n\n{headline.strip()}")
+
+
+def report_bench_command(results: list[str], out: Path = Path("docs/results.md"), readme: Optional[Path] = None) -> int:
+    """Render docs/results.md from `skip2lora benchmark` JSON files.
+
+    Args:
+        results: Benchmark JSON files, folders of them, or glob patterns.
+        out: The Markdown file to write.
+        readme: Also replace the block between the `<!-- results:start -->` and `<!-- results:end -->`
+            markers in this file with the headline table.
+    """
+    if not results:
+        raise UserError("report-bench needs at least one benchmark JSON file, folder or glob pattern")
+    out = Path(out)
+    headline = write_report([str(r) for r in results], out)
+    print(headline)
+    print(f"\n[skip2lora] wrote {out}")
+    if readme is not None:
+        update_readme(Path(readme), headline, out)
+        print(f"[skip2lora] updated the results block in {readme}")
+    return 0

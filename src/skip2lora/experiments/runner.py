@@ -14,18 +14,17 @@ seed and the run folder. Any layer may start from a finetune YAML with a `config
       lora: {method: lora}
       skip2lora-6: {method: skip2lora, skip2lora: {block_indices: [0, 1, 2, 3, 4, 5]}}
 
-Each run goes to `OUT/<task>--<variant>--seed<k>/` with its resolved `config.yaml`, an
-`experiment.json` (labels for `skip2lora compare`) and `train.log`. Every run is its own
-subprocess, so peak memory is that run's own. Re-running skips finished runs, resumes an
-interrupted one from its last checkpoint, and re-runs a finished one whose settings changed.
+Every cell is planned and its settings checked (as `skip2lora finetune` would check them) before
+the first run starts, so a typo in one cell never costs the runs before it. Each run goes to
+`OUT/<task>--<variant>--seed<k>/` with its resolved `config.yaml`, an `experiment.json` (labels for
+`skip2lora compare`) and `train.log`. Every run is its own subprocess, so peak memory is that run's
+own. Re-running skips finished runs, resumes an interrupted one from its last checkpoint, and
+re-runs a finished one whose settings changed.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
-import json
 import subprocess
 import sys
 import time
@@ -33,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import read_yaml
-from .errors import UserError
+from ..config import finetune_config_from_dict, read_yaml
+from ..errors import UserError
+from ..outdir import RunDir
+from ..paths import atomic_write_bytes, atomic_write_json
 
 SPEC_KEYS = {"name", "description", "out_dir", "seeds", "baseline", "common", "tasks", "variants"}
 RUN_SPEC_FILE = "config.yaml"
@@ -112,9 +113,14 @@ def load_spec(source: Union[Path, dict]) -> tuple[dict, Path]:
     return spec, base_dir
 
 
+def experiment_root(spec: dict, out_root: Optional[Path] = None) -> Path:
+    """The folder that holds the experiment's runs: --out_dir, else the spec's out_dir, else out/<name>."""
+    return Path(out_root or spec.get("out_dir") or Path("out") / spec["name"])
+
+
 def plan_runs(spec: dict, base_dir: Path, out_root: Optional[Path] = None) -> list[PlannedRun]:
     """Every (task, variant, seed) with its merged settings, in the order they will run."""
-    root = Path(out_root or spec.get("out_dir") or Path("out") / spec["name"])
+    root = experiment_root(spec, out_root)
     common = resolve_layer(spec.get("common"), "common", base_dir)
     tasks = _mapping(spec["tasks"], "tasks")
     variants = _mapping(spec["variants"], "variants")
@@ -139,49 +145,59 @@ def plan_runs(spec: dict, base_dir: Path, out_root: Optional[Path] = None) -> li
 
 
 def validate_settings(run: PlannedRun) -> None:
-    """Parse a run's settings as `skip2lora finetune` would, so a typo fails before any training."""
-    import yaml
-    from jsonargparse import ArgumentError
-
-    from .cli import config_from_namespace, finetune_parser
-
-    parser = finetune_parser()
+    """Check a run's settings as `skip2lora finetune --config` would; a bad cell is one line naming it."""
     try:
-        namespace = parser.parse_string(yaml.safe_dump(run.settings))
-        config_from_namespace(namespace)
-    except (ArgumentError, TypeError, ValueError) as exc:
-        from .cli import one_line
+        finetune_config_from_dict(run.settings)
+    except UserError as exc:
+        raise UserError(f"run {run.name}: invalid settings: {exc}") from exc
 
-        raise UserError(f"run {run.name}: invalid settings: {one_line(exc)}") from exc
+
+def validate_runs(runs: list[PlannedRun]) -> None:
+    """Check every cell before any starts; the first bad one is reported, with how many others are bad."""
+    problems = []
+    for run in runs:
+        try:
+            validate_settings(run)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        others = len(problems) - 1
+        more = f" (and {others} more run{'s' if others > 1 else ''} with invalid settings)" if others else ""
+        raise UserError(problems[0] + more)
+
+
+def is_completed(run_dir: RunDir) -> bool:
+    """Whether the folder holds a run that finished; a damaged run.json is not trusted as finished."""
+    if not run_dir.is_finished():
+        return False
+    try:
+        return run_dir.read_run_json().get("status") == "completed"
+    except UserError:
+        return False
+
+
+def settings_used(run_dir: RunDir) -> Optional[Any]:
+    """The settings the run in the folder was started with; None when config.yaml is missing or damaged."""
+    try:
+        return read_yaml(run_dir.file(RUN_SPEC_FILE), "run settings")
+    except UserError:
+        return None
 
 
 def run_state(run: PlannedRun) -> str:
     """'finished', 'changed' (finished with other settings), 'interrupted' (has a checkpoint) or 'new'."""
-    from . import checkpoint as ckpt
+    from ..train.checkpoint import latest_checkpoint  # loads torch: only once a state is asked for
 
-    import yaml
-
-    summary_file, spec_file = run.out_dir / "run.json", run.out_dir / RUN_SPEC_FILE
-    if summary_file.exists():
-        try:
-            finished = json.loads(summary_file.read_text()).get("status") == "completed"
-        except json.JSONDecodeError:
-            finished = False
-        if finished:
-            try:
-                previous = yaml.safe_load(spec_file.read_text()) if spec_file.exists() else None
-            except yaml.YAMLError:
-                previous = None
-            return "finished" if previous == run.settings else "changed"
-    if run.out_dir.is_dir() and ckpt.latest_checkpoint(run.out_dir) is not None:
+    run_dir = RunDir(run.out_dir)
+    if is_completed(run_dir):
+        return "finished" if settings_used(run_dir) == run.settings else "changed"
+    if latest_checkpoint(run_dir) is not None:
         return "interrupted"
     return "new"
 
 
 def write_run_files(run: PlannedRun, spec: dict) -> None:
     import yaml
-
-    from .paths import atomic_write_bytes, atomic_write_json
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run.out_dir / RUN_SPEC_FILE, yaml.safe_dump(run.settings, sort_keys=False).encode())
@@ -191,28 +207,23 @@ def write_run_files(run: PlannedRun, spec: dict) -> None:
     })
 
 
-def latest_metrics(run_dir: Path) -> Optional[dict]:
-    """The last row of the newest metrics.csv, to show a running run's progress."""
-    versions = sorted((run_dir / "logs" / "csv").glob("version_*/metrics.csv"),
-                      key=lambda p: int(p.parent.name.split("_")[1]))
-    if not versions:
-        return None
+def latest_progress(run: PlannedRun) -> Optional[dict]:
+    """The newest metrics row of a running run; None until it has one (or while the file is unreadable)."""
     try:
-        with open(versions[-1], newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError:
+        return RunDir(run.out_dir).latest_metrics_row()
+    except (OSError, UnicodeDecodeError):
         return None
-    return rows[-1] if rows else None
 
 
 def progress_text(row: Optional[dict]) -> str:
+    """One line of a running run's newest metrics row: step, elapsed time, losses, accuracy."""
     if not row:
         return "starting"
-    parts = [f"step {row.get('step', '?')}", f"{float(row['elapsed_s']):.0f}s" if row.get("elapsed_s") else ""]
-    for key in ("train_loss", "val_loss", "val_acc"):
-        if row.get(key):
-            parts.append(f"{key} {float(row[key]):.3f}")
-    return " ".join(p for p in parts if p)
+    parts = [f"step {row.get('step', '?')}"]
+    if row.get("elapsed_s") is not None:
+        parts.append(f"{float(row['elapsed_s']):.0f}s")
+    parts += [f"{key} {float(row[key]):.3f}" for key in ("train_loss", "val_loss", "val_acc") if row.get(key) is not None]
+    return " ".join(parts)
 
 
 def execute_run(run: PlannedRun, state: str, verbose: bool, bar) -> int:
@@ -229,7 +240,7 @@ def execute_run(run: PlannedRun, state: str, verbose: bool, bar) -> int:
             return subprocess.call(command)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
-            bar.set_postfix_str(f"{run.name}: {progress_text(latest_metrics(run.out_dir))}", refresh=True)
+            bar.set_postfix_str(f"{run.name}: {progress_text(latest_progress(run))}", refresh=True)
             time.sleep(1.0)
         return process.returncode
 
@@ -243,37 +254,32 @@ def last_error_line(run: PlannedRun) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def run_experiment(source: Union[Path, dict], out_root: Optional[Path] = None, verbose: bool = False,
-                   only: Optional[str] = None, dry_run: bool = False) -> dict:
-    """Run every planned cell that is not finished yet; return {run name: state after this call}."""
+STATE_WORDS = {"new": "starting", "changed": "settings changed, re-running",
+               "interrupted": "resuming from its last checkpoint"}
+
+
+def select_runs(runs: list[PlannedRun], only: Optional[str], name: str) -> list[PlannedRun]:
+    """The runs whose name contains `only` (all without it)."""
+    if not only:
+        return runs
+    selected = [r for r in runs if only in r.name]
+    if not selected:
+        raise UserError(f"--only '{only}' matches no run of experiment '{name}'")
+    return selected
+
+
+def run_pending(spec: dict, runs: list[PlannedRun], states: dict[str, str], verbose: bool) -> dict[str, str]:
+    """Train every run that is not finished, one subprocess each; failures are collected, not fatal."""
     from tqdm.auto import tqdm
 
-    spec, base_dir = load_spec(source)
-    runs = plan_runs(spec, base_dir, out_root)
-    if only:
-        runs = [r for r in runs if only in r.name]
-        if not runs:
-            raise UserError(f"--only '{only}' matches no run of experiment '{spec['name']}'")
-    for run in runs:
-        validate_settings(run)
-    states = {run.name: run_state(run) for run in runs}
     pending = [run for run in runs if states[run.name] != "finished"]
-    print(f"[experiment] {spec['name']}: {len(runs)} runs, {len(runs) - len(pending)} finished, "
-          f"{len(pending)} to run -> {runs[0].out_dir.parent}")
-    if dry_run:
-        for run in runs:
-            print(f"  {run.name}: {states[run.name]}")
-        return states
-    outcome = dict(states)
-    failed = []
+    outcome, failed = dict(states), []
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=spec["name"], unit="run", dynamic_ncols=True)
     for run in pending:
-        state = states[run.name]
-        bar.write(f"[experiment] {run.name}: " + {"new": "starting", "changed": "settings changed, re-running",
-                                                   "interrupted": "resuming from its last checkpoint"}[state])
+        bar.write(f"[experiment] {run.name}: {STATE_WORDS[states[run.name]]}")
         write_run_files(run, spec)
         started = time.perf_counter()
-        code = execute_run(run, state, verbose, bar)
+        code = execute_run(run, states[run.name], verbose, bar)
         if code == 0:
             outcome[run.name] = "finished"
             bar.write(f"[experiment] {run.name}: done in {time.perf_counter() - started:.0f}s")
@@ -290,21 +296,49 @@ def run_experiment(source: Union[Path, dict], out_root: Optional[Path] = None, v
     return outcome
 
 
-def main_experiment(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="skip2lora experiment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", type=Path, help="experiment YAML, e.g. configs/experiments/skip2lora_vs_lora.yaml")
-    parser.add_argument("--out_dir", type=Path, default=None, help="where the runs go (default: out/<name>)")
-    parser.add_argument("--only", default=None, help="run only the runs whose name contains this text")
-    parser.add_argument("--dry_run", action="store_true", help="list the runs and their state, train nothing")
-    parser.add_argument("--verbose", action="store_true", help="stream each run's output instead of train.log")
-    parser.add_argument("--no_compare", action="store_true", help="skip `skip2lora compare` at the end")
-    args = parser.parse_args(argv)
-    run_experiment(args.spec, args.out_dir, args.verbose, args.only, args.dry_run)
-    if not args.dry_run and not args.no_compare:
-        from .compare import compare_runs
+def run_experiment(source: Union[Path, dict], out_root: Optional[Path] = None, verbose: bool = False,
+                   only: Optional[str] = None, dry_run: bool = False) -> dict[str, str]:
+    """Plan and check every cell, then run those not finished yet; return {run name: state after this call}.
 
-        spec, base_dir = load_spec(args.spec)
-        root = plan_runs(spec, base_dir, args.out_dir)[0].out_dir.parent
-        compare_runs([root], root, baseline=spec.get("baseline"), title=spec.get("description") or spec["name"])
+    Every cell of the matrix is checked before the first run starts (with --only too: the spec is one
+    unit), so a bad cell stops the experiment before anything is written. A dry run stops after the
+    checks and lists each selected run with its state.
+    """
+    spec, base_dir = load_spec(source)
+    planned = plan_runs(spec, base_dir, out_root)
+    validate_runs(planned)
+    runs = select_runs(planned, only, spec["name"])
+    states = {run.name: run_state(run) for run in runs}
+    finished = sum(state == "finished" for state in states.values())
+    print(f"[experiment] {spec['name']}: {len(runs)} runs, {finished} finished, {len(runs) - finished} to run "
+          f"-> {experiment_root(spec, out_root)}")
+    if dry_run:
+        for run in runs:
+            print(f"  {run.name}: {states[run.name]}")
+        return states
+    return run_pending(spec, runs, states, verbose)
+
+
+def experiment_command(spec: Path, out_dir: Optional[Path] = None, only: Optional[str] = None, dry_run: bool = False,
+                       verbose: bool = False, no_compare: bool = False) -> int:
+    """Run a matrix of fine-tunings (tasks x variants x seeds) from a YAML spec; resumable.
+
+    Every cell is checked before the first run starts; finished runs are skipped, interrupted ones
+    resumed and changed ones re-run. At the end the runs are compared (`skip2lora compare`).
+
+    Args:
+        spec: Experiment YAML, e.g. configs/experiments/skip2lora_vs_lora.yaml.
+        out_dir: Where the runs go (default: the spec's out_dir, else out/<name>).
+        only: Run only the runs whose name contains this text.
+        dry_run: Check every cell and list the runs with their state; train nothing.
+        verbose: Stream each run's output to the terminal instead of only its train.log.
+        no_compare: Skip the comparison of the runs at the end.
+    """
+    run_experiment(Path(spec), out_dir, verbose, only, dry_run)
+    if not dry_run and not no_compare:
+        from ..report.compare import compare_runs
+
+        loaded, _ = load_spec(Path(spec))
+        root = experiment_root(loaded, out_dir)
+        compare_runs([root], root, baseline=loaded.get("baseline"), title=loaded.get("description") or loaded["name"])
     return 0

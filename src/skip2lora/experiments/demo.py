@@ -7,9 +7,9 @@ run), then compares the runs: a table on the terminal, `OUT/report.md` and the p
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Optional
+
+from ..errors import UserError
 
 DEMO_BASELINE = "lora"
 
@@ -59,28 +59,37 @@ def demo_spec(model: str, budget_s: float, seed: int, block_indices: list[int]) 
     }
 
 
-def main_demo(argv: Optional[list[str]] = None) -> int:
-    from .compare import compare_runs
-    from .errors import UserError
-    from .experiment import run_experiment
-
-    parser = argparse.ArgumentParser(prog="skip2lora demo", description=__doc__)
-    parser.add_argument("--out_dir", type=Path, default=Path("out/demo"))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--budget_s", type=float, default=60.0, help="training seconds per run (cache build included)")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--block_indices", default="0,1,2,3,4,5", help="Skip2-LoRA's blocks, comma-separated")
-    parser.add_argument("--verbose", action="store_true", help="stream each run's output")
-    args = parser.parse_args(argv)
-    if args.budget_s <= 0:
-        raise UserError(f"--budget_s must be > 0 seconds (got {args.budget_s})")
-
+def parse_blocks(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; anything else is one UserError line."""
     try:
-        blocks = [int(b) for b in args.block_indices.split(",")]
+        return [int(b) for b in text.split(",")]
     except ValueError as exc:
-        raise UserError(f"--block_indices must be comma-separated integers (got {args.block_indices!r})") from exc
-    run_experiment(demo_spec(args.model, args.budget_s, args.seed, blocks), args.out_dir, verbose=args.verbose)
-    result = compare_runs([args.out_dir], args.out_dir, baseline=DEMO_BASELINE,
-                          title=f"skip2lora demo: LoRA vs Skip2-LoRA on {args.model}")
+        raise UserError(f"--block_indices must be comma-separated integers (got {text!r})") from exc
+
+
+def demo_command(out_dir: Path = Path("out/demo"), model: str = "smollm2-135m", budget_s: float = 60.0,
+                 seed: int = 1337, block_indices: str = "0,1,2,3,4,5", verbose: bool = False) -> int:
+    """LoRA vs Skip2-LoRA on the built-in SmolLM2-135M, same time budget, two built-in tasks.
+
+    Runs the demo experiment (one subprocess per run), then compares the runs: a table on the
+    terminal, OUT/report.md and the plots beside it.
+
+    Args:
+        out_dir: Where the runs, report.md, comparison.json and the plots go.
+        model: Base model: a built-in name, a Hugging Face directory or a .gguf file.
+        budget_s: Training seconds per run (the Skip-Cache build included).
+        seed: The seed of every run.
+        block_indices: Skip2-LoRA's blocks, comma-separated.
+        verbose: Stream each run's output to the terminal.
+    """
+    from ..report.compare import compare_runs
+    from .runner import run_experiment
+
+    if budget_s <= 0:
+        raise UserError(f"--budget_s must be > 0 seconds (got {budget_s})")
+    out_dir = Path(out_dir)
+    run_experiment(demo_spec(model, budget_s, seed, parse_blocks(block_indices)), out_dir, verbose=verbose)
+    result = compare_runs([out_dir], out_dir, baseline=DEMO_BASELINE,
+                          title=f"skip2lora demo: LoRA vs Skip2-LoRA on {model}")
     print(f"\nreport: {result['files']['report']}")
     return 0

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .paths import atomic_directory
-
-CHECKPOINT_DIR = "checkpoints"
+from ..outdir import RunDir
+from ..paths import atomic_directory
 
 
 def _rng_state() -> dict:
@@ -32,9 +31,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, step: int, trainable: dict, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: RunDir, step: int, trainable: dict, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
     """Write OUT/checkpoints/step-NNNNNN as one atomic directory; keep the newest `keep` of them."""
-    root = out_dir / CHECKPOINT_DIR
+    root = run_dir.checkpoints
 
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
@@ -45,26 +44,26 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict, optimizer, schedu
         (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}, indent=2))
 
     path = atomic_directory(root / f"step-{step:06d}", fill)
-    for old in complete_checkpoints(out_dir)[:-keep]:
+    for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def complete_checkpoints(out_dir: Path) -> list[Path]:
+def complete_checkpoints(run_dir: RunDir) -> list[Path]:
     """Finished checkpoints, oldest first. Temporary directories of a killed write are hidden (dot-named)."""
-    root = out_dir / CHECKPOINT_DIR
+    root = run_dir.checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").exists())
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    found = complete_checkpoints(out_dir)
+def latest_checkpoint(run_dir: RunDir) -> Optional[Path]:
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def remove_partial_writes(out_dir: Path) -> None:
-    root = out_dir / CHECKPOINT_DIR
+def remove_partial_writes(run_dir: RunDir) -> None:
+    root = run_dir.checkpoints
     if root.is_dir():
         for leftover in root.glob(".*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)

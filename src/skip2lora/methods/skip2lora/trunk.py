@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..models import num_hidden_layers
+from ...models import num_hidden_layers
 
 
 def find_decoder(model: nn.Module) -> nn.Module:

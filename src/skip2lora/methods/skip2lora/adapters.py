@@ -85,7 +85,7 @@ def validate_layer_indices(indices: Sequence[int], num_layers: int, what: str = 
 
     Negative indices count from the end, as in Python. Returns the indices sorted, non-negative.
     """
-    from ..errors import UserError
+    from ...errors import UserError
 
     if len(indices) == 0:
         raise UserError(f"skip2lora {what} indices are empty: choose at least one of 0..{num_layers - 1}")

@@ -1,11 +1,11 @@
 """`skip2lora compare`: fine-tuning runs compared over seeds.
 
-This module reads run folders (what `skip2lora finetune` writes: `run.json` and
-`logs/csv/version_N/metrics.csv`, plus `experiment.json` when the experiment runner made the run),
-groups them into comparison sets (same model, dataset and task) and variants within a set, and
-computes every number of the comparison: means and spreads over seeds, differences against a
-baseline, time-to-quality and the metrics at equal wall-clock time. `compare_report.py` renders the
-result (stdout table, report.md, PNG plots); nothing there computes, nothing here formats.
+`runs.py` reads the run folders (what `skip2lora finetune` writes, plus `experiment.json` when the
+experiment runner made the run); this module groups them into comparison sets (same model, dataset
+and task) and variants within a set, and computes every number of the comparison: means and spreads
+over seeds, differences against a baseline, time-to-quality and the metrics at equal wall-clock time.
+`compare_report.py` renders the result (stdout table, report.md, PNG plots); nothing there computes,
+nothing here formats.
 
 Definitions used throughout (also stated in the report):
 - spread rule: a difference between two variants is "beyond spread" when
@@ -18,22 +18,18 @@ Definitions used throughout (also stated in the report):
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import math
 import os
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from .errors import UserError
-from .paths import atomic_write_json
+from ..errors import UserError
+from ..paths import atomic_write_json, replace_marked_block
+from .runs import RunRecord, collect_runs
+from .stats import SPREAD_RULE, MeanStd, beyond_spread, mean_std, ratio, relative_diff_pct
 
 SCHEMA = "skip2lora-comparison/1"
-SEARCH_DEPTH = 3  # parent folders may nest runs as out/<experiment>/<group>/<run>
 ENVIRONMENT_KEYS = ("device", "device_name", "threads", "python", "platform", "torch", "transformers", "peft",
                     "bitsandbytes", "skip2lora")
 # The target must count as reached by a run that logged exactly the target: it is a mean of logged values,
@@ -44,276 +40,14 @@ TARGET_TOLERANCE = 1e-9
 # may read a hair later than its own end time.
 CSV_ROUNDING = 1e-5
 
-SPREAD_RULE = ("a difference is beyond the seed-to-seed spread when |mean_a - mean_b| > std_a + std_b "
-               "(sample standard deviations over seeds); not judged when either side has fewer than 2 seeds")
 TARGET_RULE = ("time-to-target = training wall-clock (elapsed_s: Skip-Cache build included, evaluation excluded) "
                "at the first evaluation whose metric reaches the target; the target is the baseline's best "
                "validation accuracy (mean over its seeds) when the task has accuracy, else its best validation "
                "loss; best = max accuracy / min loss over the evaluations after step 0")
 
 
-class CompareInputError(Exception):
-    """A folder that cannot be compared; the message says why (collect_runs turns it into a warning)."""
-
-
 # --------------------------------------------------------------------------------------------
-# Loading runs
-
-
-@dataclass
-class RunRecord:
-    """One fine-tuning run, as read from its folder."""
-
-    path: Path
-    task: str
-    variant: str
-    seed: Optional[int]
-    model: str
-    dataset: str
-    method: str
-    summary: dict
-    parameters: dict
-    environment: dict
-    model_info: dict
-    eval_rows: list[dict]
-    train_rows: list[dict]
-    experiment: Optional[str] = None
-    baseline: Optional[str] = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def has_accuracy(self) -> bool:
-        return any(row.get("val_acc") is not None for row in self.eval_rows)
-
-    @property
-    def end_time_s(self) -> Optional[float]:
-        """Training wall-clock at the end of the run."""
-        if self.summary.get("train_time_s") is not None:
-            return float(self.summary["train_time_s"])
-        times = [row["elapsed_s"] for row in self.train_rows + self.eval_rows if row.get("elapsed_s") is not None]
-        return max(times) if times else None
-
-
-def parse_metrics_csv(csv_path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of one metrics.csv (numbers parsed, empty cells None) and warnings about damaged lines.
-
-    Raises CompareInputError when the file is unreadable or its header is missing.
-    """
-    try:
-        text = csv_path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CompareInputError(f"cannot read {csv_path}: {exc}") from exc
-    lines = text.splitlines()
-    header = [name.strip() for name in next(csv.reader(lines[:1]), [])]
-    if "step" not in header or "elapsed_s" not in header:
-        raise CompareInputError(f"{csv_path} has no metrics header (expected step,...,elapsed_s)")
-    body, warnings = lines[1:], []
-    truncated = bool(body) and not text.endswith("\n")
-    if truncated:
-        # The logger writes and flushes whole lines, so a last line without its newline was cut mid-write.
-        body = body[:-1]
-    rows = []
-    for number, line in enumerate(body, start=2):
-        if not line.strip():
-            continue
-        row = _parse_row(header, line)
-        if row is None:
-            warnings.append(f"{csv_path}: line {number} is malformed; skipped it")
-        else:
-            rows.append(row)
-    if truncated:
-        warnings.append(f"{csv_path}: the last line is truncated; using the {len(rows)} complete rows")
-    return rows, warnings
-
-
-def _parse_row(header: list[str], line: str) -> Optional[dict]:
-    cells = next(csv.reader([line]), [])
-    if len(cells) != len(header):
-        return None
-    try:
-        row = {name: (float(cell) if cell.strip() else None) for name, cell in zip(header, cells)}
-    except ValueError:
-        return None
-    if row["step"] is None:
-        return None
-    row["step"] = int(row["step"])
-    return row
-
-
-def merge_versions(versions: Sequence[list[dict]]) -> tuple[list[dict], list[dict]]:
-    """(eval rows, train rows) of all CSV versions in step order.
-
-    A resumed run repeats the steps after its last checkpoint in a new version: for the same step and
-    row kind, the latest version's row wins.
-    """
-    latest: dict[tuple[str, int], dict] = {}
-    for rows in versions:
-        for row in rows:
-            if row.get("val_loss") is not None or row.get("val_acc") is not None:
-                latest[("eval", row["step"])] = row
-            if row.get("train_loss") is not None:
-                latest[("train", row["step"])] = row
-    ordered = sorted(latest.items(), key=lambda item: item[0][1])
-    return ([row for (kind, _), row in ordered if kind == "eval"],
-            [row for (kind, _), row in ordered if kind == "train"])
-
-
-def metrics_csv_paths(run_dir: Path, run: dict) -> list[Path]:
-    """The run's metrics.csv versions in order (version_0, version_1, ...)."""
-    versions = [p for p in (run_dir / "logs" / "csv").glob("version_*/metrics.csv")
-                if p.parent.name.split("_", 1)[1].isdigit()]
-    if versions:
-        return sorted(versions, key=lambda p: int(p.parent.name.split("_", 1)[1]))
-    recorded = run.get("metrics_csv")
-    candidates = [Path(recorded), run_dir / recorded] if recorded else []
-    return [p for p in candidates if p.is_file()][:1]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CompareInputError(f"no {path.name}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompareInputError(f"{path.name} is not readable JSON ({exc})") from exc
-    if not isinstance(payload, dict):
-        raise CompareInputError(f"{path.name} does not hold a JSON object")
-    return payload
-
-
-def variant_name(method: str, config: dict, summary: dict) -> str:
-    """Default label of a run: its method, with the number of adapted blocks for Skip2-LoRA."""
-    if method == "skip2lora":
-        blocks = (config.get("skip2lora") or {}).get("block_indices") or summary.get("block_indices")
-        if blocks:
-            return f"skip2lora-b{len(blocks)}"
-    return method
-
-
-def dataset_name(config: dict) -> str:
-    data = config.get("data") or {}
-    name = str(data.get("name") or "unknown")
-    return f"{name}:{Path(data['path']).name}" if data.get("path") else name
-
-
-def load_run(path: Path) -> RunRecord:
-    """Read one run folder; raises CompareInputError (with the reason) when it cannot be compared."""
-    path = Path(path)
-    run = read_json(path / "run.json")
-    if run.get("status") != "completed":
-        raise CompareInputError(f"status is {run.get('status')!r}, not 'completed' (the run did not finish)")
-    if not isinstance(run.get("summary"), dict):
-        raise CompareInputError("run.json has no summary")
-    csv_paths = metrics_csv_paths(path, run)
-    if not csv_paths:
-        raise CompareInputError("no logs/csv/version_*/metrics.csv")
-    versions, warnings = [], []
-    for csv_path in csv_paths:
-        rows, damage = parse_metrics_csv(csv_path)
-        versions.append(rows)
-        warnings += damage
-    eval_rows, train_rows = merge_versions(versions)
-    if not eval_rows and not train_rows:
-        raise CompareInputError("metrics.csv has no rows")
-    if not eval_rows:
-        warnings.append(f"{path}: no evaluation rows; its validation numbers are missing")
-
-    config, summary = run.get("config") or {}, run["summary"]
-    method = str(run.get("method") or config.get("method") or "unknown")
-    labels = read_json(path / "experiment.json") if (path / "experiment.json").is_file() else {}
-    model_info = run.get("model") or {}
-    dataset = dataset_name(config)
-    seed = labels.get("seed", config.get("seed"))
-    return RunRecord(
-        path=path, task=str(labels.get("task") or dataset), variant=str(labels.get("variant") or
-                                                                         variant_name(method, config, summary)),
-        seed=None if seed is None else int(seed), model=str(model_info.get("name") or config.get("model")),
-        dataset=dataset, method=method, summary=summary, parameters=run.get("parameters") or {},
-        environment=run.get("environment") or {}, model_info=model_info, eval_rows=eval_rows,
-        train_rows=train_rows, experiment=labels.get("experiment"), baseline=labels.get("baseline"),
-        warnings=warnings,
-    )
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "run.json").is_file() or (path / "logs" / "csv").is_dir()
-
-
-def find_run_dirs(root: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
-    """`root` itself when it is a run folder, else the run folders below it (non-run folders skipped)."""
-    if is_run_dir(root):
-        return [root]
-    if depth == 0 or not root.is_dir():
-        return []
-    found: list[Path] = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            found += find_run_dirs(child, depth - 1)
-    return found
-
-
-def collect_runs(paths: Sequence[Path]) -> tuple[list[RunRecord], list[str]]:
-    """Runs from run folders or folders of runs, and one-line warnings about what was skipped."""
-    records: list[RunRecord] = []
-    warnings: list[str] = []
-    seen: set[Path] = set()
-    for given in map(Path, paths):
-        if not given.exists():
-            raise UserError(f"{given} does not exist: pass run folders written by `skip2lora finetune` "
-                            "or a folder that contains them")
-        run_dirs = find_run_dirs(given)
-        if not run_dirs:
-            warnings.append(f"{given}: no fine-tuning runs inside; skipped")
-        for run_dir in run_dirs:
-            if run_dir.resolve() in seen:
-                continue
-            seen.add(run_dir.resolve())
-            try:
-                record = load_run(run_dir)
-            except CompareInputError as exc:
-                warnings.append(f"skipping {run_dir}: {exc}")
-                continue
-            records.append(record)
-            warnings += record.warnings
-    return records, warnings
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass
-class MeanStd:
-    mean: Optional[float]
-    std: Optional[float]  # sample std (ddof=1); None with fewer than 2 values
-    n: int
-    values: list[float]
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
-
-
-def mean_std(values: Iterable[Optional[float]]) -> MeanStd:
-    """Mean and sample standard deviation of the values present (None and NaN are left out)."""
-    present = [float(v) for v in values if v is not None and not math.isnan(v)]
-    if not present:
-        return MeanStd(None, None, 0, [])
-    std = statistics.stdev(present) if len(present) > 1 else None
-    return MeanStd(statistics.fmean(present), std, len(present), present)
-
-
-def relative_diff_pct(value: Optional[float], reference: Optional[float]) -> Optional[float]:
-    """(value - reference) / |reference| in percent; None when it is undefined."""
-    if value is None or reference is None or reference == 0:
-        return None
-    return 100.0 * (value - reference) / abs(reference)
-
-
-def beyond_spread(a: MeanStd, b: MeanStd) -> Optional[bool]:
-    """The spread rule: |mean_a - mean_b| > std_a + std_b; None when either side has < 2 values."""
-    if a.n < 2 or b.n < 2 or a.std is None or b.std is None:
-        return None
-    return abs(a.mean - b.mean) > a.std + b.std
+# Time to quality and per-run figures
 
 
 def reaches(value: float, target: float, metric: str) -> bool:
@@ -394,7 +128,6 @@ RUN_METRICS: dict[str, Callable[[RunRecord], Optional[float]]] = {
     "cache_size_mb": _summary("cache_size_mb"),
     "cache_hit_rate": _summary("cache_hit_rate"),
 }
-HIGHER_IS_BETTER = {"steps_per_s", "tokens_per_s", "final_val_acc", "best_val_acc", "cache_hit_rate"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +243,7 @@ def mean_curve(runs: Sequence[RunRecord], metric: str = "val_loss") -> dict:
         return {"step": [], "mean": [], "min": [], "max": []}
     steps = sorted(set.intersection(*(set(values) for values in per_run)))
     columns = [[values[step] for values in per_run] for step in steps]
-    return {"step": steps, "mean": [statistics.fmean(c) for c in columns], "min": [min(c) for c in columns],
+    return {"step": steps, "mean": [mean_std(c).mean for c in columns], "min": [min(c) for c in columns],
             "max": [max(c) for c in columns]}
 
 
@@ -555,7 +288,6 @@ def analyze_variant(name: str, runs: Sequence[RunRecord], target: dict, equal_ti
 def finish_variant(variant: dict, baseline: dict, is_baseline: bool) -> dict:
     """The JSON form of a variant, with its differences against the baseline."""
     ttt, base_ttt = variant["ttt"], baseline["ttt"]
-    speedup = (base_ttt.mean / ttt.mean) if ttt.mean and base_ttt.mean is not None else None
     hidden = ("stats", "ttt", "ttt_values")
     return {
         **{key: value for key, value in variant.items() if key not in hidden},
@@ -563,7 +295,7 @@ def finish_variant(variant: dict, baseline: dict, is_baseline: bool) -> dict:
         "metrics": {key: compare_to(value, None if is_baseline else baseline["stats"][key])
                     for key, value in variant["stats"].items()},
         "time_to_target": {**ttt.to_dict(), "per_run": variant["ttt_values"], "reached": ttt.n,
-                           "runs": len(variant["runs"]), "speedup": speedup,
+                           "runs": len(variant["runs"]), "speedup": ratio(base_ttt.mean, ttt.mean),
                            "beyond_spread": None if is_baseline else beyond_spread(ttt, base_ttt)},
     }
 
@@ -651,7 +383,7 @@ def compare_runs(paths: Sequence[Path], out_dir: Optional[Path] = None, baseline
     Prints the warnings and a compact table unless `quiet`. Returns the comparison.json payload, whose
     "files" entry holds the paths written.
     """
-    from .compare_report import render_stdout, write_report
+    from .compare_report import render_stdout, write_report  # matplotlib loads only when a report is written
 
     payload, records = build_comparison([Path(p) for p in paths], baseline, title)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(records)
@@ -667,27 +399,31 @@ def compare_runs(paths: Sequence[Path], out_dir: Optional[Path] = None, baseline
     return payload
 
 
-def main_compare(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="skip2lora compare",
-        description="Compare fine-tuning runs over seeds: tables, time-to-quality, plots and report.md.")
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain them")
-    parser.add_argument("--baseline", default=None, help="variant the others are compared with (default: "
-                        "experiment.json's baseline, else the LoRA variant, else the first)")
-    parser.add_argument("--out_dir", type=Path, default=None,
-                        help="where report.md, comparison.json and the plots go (default: the runs' common parent)")
-    parser.add_argument("--title", default=None, help="title of report.md")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="also put the comparison table and plot between <!-- NAME:start/end --> in this file")
-    parser.add_argument("--readme_block", default="demo", help="NAME of that marked block (default: demo)")
-    args = parser.parse_args(argv)
-    payload = compare_runs(args.runs, args.out_dir, baseline=args.baseline, title=args.title)
-    if args.readme is not None:
-        from .compare_report import readme_block
-        from .paths import replace_marked_block
+def compare_command(runs: list[Path], out_dir: Optional[Path] = None, baseline: Optional[str] = None,
+                    title: Optional[str] = None, readme: Optional[Path] = None, readme_block: str = "demo") -> int:
+    """Compare fine-tuning runs over seeds: tables, time-to-quality, plots and report.md.
 
-        command = " ".join(["skip2lora compare", *map(str, args.runs)]
-                           + ([f"--out_dir {args.out_dir}"] if args.out_dir else []) + [f"--readme {args.readme}"])
-        replace_marked_block(args.readme, args.readme_block, readme_block(payload, args.readme.parent, command))
-        print(f"[skip2lora] updated the {args.readme_block} block in {args.readme}")
+    Args:
+        runs: Run folders written by `skip2lora finetune`, or folders that contain them.
+        out_dir: Where report.md, comparison.json and the plots go (default: the runs' common parent).
+        baseline: Variant the others are compared with (default: experiment.json's baseline, else the
+            LoRA variant, else the first).
+        title: Title of report.md (default: the experiment's name, else the comparison sets' names).
+        readme: Also put the comparison table and plot between `<!-- NAME:start -->` and
+            `<!-- NAME:end -->` in this file.
+        readme_block: NAME of that marked block.
+    """
+    if not runs:
+        raise UserError("compare needs at least one run folder (or a folder that contains runs)")
+    runs = [Path(p) for p in runs]
+    payload = compare_runs(runs, out_dir, baseline=baseline, title=title)
+    if readme is not None:
+        from .compare_report import readme_block as render_readme_block
+
+        readme = Path(readme)
+        # The block names the command that made it, so a reader can regenerate it.
+        command = " ".join(["skip2lora compare", *map(str, runs)]
+                           + ([f"--out_dir {out_dir}"] if out_dir else []) + [f"--readme {readme}"])
+        replace_marked_block(readme, readme_block, render_readme_block(payload, readme.parent, command))
+        print(f"[skip2lora] updated the {readme_block} block in {readme}")
     return 0

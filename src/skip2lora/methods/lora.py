@@ -1,0 +1,65 @@
+"""LoRA and QLoRA through Hugging Face PEFT, saved in PEFT's own format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from ..config import FinetuneConfig, LoRAConfig
+from ..models import ModelInfo
+from .base import FinetuneMethod, register_method
+
+
+@register_method("lora")
+class LoRAMethod(FinetuneMethod):
+    """PEFT LoRA on the chosen modules of a full-precision base model."""
+
+    quantized = False
+
+    def __init__(self, model: nn.Module, tokenizer: Any, kind: str, cfg: LoRAConfig,
+                 gradient_checkpointing: bool = False) -> None:
+        from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+        if self.quantized:
+            # Casts norms to fp32 and lets inputs require grad so checkpointed blocks backprop.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        peft_config = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,  # None: PEFT's default for the architecture (q+v on Llama)
+            task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
+        )
+        super().__init__(get_peft_model(model, peft_config), tokenizer, kind)
+
+    @classmethod
+    def load_options(cls, cfg: FinetuneConfig, kind: str) -> dict:
+        return {"task": kind, "quantize_4bit": cls.quantized}
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
+               num_labels: Optional[int]) -> "LoRAMethod":
+        return cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+    def adapter_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+
+
+@register_method("qlora")
+class QLoRAMethod(LoRAMethod):
+    """LoRA on a base model quantised to 4-bit NF4 by bitsandbytes (fp32 compute on CPU)."""
+
+    quantized = True
+
+    def is_base_4bit(self) -> bool:
+        """True when the frozen linear weights are stored as bitsandbytes 4-bit parameters."""
+        return any(type(p).__name__ == "Params4bit" for p in self.model.parameters())

@@ -1,0 +1,248 @@
+"""`skip2lora rec COMMAND`: student, evaluate, baselines, stats, report.
+
+Every bad input raises UserError (one line); the main command table prints it and exits 2.
+Until `rec` is wired there, `python -m skip2lora.rec.cli COMMAND ...` does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+
+USAGE = """usage: skip2lora rec COMMAND [CONFIG.yaml] [--options]
+
+commands:
+  student    train the SASRec student (leave-one-out, full ranking, selection on validation NDCG@K)
+  evaluate   full-ranking metrics of a trained student: --checkpoint OUT/best
+  baselines  random and most-popular rankers through the same evaluation: --out FILE.json
+  stats      print (and save with --out) the split statistics of a dataset
+  report     render docs/rec.md from run folders and result JSON: RUNS... --out docs/rec.md
+
+`skip2lora rec COMMAND --help` lists a command's options."""
+
+
+def one_line(message: object) -> str:
+    return re.sub(r"\s+", " ", str(message)).strip()
+
+
+def _check_config_file(path: Path) -> None:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+
+
+def parse(parser, argv: list[str], config_positional: bool = False):
+    """jsonargparse with a positional CONFIG.yaml accepted first; parse errors become one UserError line."""
+    from jsonargparse import ArgumentError
+
+    argv = list(argv)
+    if config_positional and argv and not argv[0].startswith("-") and re.search(r"\.(ya?ml|json)$", argv[0]):
+        argv = ["--config", *argv]
+    for position, token in enumerate(argv):
+        flag, _, inline = token.partition("=")
+        if flag == "--config":
+            _check_config_file(Path(inline or (argv[position + 1] if position + 1 < len(argv) else "")))
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as exc:
+        raise UserError(f"{parser.prog}: {one_line(exc)}") from exc
+
+
+def _parser(prog: str, description: str):
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, exit_on_error=False, description=description)
+
+
+def student_parser():
+    from jsonargparse import ActionConfigFile
+
+    from .config import RecStudentConfig
+
+    parser = _parser("skip2lora rec student", "Train the SASRec student and evaluate it with full ranking.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    parser.add_class_arguments(RecStudentConfig, nested_key=None)
+    return parser
+
+
+def student_config(values: dict):
+    from .config import RecDataConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
+
+    values = dict(values)
+    values.pop("config", None)
+    sections = {"data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig, "eval": RecEvalConfig}
+    for key, cls in sections.items():
+        values[key] = cls(**values[key])
+    return RecStudentConfig(**values)
+
+
+def cmd_student(argv: list[str]) -> int:
+    from .train import run_student
+
+    run_student(student_config(parse(student_parser(), argv, config_positional=True).as_dict()))
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    import torch
+
+    from ..env import resolve_device, synchronize
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .metrics import evaluate_ranking
+    from .train import check_cutoffs, set_threads
+
+    parser = _parser("skip2lora rec evaluate", "Full-ranking metrics of a trained student on its own split.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="OUT/best of a `rec student` run")
+    parser.add_argument("--split", type=str, default="test", help="test or validation")
+    parser.add_argument("--mask_history", type=Optional[bool], default=None, help="default: as in training")
+    parser.add_argument("--data_path", type=Optional[Path], default=None, help="where the raw files are now")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = every core)")
+    parser.add_argument("--out", type=Optional[Path], default=None, help="also write the metrics to this JSON file")
+    args = parse(parser, argv)
+    if args.split not in ("test", "validation"):
+        raise UserError(f"--split must be test or validation, got '{args.split}'")
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint)
+    if args.data_path is not None:
+        loaded.data.path = Path(args.data_path)
+    eval_cfg = loaded.eval if args.mask_history is None else replace(loaded.eval, mask_history=args.mask_history)
+    dataset = load_dataset(loaded.data)
+    if dataset.item_ids != loaded.item_ids:
+        raise UserError(f"the {loaded.data.name} data now has other items than at training time: point "
+                        "--data_path at the files the checkpoint was trained on")
+    check_cutoffs(eval_cfg.ks, dataset.n_items)
+    split = dataset.split(args.split)
+    model = loaded.model.to(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        result = evaluate_ranking(lambda inputs, a, b: model.full_sort_scores(inputs), split, eval_cfg.ks,
+                                  eval_cfg.mask_history, eval_cfg.batch_size, device)
+    synchronize(device)
+    result["eval_s"] = time.perf_counter() - started
+    result.update(split=args.split, checkpoint=str(args.checkpoint), mask_history=eval_cfg.mask_history)
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        from ..paths import atomic_write_json
+
+        atomic_write_json(Path(args.out), result)
+    return 0
+
+
+def _data_eval_parser(prog: str, description: str):
+    from .config import RecDataConfig, RecEvalConfig
+
+    parser = _parser(prog, description)
+    parser.add_class_arguments(RecDataConfig, nested_key="data")
+    parser.add_class_arguments(RecEvalConfig, nested_key="eval")
+    return parser
+
+
+def cmd_baselines(argv: list[str]) -> int:
+    from ..paths import atomic_write_json
+    from .baselines import run_baseline
+    from .config import RecDataConfig, RecEvalConfig
+    from .data import format_stats, load_dataset
+    from .train import check_cutoffs
+
+    parser = _data_eval_parser("skip2lora rec baselines", "Random and most-popular rankers, same evaluation.")
+    parser.add_argument("--seeds", type=list[int], default=[1, 2, 3], help="seeds of the random ranker")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON to write (e.g. docs/rec/baselines.json)")
+    args = parse(parser, argv)
+    data_cfg, eval_cfg = RecDataConfig(**args.data.as_dict()), RecEvalConfig(**args.eval.as_dict())
+    if not args.seeds:
+        raise UserError("--seeds must name at least one seed")
+    dataset = load_dataset(data_cfg)
+    check_cutoffs(eval_cfg.ks, dataset.n_items)
+    print(format_stats(dataset.stats))
+    runs = [run_baseline("random", dataset, data_cfg, eval_cfg, seed) for seed in args.seeds]
+    runs.append(run_baseline("most-popular", dataset, data_cfg, eval_cfg, args.seeds[0]))
+    for run in runs:
+        test = run["summary"]["test"]
+        print(f"{run['method']:>12} seed {run['seed']}: test hr@{eval_cfg.k} {test[f'hr@{eval_cfg.k}']:.4f} "
+              f"ndcg@{eval_cfg.k} {test[f'ndcg@{eval_cfg.k}']:.4f}")
+    atomic_write_json(Path(args.out), {"kind": "rec-results", "generated_by": command_line("baselines", argv),
+                                       "runs": runs})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_stats(argv: list[str]) -> int:
+    from ..paths import atomic_write_json
+    from .config import RecDataConfig
+    from .data import format_stats, load_dataset
+
+    parser = _parser("skip2lora rec stats", "Print and save the leave-one-out split statistics.")
+    parser.add_class_arguments(RecDataConfig, nested_key="data")
+    parser.add_argument("--out", type=Optional[Path], default=None, help="also write them to this JSON file")
+    args = parse(parser, argv)
+    dataset = load_dataset(RecDataConfig(**args.data.as_dict()))
+    print(format_stats(dataset.stats))
+    if args.out is not None:
+        atomic_write_json(Path(args.out), dataset.stats)
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from .report import write_report
+
+    parser = _parser("skip2lora rec report", "Render docs/rec.md from run folders and rec result JSON files.")
+    parser.add_argument("inputs", type=str, nargs="+", help="run folders, run.json files or result JSON files")
+    parser.add_argument("--out", type=Path, default=Path("docs/rec.md"), help="Markdown file to write")
+    parser.add_argument("--save", type=Optional[Path], default=None,
+                        help="copy the runs read from run folders into this result JSON (so docs can be regenerated)")
+    args = parse(parser, argv)
+    write_report([Path(p) for p in args.inputs], Path(args.out), args.save, command_line("report", argv))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def command_line(command: str, argv: list[str]) -> str:
+    return shlex.join(["skip2lora", "rec", command, *argv])
+
+
+COMMANDS = {"student": cmd_student, "evaluate": cmd_evaluate, "baselines": cmd_baselines, "stats": cmd_stats,
+            "report": cmd_report}
+
+
+def main_rec(argv: list[str]) -> int:
+    """Run one `rec` subcommand; bad input raises UserError (the caller prints its one line)."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    handler = COMMANDS.get(argv[0])
+    if handler is None:
+        raise UserError(f"unknown rec command '{argv[0]}': use one of {', '.join(COMMANDS)}")
+    return handler(list(argv[1:]))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Standalone entry (`python -m skip2lora.rec.cli`): the main CLI's error contract."""
+    try:
+        return main_rec(list(sys.argv[1:] if argv is None else argv))
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Configs of the sequential-recommendation study: each field documented (shown in --help) and checked."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+
+DATASETS = ("ml-100k", "ml-1m")
+LOSSES = ("ce", "bce")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+@dataclass
+class RecDataConfig:
+    """Which interactions to read and how to cut them into sequences."""
+
+    name: str = "ml-100k"
+    """Dataset: ml-100k (read from the installed recbole wheel unless `path` is given) or ml-1m (needs `path`)."""
+    path: Optional[Path] = None
+    """Folder with the raw files: ml-1m `ratings.dat` + `movies.dat`; ml-100k `ml-100k.inter` + `ml-100k.item`."""
+    max_seq_len: int = 50
+    """Most recent items a model sees as history (older items are cut off)."""
+    min_interactions: int = 3
+    """Users with fewer interactions are dropped (3 = one train item, a validation and a test target)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise UserError(f"unknown dataset '{self.name}': use one of {', '.join(DATASETS)}")
+        if self.path is not None:
+            self.path = Path(self.path)
+        if self.name == "ml-1m" and self.path is None:
+            raise UserError("dataset ml-1m needs --data.path DIR (the folder holding ratings.dat and movies.dat)")
+        if self.max_seq_len < 1:
+            raise UserError(f"--data.max_seq_len must be >= 1 (got {self.max_seq_len})")
+        if self.min_interactions < 3:
+            raise UserError(f"--data.min_interactions must be >= 3 (a leave-one-out split needs 3), got "
+                            f"{self.min_interactions}")
+
+
+@dataclass
+class SASRecConfig:
+    """The SASRec student: causal self-attention over the item sequence."""
+
+    hidden: int = 64
+    """Embedding and hidden size (item embeddings are shared with the output layer)."""
+    blocks: int = 2
+    """Self-attention blocks."""
+    heads: int = 2
+    """Attention heads per block (must divide `hidden`)."""
+    dropout: float = 0.2
+    """Dropout on embeddings, attention weights and block outputs."""
+    loss: str = "ce"
+    """Training loss: ce (full softmax over all items at every position) or bce (one sampled negative, as the
+    original SASRec)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.blocks < 1 or self.heads < 1:
+            raise UserError("--model.hidden, --model.blocks and --model.heads must all be >= 1")
+        if self.hidden % self.heads:
+            raise UserError(f"--model.heads ({self.heads}) must divide --model.hidden ({self.hidden})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--model.dropout must be in [0, 1), got {self.dropout}")
+        if self.loss not in LOSSES:
+            raise UserError(f"unknown loss '{self.loss}': use one of {', '.join(LOSSES)}")
+
+
+@dataclass
+class RecTrainConfig:
+    """Optimisation and model selection (on validation NDCG@K, never on test)."""
+
+    epochs: int = 200
+    """Most epochs to run."""
+    batch_size: int = 128
+    """Training windows per optimizer step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    patience: int = 10
+    """Stop after this many epochs without a better validation NDCG@K (0 = never stop early)."""
+    max_fit_time_s: Optional[float] = None
+    """Stop training after this many seconds of fitting (checked after each epoch); None = no limit."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"--train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserError(f"--train.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise UserError(f"--train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"--train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.patience < 0:
+            raise UserError(f"--train.patience must be >= 0, got {self.patience}")
+        if self.max_fit_time_s is not None and self.max_fit_time_s <= 0:
+            raise UserError(f"--train.max_fit_time_s must be > 0, got {self.max_fit_time_s}")
+
+
+@dataclass
+class RecEvalConfig:
+    """Full-ranking evaluation: every item is a candidate."""
+
+    k: int = 10
+    """The cut-off that selects the model (validation NDCG@k) and heads the reports."""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    """Every cut-off reported (k is added if missing)."""
+    mask_history: bool = False
+    """Score the user's earlier items as -inf before ranking (RecBole and DLLM2Rec do not; LlamaRec, gSASRec do)."""
+    batch_size: int = 1024
+    """Users scored at once."""
+
+    def __post_init__(self) -> None:
+        self.ks = sorted(set(int(k) for k in self.ks) | {int(self.k)})
+        if self.ks[0] < 1:
+            raise UserError(f"every cut-off in --eval.ks and --eval.k must be >= 1, got {self.ks[0]}")
+        if self.batch_size < 1:
+            raise UserError(f"--eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class RecStudentConfig:
+    """Train the SASRec student on a leave-one-out split and evaluate it with full ranking."""
+
+    out_dir: Path = Path("out/rec/student")
+    """Run folder (run.json, best/, logs/)."""
+    seed: int = 1
+    """Seed of weights, data order and dropout."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    precision: str = "32-true"
+    """Lightning Fabric precision: 32-true, bf16-mixed, bf16-true or 16-mixed (bf16 is slow on AVX2 CPUs)."""
+    threads: int = 0
+    """CPU threads for torch (0 = every core this process may use)."""
+    overwrite: bool = False
+    """Replace a run already in out_dir."""
+    tensorboard: bool = True
+    """Also log the epoch scalars to logs/tensorboard."""
+    data: RecDataConfig = field(default_factory=RecDataConfig)
+    """Dataset and split."""
+    model: SASRecConfig = field(default_factory=SASRecConfig)
+    """The SASRec model."""
+    train: RecTrainConfig = field(default_factory=RecTrainConfig)
+    """Optimisation and early stopping."""
+    eval: RecEvalConfig = field(default_factory=RecEvalConfig)
+    """Metrics and ranking protocol."""
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
+        if self.threads < 0:
+            raise UserError(f"--threads must be >= 0, got {self.threads}")
+
+
+def config_to_dict(cfg: object) -> dict:
+    """A config as plain JSON values (paths as strings)."""
+
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(asdict(cfg))

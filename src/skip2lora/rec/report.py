@@ -1,0 +1,215 @@
+"""docs/rec.md from run folders and result JSON: protocol, metrics over seeds, anchors, baselines, timings.
+
+Reports only read what runs wrote. The published anchors below are other projects' numbers, labelled
+as such in the output with their protocols; nothing here is a figure of ours typed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import UserError
+from ..outdir import RunDir, read_json_file
+from ..paths import atomic_write_bytes, atomic_write_json
+
+# Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
+ANCHORS = [
+    {"name": "GRU4Rec, RecBole quick-start (published)", "split": "test", "hr@10": 0.1103, "ndcg@10": 0.0513,
+     "protocol": "RecBole defaults: full ranking, no masking, max len 50, embedding 64"},
+    {"name": "SASRec, UniRec (published)", "split": "validation", "hr@10": 0.129, "ndcg@10": 0.073,
+     "protocol": "UniRec: full ranking, leave-one-out; validation split"},
+]
+TARGETS = {"hr@10": 0.11, "ndcg@10": 0.055, "train_s": 180.0, "test_eval_s": 1.0}
+METHOD_ORDER = {"sasrec": 0, "most-popular": 1, "random": 2}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
+    """(every run, the runs read from run folders): folders, run.json files or rec-results JSON files."""
+    runs, from_folders = [], []
+    for path in paths:
+        if path.is_dir():
+            run = dict(RunDir(path).read_run_json(), name=path.name)
+            found, from_folder = [run], True
+        else:
+            payload = read_json_file(path, "result file")
+            found = payload.get("runs") if payload.get("kind") == "rec-results" else [payload]
+            if not isinstance(found, list):
+                raise UserError(f"{path}: 'runs' must be a list of run records")
+            found = [dict(r, name=r.get("name") or path.stem) for r in found]
+            from_folder = False
+        for run in found:
+            if run.get("kind") != "rec" or run.get("status") != "completed":
+                raise UserError(f"{path}: not a completed recommendation run (kind {run.get('kind')}, status "
+                                f"{run.get('status')})")
+        runs.extend(found)
+        if from_folder:
+            from_folders.extend(found)
+    if not runs:
+        raise UserError("no runs to report: pass run folders or result JSON files")
+    return runs, from_folders
+
+
+def group_key(run: dict) -> tuple:
+    p = run["summary"]["protocol"]
+    return (run["method"], run["split"]["dataset"], p["mask_history"], p["max_seq_len"])
+
+
+def groups(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    grouped: dict[tuple, list[dict]] = {}
+    for run in runs:
+        grouped.setdefault(group_key(run), []).append(run)
+    return sorted(grouped.items(), key=lambda item: (METHOD_ORDER.get(item[0][0], 9), str(item[0][1:])))
+
+
+def _label(key: tuple) -> str:
+    method, dataset, masked, max_len = key
+    return f"{method} ({dataset}, {'masked' if masked else 'no masking'}, max len {max_len})"
+
+
+def metric_table(grouped, split: str, ks: list[int], anchors: bool) -> list[str]:
+    head = ["ranker", "runs", "HR@10", "NDCG@10", "Recall@10"] + [f"HR@{k} / NDCG@{k}" for k in ks if k != 10]
+    lines = ["| " + " | ".join(head + ["CE loss"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for key, runs in grouped:
+        values = lambda name: [r["summary"][split].get(name) for r in runs]  # noqa: E731
+        cells = [_label(key), str(len(runs)), fmt(values("hr@10")), fmt(values("ndcg@10")), fmt(values("recall@10"))]
+        cells += [f"{fmt(values(f'hr@{k}'))} / {fmt(values(f'ndcg@{k}'))}" for k in ks if k != 10]
+        lines.append("| " + " | ".join(cells + [fmt(values("loss"))]) + " |")
+    if anchors:
+        for anchor in ANCHORS:
+            if anchor["split"] == split:
+                cells = [f"{anchor['name']}: {anchor['protocol']}", "–", f"{anchor['hr@10']:.4f}",
+                         f"{anchor['ndcg@10']:.4f}", "–"] + ["–" for k in ks if k != 10]
+                lines.append("| " + " | ".join(cells + ["–"]) + " |")
+    return lines
+
+
+def protocol_lines(student: dict) -> list[str]:
+    p, s, cfg = student["summary"]["protocol"], student["split"], student["config"]
+    model, train = cfg["model"], cfg["train"]
+    return [
+        f"- **Data**: {s['dataset']}: {s['users']} users, {s['items']} items, {s['interactions']} interactions, "
+        f"sparsity {s['sparsity']:.4f}; {s['dropped_users']} users dropped for fewer than "
+        f"{cfg['data']['min_interactions']} interactions. Sequence length median {s['seq_len_median']}, max "
+        f"{s['seq_len_max']}.",
+        f"- **Split**: {s['split']}; items ordered by {s['order']}. Histories are the last {p['max_seq_len']} items, "
+        "left-padded; the test history includes the validation target.",
+        f"- **Ranking**: {p['ranking']} (no sampled negatives; the padding item is never ranked); history masking: "
+        f"**{'yes' if p['mask_history'] else 'no'}** (RecBole and DLLM2Rec do not mask); ties: {p['ties']}. "
+        "Leave-one-out has one relevant item per user, so Recall@K equals HR@K. CE loss = cross-entropy of the "
+        "target under softmax over all items, before masking.",
+        f"- **Selection**: the epoch with the best {student['summary']['selection']} (patience {train['patience']} "
+        "epochs); the test split is evaluated once, on that checkpoint.",
+        f"- **Training samples**: every prefix of each user's training sequence (all items before the validation "
+        f"target), trained at once as SASRec does: the sequence is cut from the end into windows of "
+        f"{p['max_seq_len']} + 1 items overlapping by one, and every position predicts its next item "
+        f"({student['summary']['train_windows']} windows, {student['summary']['train_targets']} targets).",
+        f"- **Model**: SASRec, hidden {model['hidden']}, {model['blocks']} blocks, {model['heads']} heads, dropout "
+        f"{model['dropout']}, learned positions, item embeddings shared with the output, loss `{model['loss']}` "
+        f"({'full softmax over all items' if model['loss'] == 'ce' else 'one sampled negative'}); AdamW lr "
+        f"{train['lr']}, weight decay {train['weight_decay']}, batch {train['batch_size']}, at most {train['epochs']} "
+        f"epochs; {student['parameters_note']}.",
+        f"- **Machine**: {student['environment'].get('device_name')} ({student['environment'].get('device')}), "
+        f"{student['environment'].get('threads')} threads, precision {student['environment'].get('precision')}, "
+        f"torch {student['environment'].get('torch')}.",
+    ]
+
+
+def run_table(runs: list[dict]) -> list[str]:
+    lines = ["| run | seed | best epoch / run | stopped | val NDCG@10 | test HR@10 | test NDCG@10 | training s | "
+             "s per epoch | test eval s | peak MB (fit) |", "|" + "---|" * 11]
+    for run in runs:
+        t, s = run["timing"], run["summary"]
+        lines.append(f"| {run['name']} | {run['seed']} | {s['best_epoch']} / {s['epochs_run']} | {s['stopped']} | "
+                     f"{s['validation']['ndcg@10']:.4f} | {s['test']['hr@10']:.4f} | {s['test']['ndcg@10']:.4f} | "
+                     f"{t['train_s']:.1f} | {t['epoch_time_s']['mean']:.2f} | {t['test_eval_s']:.3f} | "
+                     f"{t['memory']['fit']['peak_memory_mb']:.0f} |")
+    return lines
+
+
+def timing_table(runs: list[dict]) -> list[str]:
+    col = lambda get: fmt([get(r["timing"]) for r in runs], 3)  # noqa: E731
+    rows = [
+        ("data preparation (read, sort, split, windows)", col(lambda t: t["data_prep_s"]),
+         col(lambda t: t["memory"]["data_prep"]["peak_memory_mb"])),
+        ("fit (training + per-epoch validation)", col(lambda t: t["fit_s"]), col(lambda t: t["memory"]["fit"]["peak_memory_mb"])),
+        ("training only (sum of epochs)", col(lambda t: t["train_s"]), ""),
+        ("one training epoch", col(lambda t: t["epoch_time_s"]["mean"]), ""),
+        ("validation, all epochs", col(lambda t: t["validation_s"]), ""),
+        ("one validation (all users)", col(lambda t: t["validation_time_s"]["mean"]), ""),
+        (f"test evaluation ({runs[0]['timing']['test_eval_users']} users, full ranking)", col(lambda t: t["test_eval_s"]),
+         col(lambda t: t["memory"]["test_eval"]["peak_memory_mb"])),
+    ]
+    lines = ["| phase | seconds | peak memory MB |", "|---|---|---|"]
+    return lines + [f"| {name} | {secs} | {mem} |" for name, secs, mem in rows]
+
+
+def target_lines(students: list[dict]) -> list[str]:
+    hr = mean_std([r["summary"]["test"]["hr@10"] for r in students])[0]
+    ndcg = mean_std([r["summary"]["test"]["ndcg@10"] for r in students])[0]
+    train = max(r["timing"]["train_s"] for r in students)
+    fit = max(r["timing"]["fit_s"] for r in students)
+    evaluation = max(r["timing"]["test_eval_s"] for r in students)
+    verdict = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    return [
+        f"- test HR@10 >= {TARGETS['hr@10']}: mean {hr:.4f}, {verdict(hr >= TARGETS['hr@10'])}",
+        f"- test NDCG@10 >= {TARGETS['ndcg@10']}: mean {ndcg:.4f}, {verdict(ndcg >= TARGETS['ndcg@10'])}",
+        f"- training under {TARGETS['train_s']:.0f} s per run: slowest run {train:.1f} s of training "
+        f"({fit:.1f} s with per-epoch validation), {verdict(fit < TARGETS['train_s'])}",
+        f"- full-ranking evaluation of all users under {TARGETS['test_eval_s']:.0f} s: slowest {evaluation:.3f} s, "
+        f"{verdict(evaluation < TARGETS['test_eval_s'])}",
+    ]
+
+
+def render(runs: list[dict], command: str, regenerate: Optional[str]) -> str:
+    students = [r for r in runs if r["method"] == "sasrec"]
+    if not students:
+        raise UserError("no SASRec student run among the inputs: pass the run folders of `skip2lora rec student`")
+    first = dict(students[0], parameters_note=f"{students[0]['summary']['parameters']:,} parameters")
+    ks = first["summary"]["protocol"]["ks"]
+    grouped = groups(runs)
+    out = [f"# Sequential recommendation: the SASRec student on {first['split']['dataset']}", "",
+           f"Generated by `{command}` from {len(runs)} run records; do not edit by hand."]
+    if regenerate:
+        out.append(f"Regenerate from the saved records with `{regenerate}`.")
+    out += ["", "## Protocol", *protocol_lines(first), "",
+            "## Test metrics (mean ± sample std over runs)",
+            "Published anchors are other projects' numbers, shown with their protocols; they were not run here.",
+            "", *metric_table(grouped, "test", ks, anchors=True), "",
+            "## Validation metrics (the selection split)", "", *metric_table(grouped, "validation", ks, anchors=True), "",
+            "## Targets", *target_lines(students), "",
+            "## Phase timings of the student (mean ± sample std over runs)",
+            f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_table(students), "",
+            "## Student runs", "", *run_table(students), ""]
+    return "\n".join(out)
+
+
+def write_report(paths: Sequence[Path], out: Path, save: Optional[Path], command: str) -> Path:
+    runs, from_folders = load_runs(paths)
+    regenerate = None
+    if save is not None:
+        if not from_folders:
+            raise UserError("--save copies the runs read from run folders, but every input was a JSON file")
+        atomic_write_json(Path(save), {"kind": "rec-results", "generated_by": command, "runs": from_folders})
+        others = [str(p) for p in paths if not p.is_dir()]
+        regenerate = " ".join(["skip2lora rec report", str(save), *others, "--out", str(out)])
+    atomic_write_bytes(Path(out), render(runs, command, regenerate).encode())
+    return Path(out)

@@ -1,0 +1,6 @@
+"""Reports: everything here reads run folders and result JSON, and nothing here trains or measures.
+
+tables.py (the one table type and its renderers), stats.py (mean ± std, ratios, the spread rule),
+plots.py (figure helpers), runs.py (run folders for compare), compare.py + compare_report.py
+(`skip2lora compare`), bench_report.py (`skip2lora report-bench`).
+"""

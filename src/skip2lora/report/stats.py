@@ -1,0 +1,70 @@
+"""The statistics every report shares: mean ± std over seeds, ratios, differences, the spread rule.
+
+One implementation of each, so a number in the compare report, the benchmark tables and the paper
+report means the same thing wherever it appears.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+
+@dataclass
+class MeanStd:
+    """Mean and sample standard deviation (ddof=1) of the values present."""
+
+    mean: Optional[float]
+    std: Optional[float]  # None with fewer than 2 values: one seed says nothing about the spread
+    n: int
+    values: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
+
+
+def mean_std(values: Iterable[Optional[float]]) -> MeanStd:
+    """Mean and sample standard deviation of the values present (None and NaN are left out)."""
+    present = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return MeanStd(None, None, 0, [])
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return MeanStd(statistics.fmean(present), std, len(present), present)
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """numerator / denominator; None when either is missing or the denominator is zero."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def relative_diff_pct(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    """(value - reference) / |reference| in percent; None when it is undefined."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return 100.0 * (value - reference) / abs(reference)
+
+
+SPREAD_RULE = ("a difference is beyond the seed-to-seed spread when |mean_a - mean_b| > std_a + std_b "
+               "(sample standard deviations over seeds); not judged when either side has fewer than 2 seeds")
+
+
+def beyond_spread(a: MeanStd, b: MeanStd) -> Optional[bool]:
+    """The spread rule: |mean_a - mean_b| > std_a + std_b; None when either side has < 2 values."""
+    if a.n < 2 or b.n < 2 or a.std is None or b.std is None:
+        return None
+    return abs(a.mean - b.mean) > a.std + b.std
+
+
+def time_stats(seconds: list[float]) -> dict:
+    """Mean, min, max and sample standard deviation in milliseconds, with the raw samples.
+
+    The benchmark JSON has always held a number here: one timed iteration gives std 0.0, not None.
+    """
+    ms = [s * 1000.0 for s in seconds]
+    stats = mean_std(ms)
+    return {"mean_ms": stats.mean, "min_ms": min(ms), "max_ms": max(ms),
+            "std_ms": 0.0 if stats.std is None else stats.std, "samples_ms": ms}

@@ -1,0 +1,1 @@
+"""Training: the one loop (loop.py), the one optimizer step (step.py), evaluation and checkpoints."""

@@ -1,0 +1,92 @@
+"""Validation: token-weighted loss, perplexity and, for tasks with answers, accuracy."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import EvalConfig
+from ..data import TokenizedSample, collate
+from ..methods import FinetuneMethod
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def left_padded_prompts(samples: list[TokenizedSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts only, padded on the left so every row's generation starts at the same column."""
+    width = max(s.prompt_length for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        prompt = sample.input_ids[: sample.prompt_length]
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def evaluate(
+    method: FinetuneMethod,
+    val_samples: list[TokenizedSample],
+    answers: dict[str, str],
+    cfg: EvalConfig,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable,
+    has_accuracy: bool,
+) -> dict:
+    """Validation loss (token-weighted), perplexity and, when the task has answers, accuracy."""
+    method.eval()
+    pad_id = method.tokenizer.pad_token_id
+    total, count, correct, seen = 0.0, 0, 0, 0
+    with autocast():
+        for start in range(0, len(val_samples), batch_size):
+            chunk = val_samples[start:start + batch_size]
+            batch = to_device(collate(chunk, pad_id), device)
+            if method.kind == "classification":
+                # One forward gives both: the loss is the cross-entropy of the very logits classified.
+                logits = method.classify(batch).float()
+                total += float(F.cross_entropy(logits, batch["class_labels"], reduction="sum"))
+                count += len(chunk)
+                correct += int((logits.argmax(-1) == batch["class_labels"]).sum())
+                seen += len(chunk)
+            else:
+                loss_sum, n = method(batch)
+                total += float(loss_sum)
+                count += n
+        if method.kind == "generation" and has_accuracy and cfg.accuracy_samples > 0:
+            subset = val_samples[: cfg.accuracy_samples]
+            for start in range(0, len(subset), batch_size):
+                chunk = subset[start:start + batch_size]
+                ids, mask = left_padded_prompts(chunk, pad_id)
+                new_tokens = method.generate(ids.to(device), mask.to(device), cfg.max_new_tokens)
+                for sample, tokens in zip(chunk, new_tokens):
+                    text = method.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    correct += int(text == answers[sample.sample_id].strip())
+                    seen += 1
+    val_loss = total / max(count, 1)
+    result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    if seen:
+        result["val_acc"] = correct / seen
+    return result
+
+
+def is_better(current: dict, best: Optional[dict]) -> bool:
+    """Accuracy decides when the task has it; validation loss otherwise (and breaks ties)."""
+    if best is None:
+        return True
+    if "val_acc" in current and "val_acc" in best and current["val_acc"] != best["val_acc"]:
+        return current["val_acc"] > best["val_acc"]
+    return current["val_loss"] < best["val_loss"]
+
+
+def format_eval(result: dict) -> str:
+    text = f"val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}"
+    if "val_acc" in result:
+        text += f", val_acc {result['val_acc']:.3f}"
+    return text

@@ -1,0 +1,29 @@
+"""Fixtures for the recommendation tests: synthetic ML-1M files in tmp_path, quick student configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rec_fixtures import synthetic_sequences, write_ml1m
+
+from skip2lora.rec.config import RecDataConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path) -> Path:
+    return write_ml1m(tmp_path / "ml1m", synthetic_sequences(), 30)
+
+
+@pytest.fixture
+def quick_config(tmp_path, synthetic_dir):
+    def make(name: str = "run", **train) -> RecStudentConfig:
+        return RecStudentConfig(
+            out_dir=tmp_path / name, seed=1, device="cpu", tensorboard=False,
+            data=RecDataConfig(name="ml-1m", path=synthetic_dir, max_seq_len=8),
+            model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1),
+            train=RecTrainConfig(**{"epochs": 1, "batch_size": 16, "lr": 5e-3, "patience": 0, **train}),
+            eval=RecEvalConfig(k=10, ks=[1, 5, 10]),
+        )
+
+    return make

@@ -1,0 +1,24 @@
+"""Recommendation test data built in code (ML-1M `::` files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_ml1m(folder: Path, sequences: dict[int, list[tuple[int, int]]], n_items: int) -> Path:
+    """ratings.dat / movies.dat from {user: [(item, timestamp), ...]} (written in shuffled file order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(u, i, t) for u, items in sequences.items() for i, t in items]
+    rows = rows[1::2] + rows[::2]  # file order must not matter
+    (folder / "ratings.dat").write_text("".join(f"{u}::{i}::4::{t}\n" for u, i, t in rows))
+    (folder / "movies.dat").write_text("".join(f"{i}::Movie {i} (1999)::Drama\n" for i in range(1, n_items + 1)))
+    return folder
+
+
+def synthetic_sequences(users: int = 40, items: int = 30, length: int = 14) -> dict[int, list[tuple[int, int]]]:
+    """Each user walks the items with a fixed stride, so the next item is learnable from the last ones."""
+    out = {}
+    for u in range(1, users + 1):
+        stride, start = 1 + u % 3, u % items
+        out[u] = [((start + stride * t) % items + 1, 1000 * u + t) for t in range(length - u % 4)]
+    return out

@@ -1,0 +1,137 @@
+"""Metrics against hand-computed values, a brute-force loop and torchmetrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skip2lora.rec.data import EvalSplit
+from skip2lora.rec.metrics import NDCG, HitRate, Recall, evaluate_ranking, hits_from_ranks, target_ranks
+
+NEG = float("-inf")
+
+
+def make_split(targets: list[int], histories: list[list[int]]) -> EvalSplit:
+    offsets, flat = [0], []
+    for history in histories:
+        flat.extend(history)
+        offsets.append(len(flat))
+    return EvalSplit("test", torch.zeros(len(targets), 3, dtype=torch.long), torch.tensor(targets),
+                     [f"u{i}:0" for i in range(len(targets))], torch.tensor(offsets), torch.tensor(flat, dtype=torch.long))
+
+
+def score_table(table: torch.Tensor):
+    return lambda inputs, start, stop: table[start:stop].clone()
+
+
+# Five items (column 0 is padding). Hand-computed ranks (0-based, ties pessimistic):
+#   user 0: target 3 has the top score                        -> rank 0
+#   user 1: target 1, two items score higher                  -> rank 2
+#   user 2: target 5 tied with items 1 and 2, item 4 higher   -> rank 1 + 2 = 3
+SCORES = torch.tensor([
+    [NEG, 0.1, 0.2, 0.9, 0.3, 0.0],
+    [NEG, 0.5, 0.7, 0.1, 0.8, 0.2],
+    [NEG, 0.4, 0.4, 0.1, 0.9, 0.4],
+])
+TARGETS = [3, 1, 5]
+
+
+def test_ranks_by_hand_with_pessimistic_ties():
+    assert target_ranks(SCORES, torch.tensor(TARGETS)).tolist() == [0, 2, 3]
+
+
+def test_metrics_by_hand_including_k_beyond_rank_and_items():
+    result = evaluate_ranking(score_table(SCORES), make_split(TARGETS, [[], [], []]), ks=[1, 3, 5, 10])
+    assert result["hr@1"] == pytest.approx(1 / 3)
+    assert result["hr@3"] == pytest.approx(2 / 3)
+    assert result["hr@5"] == pytest.approx(1.0)
+    assert result["hr@10"] == pytest.approx(1.0)  # K larger than the 5 items: every target is inside
+    assert result["ndcg@1"] == pytest.approx(1 / 3)
+    assert result["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert result["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
+    assert result["ndcg@10"] == pytest.approx(result["ndcg@5"])
+    for k in (1, 3, 5, 10):
+        assert result[f"recall@{k}"] == pytest.approx(result[f"hr@{k}"])  # one relevant item per user
+    assert result["mean_rank"] == pytest.approx((1 + 3 + 4) / 3)
+
+
+def test_masking_history_removes_earlier_items_and_a_masked_target_ranks_last():
+    split = make_split(TARGETS, [[], [2, 4], [4, 5]])
+    result = evaluate_ranking(score_table(SCORES), split, ks=[1, 5], mask_history=True)
+    # user 1: items 2 and 4 masked -> rank 0; user 2: its target 5 is in the history -> -inf, last (rank 4).
+    assert result["hr@1"] == pytest.approx(2 / 3)
+    assert result["ndcg@5"] == pytest.approx((1 + 1 + 1 / math.log2(6)) / 3)
+    unmasked = evaluate_ranking(score_table(SCORES), split, ks=[1, 5], mask_history=False)
+    assert unmasked["hr@1"] == pytest.approx(1 / 3)
+    assert result["loss"] == pytest.approx(unmasked["loss"])  # the loss is taken before masking
+
+
+def test_padding_column_is_never_ranked():
+    scores = SCORES.clone()
+    scores[:, 0] = 100.0
+    assert target_ranks(scores, torch.tensor(TARGETS)).tolist() == [0, 2, 3]
+
+
+def test_loss_is_cross_entropy_over_real_items():
+    result = evaluate_ranking(score_table(SCORES), make_split(TARGETS, [[], [], []]), ks=[1])
+    expected = F.cross_entropy(SCORES[:, 1:], torch.tensor(TARGETS) - 1)
+    assert result["loss"] == pytest.approx(float(expected))
+
+
+def brute_force(scores: torch.Tensor, targets: list[int], k: int) -> tuple[float, float]:
+    """Sort every item by score, the target placed after equal scores; HR and NDCG by definition."""
+    hr = ndcg = 0.0
+    for row, target in zip(scores.tolist(), targets):
+        order = sorted(range(1, len(row)), key=lambda i: (-row[i], i == target))
+        rank = order.index(target)
+        if rank < k:
+            hr += 1
+            ndcg += 1 / math.log2(rank + 2)
+    return hr / len(targets), ndcg / len(targets)
+
+
+def test_against_brute_force_with_many_ties_and_batches():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (37, 41), generator=generator).float()  # coarse scores: ties everywhere
+    scores[:, 0] = NEG
+    targets = torch.randint(1, 41, (37,), generator=generator).tolist()
+    split = make_split(targets, [[]] * 37)
+    for batch_size in (5, 1024):
+        result = evaluate_ranking(score_table(scores), split, ks=[1, 5, 10, 20], batch_size=batch_size)
+        for k in (1, 5, 10, 20):
+            hr, ndcg = brute_force(scores, targets, k)
+            assert result[f"hr@{k}"] == pytest.approx(hr)
+            assert result[f"ndcg@{k}"] == pytest.approx(ndcg)
+
+
+def test_against_torchmetrics_retrieval_metrics():
+    torchmetrics = pytest.importorskip("torchmetrics.retrieval")
+    generator = torch.Generator().manual_seed(1)
+    users, items = 25, 30
+    scores = torch.rand(users, items + 1, generator=generator)  # continuous: no ties
+    scores[:, 0] = NEG
+    targets = torch.randint(1, items + 1, (users,), generator=generator)
+    result = evaluate_ranking(score_table(scores), make_split(targets.tolist(), [[]] * users), ks=[5, 10])
+    preds = scores[:, 1:].reshape(-1)
+    relevant = F.one_hot(targets - 1, items).bool().reshape(-1)
+    indexes = torch.arange(users).repeat_interleave(items)
+    for k in (5, 10):
+        assert result[f"hr@{k}"] == pytest.approx(float(torchmetrics.RetrievalHitRate(top_k=k)(preds, relevant, indexes)))
+        assert result[f"ndcg@{k}"] == pytest.approx(
+            float(torchmetrics.RetrievalNormalizedDCG(top_k=k)(preds, relevant, indexes)), abs=1e-6)
+        assert result[f"recall@{k}"] == pytest.approx(float(torchmetrics.RetrievalRecall(top_k=k)(preds, relevant, indexes)))
+
+
+def test_metric_classes_with_several_relevant_items():
+    # One user, relevant items at ranks 0 and 3 of the list; two relevant in all.
+    hits = torch.tensor([[True, False, False, True, False]])
+    n_relevant = torch.tensor([2])
+    assert float(HitRate(2)(hits, n_relevant)[0]) == 1.0
+    assert float(Recall(2)(hits, n_relevant)[0]) == 0.5
+    assert float(Recall(5)(hits, n_relevant)[0]) == 1.0
+    ideal = 1 + 1 / math.log2(3)
+    assert float(NDCG(5)(hits, n_relevant)[0]) == pytest.approx((1 + 1 / math.log2(5)) / ideal)
+    assert hits_from_ranks(torch.tensor([1]), 3).tolist() == [[False, True, False]]
