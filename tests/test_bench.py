@@ -20,7 +20,9 @@ import textwrap
 import pytest
 import torch
 
-from skip2lora import bench
+from skip2lora.bench import batches, command, measure, worker
+from skip2lora.bench import suite as bench_suite
+from skip2lora.cli import run_function
 from skip2lora.report import bench_report
 from skip2lora.data import IGNORE_INDEX, TokenizedSample
 from skip2lora.errors import UserError
@@ -49,6 +51,11 @@ COMMON = ["--model", "tiny", "--iters", str(ITERS), "--warmup", "1", "--seq_len"
           "--threads", "1", "--device", "cpu"]
 
 
+def main_benchmark(argv: list[str]) -> int:
+    """`skip2lora benchmark ARGV`, raising UserError instead of printing it."""
+    return run_function("benchmark", command.benchmark_command, argv)
+
+
 def write_suite(directory) -> str:
     path = directory / "suite.yaml"
     path.write_text(textwrap.dedent(SUITE))
@@ -66,7 +73,7 @@ def run(tmp_path_factory):
 def run_benchmark(argv: list[str], out_dir) -> tuple[int, str, dict, object]:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = bench.main_benchmark(argv)
+        code = main_benchmark(argv)
     files = list(out_dir.glob("skip2lora_benchmark_*.json"))
     assert len(files) == 1
     return code, printed.getvalue(), json.loads(files[0].read_text()), files[0]
@@ -173,7 +180,7 @@ def check_epoch_task(task: dict, reference: str, other: str) -> None:
 def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_path, monkeypatch, request):
     # The same worker code, run in this process: the subprocess path is covered by the fixture.
     threads = torch.get_num_threads()
-    monkeypatch.setattr(bench, "run_worker", lambda spec: {**bench.worker_result(spec), "wall_s": 0.0})
+    monkeypatch.setattr(command, "run_worker", lambda spec: {**worker.worker_result(spec), "wall_s": 0.0})
     request.addfinalizer(lambda: torch.set_num_threads(threads))  # the workers' --threads 1 must not stick
     argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "lora",
                      "--epochs", "2", "--samples", "8"]
@@ -201,10 +208,10 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
     (["--epochs", "2", "--epoch_tasks", "poetry"], "unknown epoch task 'poetry'"),
 ])
 def test_bad_input_is_one_user_error_before_any_worker_starts(tmp_path, monkeypatch, extra, message):
-    monkeypatch.setattr(bench, "run_worker", lambda spec: pytest.fail("a worker started"))
+    monkeypatch.setattr(command, "run_worker", lambda spec: pytest.fail("a worker started"))
     argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path / "out")] + extra
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        bench.main_benchmark(argv)
+        main_benchmark(argv)
 
 
 def test_a_model_whose_config_does_not_load_is_a_user_error(tmp_path):
@@ -212,18 +219,18 @@ def test_a_model_whose_config_does_not_load_is_a_user_error(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="does not load"):
-        bench.main_benchmark(COMMON + ["--config_file", write_suite(tmp_path), "--model", str(model_dir)])
+        main_benchmark(COMMON + ["--config_file", write_suite(tmp_path), "--model", str(model_dir)])
 
 
 def test_unknown_override_field_in_the_yaml_is_a_user_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("configs:\n  - {name: x, method: skip2lora, skip2lora: {blocks: [0]}}\n")
     with pytest.raises(UserError, match="skip2lora.blocks is not a field"):
-        bench.load_suite(path)
+        bench_suite.load_suite(path)
 
 
 def test_the_default_suite_holds_the_documented_configurations():
-    suite = bench.load_suite(bench.resolve_config_file(bench.DEFAULT_CONFIG_FILE))
+    suite = bench_suite.load_suite(bench_suite.resolve_config_file(bench_suite.DEFAULT_CONFIG_FILE))
     assert suite.baseline == "lora-qv"
     assert {"skip2lora-2", "skip2lora-2-cached", "skip2lora-4-cached", "skip2lora-6-cached", "qlora-qv",
             "full"} <= set(suite.configs)
@@ -238,30 +245,30 @@ def sample(name: str, prompt: list[int], response: list[int]) -> TokenizedSample
 
 def test_packing_fills_rows_exactly_and_keeps_response_only_labels():
     samples = [sample("a", [1, 2, 3], [4, 5]), sample("b", [6, 7], [8])]
-    rows = bench.pack_samples(samples, seq_len=7, rows=3)
+    rows = batches.pack_samples(samples, seq_len=7, rows=3)
     assert [len(r.input_ids) for r in rows] == [7, 7, 7]
     assert rows[0].input_ids == [1, 2, 3, 4, 5, 6, 7]  # "b" is cut at the row's end ...
     assert rows[0].labels == [IGNORE_INDEX] * 3 + [4, 5] + [IGNORE_INDEX] * 2
     assert rows[1].input_ids == [1, 2, 3, 4, 5, 6, 7]  # ... and the next row starts with the next example
     assert rows[0].sample_id == rows[1].sample_id  # same content, same id: the cache can key it
-    assert rows[2].sample_id == bench.pack_samples(samples, 7, 3)[2].sample_id
+    assert rows[2].sample_id == batches.pack_samples(samples, 7, 3)[2].sample_id
 
 
 def test_a_killed_worker_is_reported_in_one_line():
-    reason = bench._exit_reason(-signal.SIGKILL, "")
+    reason = worker.exit_reason(-signal.SIGKILL, "")
     assert reason.startswith("worker killed by SIGKILL")
-    reason = bench._exit_reason(1, "Traceback ...\nRuntimeError: boom\n")
+    reason = worker.exit_reason(1, "Traceback ...\nRuntimeError: boom\n")
     assert reason == "worker exited with code 1: RuntimeError: boom"
 
 
 def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path, monkeypatch):
     # Weights that do not load fail in every worker; the reason reaches the user once, and the JSON is kept.
-    monkeypatch.setattr(bench, "run_worker", lambda spec: {"status": "failed", "error": "weights are damaged",
+    monkeypatch.setattr(command, "run_worker", lambda spec: {"status": "failed", "error": "weights are damaged",
                                                            "wall_s": 0.0})
     argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "s2-cached"]
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(UserError, match="every configuration failed, "
                                                                    "first lora: weights are damaged"):
-        bench.main_benchmark(argv)
+        main_benchmark(argv)
     payload = json.loads(next(tmp_path.glob("skip2lora_benchmark_*.json")).read_text())
     assert [c["status"] for c in payload["configs"]] == ["failed", "failed"]
     assert payload["comparison"]["baseline_status"] == "failed" and payload["comparison"]["rows"] == {}
@@ -281,7 +288,7 @@ def test_inference_reference_row_measures_the_frozen_forward():
     config = {"name": "inference", "method": "inference", "label": "inference", "overrides": {}}
     spec = {"config": config, "model": "tiny", "device": "cpu", "precision": "32-true", "seed": 1, "threads": 1,
             "batch_size": 2, "seq_len": 32, "mode": "steps", "iters": 2, "warmup": 1}
-    result = bench.run_step_benchmark(spec)
+    result = measure.run_step_benchmark(spec)
     assert result["parameters"]["trainable"] == 0
     assert result["timing"]["backward"]["mean_ms"] == 0.0
     assert result["timing"]["step"]["mean_ms"] == result["timing"]["forward"]["mean_ms"] > 0

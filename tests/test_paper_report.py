@@ -68,7 +68,8 @@ def test_report_renders_tables_verdicts_and_plots(tmp_path, capsys):
     assert "| digits | 91.0 ± 1.4 | 93.5 ± 0.7 | 94.5 ± 0.7 | -1.0 | time met, accuracy met |" in text
     assert "| fan | 91.0 ± 1.4 | 90.5 ± 0.7 | 94.5 ± 0.7 | -4.0 | time met, accuracy missed |" in text
     assert "| pretrained, no fine-tuning | 0 | 52.5 ± 3.5 |" in text
-    assert "| Skip2-LoRA | 47,584 | 93.5 ± 0.7 | 0.0125 | 0.0125 | 0.0125 | 0.0125 | 0.500 ± 0.141 | 91.0 ± 1.4 |" in text
+    assert ("| Skip2-LoRA | 47,584 | 93.5 ± 0.7 | 0.0125 | 0.0125 | 0.0125 | 0.0125 | 0.500 ± 0.141 | 91.0 ± 1.4 |"
+            in text)
     assert "| LoRA-All | 47,584 | 94.5 ± 0.7 |" in text and "| (baseline) |" in text
     assert "**Accuracy target (within 2 points of FT-All): missed**" in text
     assert "## har\n\nNot run for this report" in text

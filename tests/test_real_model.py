@@ -8,7 +8,7 @@ import torch
 from skip2lora.data import Example, format_prompt
 from skip2lora.methods.base import FinetuneMethod
 from skip2lora.models import load_base_model, resolve_model_dir
-from skip2lora.train import run_finetune
+from skip2lora.train.loop import run_finetune
 
 pytestmark = pytest.mark.slow
 

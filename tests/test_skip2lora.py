@@ -9,14 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skip2lora.cache import CachedFeatures, SkipCache
+from skip2lora.methods.skip2lora.cache import CachedFeatures, SkipCache
 from skip2lora.data import collate, load_task_data, tokenize_examples
+from skip2lora.data.tokenize import token_hash
 from skip2lora.errors import UserError
 from skip2lora.methods import build_method
-from skip2lora.methods.adapters import validate_layer_indices
-from skip2lora.methods.skip2lora import frozen_head_ce_sum, load_skip2lora
+from skip2lora.methods.skip2lora.adapters import validate_layer_indices
+from skip2lora.methods.skip2lora.head_loss import frozen_head_ce_sum
+from skip2lora.methods.skip2lora.method import load_skip2lora
 from skip2lora.models import load_base_model
-from skip2lora.train import run_finetune
+from skip2lora.train.loop import run_finetune
 
 from test_finetune import train_losses
 
@@ -53,7 +55,7 @@ def test_zero_initialised_adapters_reproduce_the_base_loss(make_config):
     batch = collate(tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind), method.tokenizer.pad_token_id)
     method.eval()
     with torch.no_grad():
-        loss, count = method.loss_sum(batch)
+        loss, count = method(batch)
         base_logits = method.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = F.cross_entropy(base_logits[:, :-1].reshape(-1, base_logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
                                ignore_index=-100, reduction="sum")
@@ -113,24 +115,24 @@ def fingerprint(**changes):
 def test_any_change_to_what_features_depend_on_is_a_miss(tmp_path, change):
     original = SkipCache("disk", fingerprint(), directory=tmp_path)
     feats = CachedFeatures(torch.ones(2, 3, 4), torch.ones(3, 4), torch.zeros(3, dtype=torch.long))
-    original.put(original.sample_key([5, 6, 7]), feats)
+    original.put(token_hash([5, 6, 7]), feats)
     original.flush()
     same = SkipCache("disk", fingerprint(), directory=tmp_path)
-    assert same.get(same.sample_key([5, 6, 7])) is not None
-    assert same.get(same.sample_key([5, 6, 8])) is None  # other data
+    assert same.get(token_hash([5, 6, 7])) is not None
+    assert same.get(token_hash([5, 6, 8])) is None  # other data
     changed = SkipCache("disk", fingerprint(**change), directory=tmp_path)
-    assert changed.get(changed.sample_key([5, 6, 7])) is None
+    assert changed.get(token_hash([5, 6, 7])) is None
 
 
 def test_cache_dtype_is_part_of_the_key(tmp_path):
     a = SkipCache("memory", fingerprint(), dtype="float32")
     b = SkipCache("memory", fingerprint(), dtype="float16")
-    assert a.sample_key([1, 2]) != b.sample_key([1, 2])
+    assert a.key != b.key
 
 
 def test_damaged_cache_shard_is_reported_and_rebuilt(tmp_path):
     cache = SkipCache("disk", fingerprint(), directory=tmp_path)
-    key = cache.sample_key([1, 2, 3])
+    key = token_hash([1, 2, 3])
     cache.put(key, CachedFeatures(torch.randn(2, 3, 4), torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
     cache.flush()
     shard = next(cache.directory.glob("shard-*.safetensors"))
@@ -146,7 +148,7 @@ def test_damaged_cache_shard_is_reported_and_rebuilt(tmp_path):
 
 def test_truncated_cache_shard_is_reported_and_rebuilt(tmp_path):
     cache = SkipCache("disk", fingerprint(), directory=tmp_path)
-    cache.put(cache.sample_key([4]), CachedFeatures(torch.randn(1, 1, 4), torch.randn(1, 4), torch.zeros(1, dtype=torch.long)))
+    cache.put(token_hash([4]), CachedFeatures(torch.randn(1, 1, 4), torch.randn(1, 4), torch.zeros(1, dtype=torch.long)))
     cache.flush()
     shard = next(cache.directory.glob("shard-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:20])
@@ -244,7 +246,7 @@ def test_shared_prompt_prefix_is_computed_once_with_the_same_features(make_confi
 def test_mean_pooled_classification_features_and_reload(make_config):
     """pooling: mean caches one row per block: the mean of that block's output over the real tokens."""
     from skip2lora.data import collate, load_task_data, tokenize_examples
-    from skip2lora.methods.skip2lora import load_skip2lora
+    from skip2lora.methods.skip2lora.method import load_skip2lora
 
     cfg = make_config("skip2lora", data__name="authorship", data__num_train=16, data__num_val=8,
                       data__max_seq_length=64, skip2lora__pooling="mean", train__lr=1e-2)

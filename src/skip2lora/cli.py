@@ -45,7 +45,7 @@ COMMANDS: dict[str, Command] = {
                           "a matrix of fine-tunings (tasks x variants x seeds) from a YAML spec; resumable"),
     "compare": Command("skip2lora.report.compare:compare_command",
                        "compare runs over seeds: tables, time-to-quality, plots and report.md"),
-    "benchmark": Command("skip2lora.bench.suite:benchmark_command",
+    "benchmark": Command("skip2lora.bench.command:benchmark_command",
                          "step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full"),
     "report-bench": Command("skip2lora.report.bench_report:report_bench_command",
                             "render docs/results.md from saved benchmark JSON files"),
@@ -128,6 +128,35 @@ def fold_positionals(argv: list[str], function: Callable) -> list[str]:
     return [f"--{parameter.name}", leading[0], *rest]
 
 
+def is_bool_type(annotation: Any) -> bool:
+    return annotation is bool or (typing.get_origin(annotation) is typing.Union and bool in typing.get_args(annotation))
+
+
+def gather_list_options(argv: list[str], function: Callable) -> list[str]:
+    """Switch-style flags, as argparse users type them: `--configs a b` for a list-typed option becomes
+    `--configs '["a", "b"]'`, and a bare boolean flag (`--dry_run`) becomes `--dry_run true`."""
+    import json
+
+    hints = typing.get_type_hints(function)
+    out: list[str] = []
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        name = token[2:] if token.startswith("--") and "=" not in token else None
+        if name and is_list_type(hints.get(name)) and position + 1 < len(argv) and not argv[position + 1].startswith("["):
+            values = []
+            while position + 1 < len(argv) and not argv[position + 1].startswith("--"):
+                values.append(argv[position + 1])
+                position += 1
+            out += [token, json.dumps(values)]
+        elif name and is_bool_type(hints.get(name)) and (position + 1 == len(argv) or argv[position + 1].startswith("--")):
+            out += [token, "true"]
+        else:
+            out.append(token)
+        position += 1
+    return out
+
+
 def parse(parser, argv: list[str]):
     from jsonargparse import ArgumentError
 
@@ -152,7 +181,7 @@ def function_parser(name: str, function: Callable):
 def run_function(name: str, function: Callable, argv: list[str]) -> int:
     """Parse argv against the function's signature and call it."""
     parser = function_parser(name, function)
-    namespace = parse(parser, fold_positionals(expand_aliases(argv), function))
+    namespace = parse(parser, gather_list_options(fold_positionals(argv, function), function))
     values = namespace.as_dict()
     values.pop("config", None)
     values.pop("__path__", None)

@@ -109,3 +109,20 @@ def peak_memory_mb(device: torch.device) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def command_text(name: str, function, values: dict) -> str:
+    """`skip2lora NAME --flag value ...` for the arguments that differ from the function's defaults: the
+    command a result file records so it can be run again."""
+    import inspect
+    import json
+    import shlex
+
+    words = ["skip2lora", name]
+    for parameter in inspect.signature(function).parameters.values():
+        value = values.get(parameter.name, parameter.default)
+        if parameter.default is not inspect.Parameter.empty and value == parameter.default:
+            continue
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        words += [f"--{parameter.name}", text]
+    return shlex.join(words)

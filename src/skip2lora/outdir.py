@@ -25,6 +25,8 @@ RUN_JSON = "run.json"
 TASK_JSON = "task.json"
 FINAL, BEST, CHECKPOINTS, LOGS = "final", "best", "checkpoints", "logs"
 RUN_ENTRIES = (RUN_JSON, CHECKPOINTS, LOGS, FINAL, BEST)
+# Files the experiment runner keeps beside a run (RunDir.file): its settings, its labels for compare, its output.
+RUN_CONFIG, EXPERIMENT_JSON, TRAIN_LOG = "config.yaml", "experiment.json", "train.log"
 
 # The columns of a fine-tuning run's metrics.csv (compare and the experiment runner read them).
 FINETUNE_COLUMNS = [

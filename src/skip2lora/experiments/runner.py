@@ -34,13 +34,10 @@ from typing import Any, Optional, Union
 
 from ..config import finetune_config_from_dict, read_yaml
 from ..errors import UserError
-from ..outdir import RunDir
+from ..outdir import EXPERIMENT_JSON, RUN_CONFIG, TRAIN_LOG, RunDir
 from ..paths import atomic_write_bytes, atomic_write_json
 
 SPEC_KEYS = {"name", "description", "out_dir", "seeds", "baseline", "common", "tasks", "variants"}
-RUN_SPEC_FILE = "config.yaml"
-LABEL_FILE = "experiment.json"
-LOG_FILE = "train.log"
 
 
 @dataclass
@@ -56,6 +53,10 @@ class PlannedRun:
     @property
     def name(self) -> str:
         return self.out_dir.name
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.out_dir)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -179,7 +180,7 @@ def is_completed(run_dir: RunDir) -> bool:
 def settings_used(run_dir: RunDir) -> Optional[Any]:
     """The settings the run in the folder was started with; None when config.yaml is missing or damaged."""
     try:
-        return read_yaml(run_dir.file(RUN_SPEC_FILE), "run settings")
+        return read_yaml(run_dir.file(RUN_CONFIG), "run settings")
     except UserError:
         return None
 
@@ -188,7 +189,7 @@ def run_state(run: PlannedRun) -> str:
     """'finished', 'changed' (finished with other settings), 'interrupted' (has a checkpoint) or 'new'."""
     from ..train.checkpoint import latest_checkpoint  # loads torch: only once a state is asked for
 
-    run_dir = RunDir(run.out_dir)
+    run_dir = run.run_dir
     if is_completed(run_dir):
         return "finished" if settings_used(run_dir) == run.settings else "changed"
     if latest_checkpoint(run_dir) is not None:
@@ -200,8 +201,8 @@ def write_run_files(run: PlannedRun, spec: dict) -> None:
     import yaml
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run.out_dir / RUN_SPEC_FILE, yaml.safe_dump(run.settings, sort_keys=False).encode())
-    atomic_write_json(run.out_dir / LABEL_FILE, {
+    atomic_write_bytes(run.run_dir.file(RUN_CONFIG), yaml.safe_dump(run.settings, sort_keys=False).encode())
+    atomic_write_json(run.run_dir.file(EXPERIMENT_JSON), {
         "experiment": spec["name"], "task": run.task, "variant": run.variant, "seed": run.seed,
         "baseline": spec.get("baseline"),
     })
@@ -210,7 +211,7 @@ def write_run_files(run: PlannedRun, spec: dict) -> None:
 def latest_progress(run: PlannedRun) -> Optional[dict]:
     """The newest metrics row of a running run; None until it has one (or while the file is unreadable)."""
     try:
-        return RunDir(run.out_dir).latest_metrics_row()
+        return run.run_dir.latest_metrics_row()
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -222,18 +223,19 @@ def progress_text(row: Optional[dict]) -> str:
     parts = [f"step {row.get('step', '?')}"]
     if row.get("elapsed_s") is not None:
         parts.append(f"{float(row['elapsed_s']):.0f}s")
-    parts += [f"{key} {float(row[key]):.3f}" for key in ("train_loss", "val_loss", "val_acc") if row.get(key) is not None]
+    parts += [f"{key} {float(row[key]):.3f}" for key in ("train_loss", "val_loss", "val_acc")
+              if row.get(key) is not None]
     return " ".join(parts)
 
 
 def execute_run(run: PlannedRun, state: str, verbose: bool, bar) -> int:
     """Run one fine-tuning in a subprocess; its output goes to train.log (and the terminal if verbose)."""
-    command = [sys.executable, "-m", "skip2lora.cli", "finetune", "--config", str(run.out_dir / RUN_SPEC_FILE)]
+    command = [sys.executable, "-m", "skip2lora.cli", "finetune", "--config", str(run.run_dir.file(RUN_CONFIG))]
     if state == "interrupted":
         command += ["--resume", "true"]
     else:
         command += ["--overwrite", "true"]
-    with open(run.out_dir / LOG_FILE, "a") as log:
+    with open(run.run_dir.file(TRAIN_LOG), "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
         if verbose:
@@ -247,7 +249,7 @@ def execute_run(run: PlannedRun, state: str, verbose: bool, bar) -> int:
 
 def last_error_line(run: PlannedRun) -> str:
     try:
-        lines = [line for line in (run.out_dir / LOG_FILE).read_text().splitlines() if line.strip()]
+        lines = [line for line in run.run_dir.file(TRAIN_LOG).read_text().splitlines() if line.strip()]
     except OSError:
         return "no log"
     errors = [line for line in lines if line.startswith("error:")]
@@ -287,12 +289,12 @@ def run_pending(spec: dict, runs: list[PlannedRun], states: dict[str, str], verb
             outcome[run.name] = "failed"
             failed.append(run)
             bar.write(f"[experiment] {run.name}: failed (exit {code}): {last_error_line(run)} "
-                      f"(full log: {run.out_dir / LOG_FILE})")
+                      f"(full log: {run.run_dir.file(TRAIN_LOG)})")
         bar.update(1)
     bar.close()
     if failed:
         raise UserError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(r.name for r in failed)}): "
-                        f"see their {LOG_FILE}; re-run the same command to retry them")
+                        f"see their {TRAIN_LOG}; re-run the same command to retry them")
     return outcome
 
 

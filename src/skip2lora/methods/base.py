@@ -9,6 +9,7 @@ method it is running.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
@@ -86,6 +87,8 @@ class FinetuneMethod(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    time_parts: bool = False
+    """Switch: time the named parts of the training forward (waits for the device at each part)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, kind: str) -> None:
         super().__init__()
@@ -187,6 +190,14 @@ class FinetuneMethod(nn.Module):
     def forward_parts_s(self) -> dict[str, float]:
         """Seconds spent so far in the named parts of the training forward (empty when not split)."""
         return {}
+
+    def cache_paused(self) -> AbstractContextManager:
+        """While active, batches neither read nor fill a cache (the benchmark's untimed warm-up uses it)."""
+        return nullcontext()
+
+    def head_floor_ms(self, batches: list[dict], iters: int) -> Optional[float]:
+        """Mean ms of the head and loss alone over the loss positions, where the method can isolate them."""
+        return None
 
     def summary_extras(self) -> dict:
         """Method-specific figures for run.json."""

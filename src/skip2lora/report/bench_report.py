@@ -16,7 +16,7 @@ from ..outdir import read_json_file
 from ..paths import atomic_write_bytes, replace_marked_block
 from .stats import ratio
 from .tables import (MISSING, Table, fmt_int, fmt_mb, fmt_ms, fmt_number, fmt_pct, fmt_ratio, fmt_reduction, fmt_s,
-                     fmt_times, render_markdown, render_text)
+                     fmt_times, render_markdown)
 
 SCHEMA = "skip2lora-benchmark/1"
 PHASES = ("forward", "backward", "optimizer", "step")
@@ -280,7 +280,8 @@ def update_readme(readme: Path, headline: str, report: Path) -> None:
                          f"behind [{report}]({report}); do not edit by hand._\n\n{headline.strip()}")
 
 
-def report_bench_command(results: list[str], out: Path = Path("docs/results.md"), readme: Optional[Path] = None) -> int:
+def report_bench_command(results: list[str], out: Path = Path("docs/results.md"),
+                         readme: Optional[Path] = None) -> int:
     """Render docs/results.md from `skip2lora benchmark` JSON files.
 
     Args:

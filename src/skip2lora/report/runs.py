@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..outdir import RunDir, read_json_file, read_metrics_csv
+from ..outdir import EXPERIMENT_JSON, RunDir, read_json_file, read_metrics_csv
 
 SEARCH_DEPTH = 3  # parent folders may nest runs as out/<experiment>/<group>/<run>
-LABEL_FILE = "experiment.json"  # written by the experiment runner beside each run
 REQUIRED_COLUMNS = ("step", "elapsed_s")
 
 
@@ -156,8 +155,8 @@ def load_run(path: Path) -> RunRecord:
     eval_rows, train_rows, warnings = read_metrics(run_dir)
     config, summary = run.get("config") or {}, run["summary"]
     method = str(run.get("method") or config.get("method") or "unknown")
-    label_file = run_dir.file(LABEL_FILE)
-    labels = read_object(label_file, LABEL_FILE) if label_file.is_file() else {}
+    label_file = run_dir.file(EXPERIMENT_JSON)
+    labels = read_object(label_file, EXPERIMENT_JSON) if label_file.is_file() else {}
     model_info = run.get("model") or {}
     dataset = dataset_name(config)
     seed = labels.get("seed", config.get("seed"))

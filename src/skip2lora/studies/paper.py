@@ -11,22 +11,20 @@ saved as JSON (one file per dataset) and rendered into docs/paper.md by `skip2lo
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..paths import atomic_write_json
+from ..report.stats import mean_std
 from .paper_data import DATASETS, DomainShiftData, load_domain_shift
 from .paper_models import METHODS, MLP, build_tuner, lora_all_params, matched_lora_ranks, skip_params
-from .paper_report import main_paper_report, render_paper_doc  # noqa: F401 - the CLI imports them from here
 from .paper_train import PHASES, accuracy, fine_tune, pretrain
 
 STUDY = "skip2lora-paper"
@@ -110,9 +108,9 @@ def environment(threads: int) -> dict:
 
 
 def _stats(values: Sequence[float]) -> dict:
-    values = [float(v) for v in values]
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "values": values}
+    """The report's mean ± std, in the study JSON's shape (one seed: std 0)."""
+    stat = mean_std(values)
+    return {"mean": stat.mean, "std": stat.std if stat.std is not None else 0.0, "values": stat.values}
 
 
 def summarise(runs: dict[str, list[dict]], epochs: int) -> dict[str, dict]:
@@ -293,39 +291,37 @@ def run_paper_study(
     return results
 
 
-def paper_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skip2lora paper",
-        description="Reproduce the Skip2-LoRA paper's setting: small MLPs fine-tuned under domain shift on an edge-sized thread budget.",
-    )
-    parser.add_argument("--dataset", default="all", choices=[*DATASETS, "all"])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (data split, pretraining, adapters, shuffling)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 emulates a small edge board")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 40)")
-    parser.add_argument("--batch_size", type=int, default=None, help="fine-tuning batch size (default 256)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths (default per dataset)")
-    parser.add_argument("--rank", type=int, default=None, help="Skip2-LoRA adapter rank (default 16)")
-    parser.add_argument("--har_path", type=Path, default=None, help="the 'UCI HAR Dataset' folder (train/ and test/ text files)")
-    parser.add_argument("--out_dir", type=Path, default=Path("out/paper"))
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny data and networks")
-    return parser
+def paper_command(
+    dataset: Literal["digits", "fan", "har", "all"] = "all",
+    seeds: int = 5,
+    threads: int = 1,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    hidden: Optional[list[int]] = None,
+    rank: Optional[int] = None,
+    har_path: Optional[Path] = None,
+    out_dir: Path = Path("out/paper"),
+    tiny: bool = False,
+) -> int:
+    """Reproduce the Skip2-LoRA paper's setting: small MLPs fine-tuned under domain shift on an edge-sized
+    thread budget; one JSON per dataset.
 
+    Args:
+        dataset: Which dataset, or all.
+        seeds: Seeds 0..N-1 (data split, pretraining, adapters, shuffling).
+        threads: Torch threads; 1 emulates a small edge board.
+        epochs: Fine-tuning epochs (default 40).
+        batch_size: Fine-tuning batch size (default 256).
+        hidden: Hidden widths (default per dataset).
+        rank: Skip2-LoRA adapter rank (default 16).
+        har_path: The 'UCI HAR Dataset' folder (train/ and test/ text files).
+        out_dir: Where the JSON results go.
+        tiny: A seconds-long smoke run on tiny data and networks.
+    """
+    from ..env import command_text
 
-def main_paper(argv: list[str] | None = None) -> int:
-    """`skip2lora paper`: run the study and save one JSON per dataset."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    args = paper_parser().parse_args(words)
-    run_paper_study(
-        args.dataset,
-        seeds=args.seeds,
-        threads=args.threads,
-        out_dir=args.out_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        hidden=args.hidden,
-        rank=args.rank,
-        har_path=args.har_path,
-        tiny=args.tiny,
-        command=" ".join(["skip2lora paper", *words]),
-    )
+    command = command_text("paper", paper_command, locals())
+    run_paper_study(dataset, seeds=seeds, threads=threads, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
+                    hidden=hidden, rank=rank, har_path=har_path, tiny=tiny,
+                    command=command)
     return 0

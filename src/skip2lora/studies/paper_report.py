@@ -262,7 +262,7 @@ def _load_note(results: Sequence[dict]) -> list[str]:
         load = result.get("machine_load")
         if not load:
             continue
-        start, end, cores = load["load_average_start"][0], load["load_average_end"][0], load["cpu_count"]
+        start, end = load["load_average_start"][0], load["load_average_end"][0]
         parts.append(f"{result['dataset']['name']} {start:.2f} at the start and {end:.2f} at the end")
         # The study itself keeps one core busy; more than that means other work competed for the CPU.
         busy = busy or max(start, end) > 1.5

@@ -106,7 +106,7 @@ def train_step(
         (loss / accumulation).backward()
         clock.mark("backward")
         step_loss += loss.detach().float() / accumulation
-        tokens += int(batch.get("num_tokens", 0))
+        tokens += int(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0
         units += int(count)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_grad_norm:

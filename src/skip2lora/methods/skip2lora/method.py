@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,6 @@ class Skip2LoRAMethod(FinetuneMethod):
             )
         self.trunk_time_s = 0.0
         self.parts_s: dict[str, float] = {}
-        # Per-part timing of the forward waits for the device at each part: on only when asked.
-        self.time_parts = False
         self.shared_prefix_tokens = 0
         self.prebuild: Optional[dict] = None
 
@@ -283,6 +282,29 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def forward_parts_s(self) -> dict[str, float]:
         return dict(self.parts_s)
+
+    @contextmanager
+    def cache_paused(self) -> Iterator[None]:
+        cache, self.cache = self.cache, None
+        try:
+            yield
+        finally:
+            self.cache = cache
+
+    def head_floor_ms(self, batches: list[dict], iters: int) -> Optional[float]:
+        """The floor under a cached step: the frozen head and its loss over the loss positions alone (forward
+        and the gradient to its input, chunked as training does it), with the features already at hand."""
+        if self.cache is None or self.kind != "generation":
+            return None
+        seconds = []
+        for i in range(iters):
+            with torch.no_grad():
+                feats = self.batch_features(batches[i % len(batches)])
+            hidden = feats.final.detach().clone().requires_grad_(True)
+            started = time.perf_counter()
+            frozen_head_ce_sum(hidden, self.trunk.head, feats.targets).backward()
+            seconds.append(time.perf_counter() - started)
+        return 1000.0 * sum(seconds) / len(seconds)
 
     def cache_stats(self) -> Optional[dict]:
         if self.cache is None:

@@ -1,0 +1,1 @@
+"""`skip2lora benchmark`: suite (YAML), batches, worker processes, measurements, console output."""

@@ -1,0 +1,235 @@
+"""`skip2lora benchmark`: parameters, forward / backward / optimizer-step time and peak memory of each
+fine-tuning configuration on real batches, then a COMPARISON SUMMARY against the baseline (traditional
+LoRA), and optionally the paper's "fine-tuning time" over whole epochs.
+
+Each configuration runs in a fresh worker process (bench/worker.py), so its peak memory is its own. The
+results go to OUT_DIR/skip2lora_benchmark_*.json, which `skip2lora report-bench` renders.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..errors import UserError
+from ..report.stats import ratio
+from .console import print_config_section, print_summary
+from .suite import (DEFAULT_CONFIG_FILE, BenchConfig, BenchSuite, EpochPlan, epoch_plan, load_suite,
+                    resolve_config_file, selected_configs)
+from .worker import run_worker
+
+
+@dataclass
+class BenchOptions:
+    """The shapes and switches every worker of one benchmark shares."""
+
+    model: str
+    batch_size: int
+    seq_len: int
+    iters: int
+    warmup: int
+    device: str
+    precision: str
+    seed: int
+    threads: Optional[int]
+    epochs: Optional[int]
+    samples: int
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("iters", 1), ("warmup", 0), ("batch_size", 1), ("seq_len", 2), ("samples", 1)):
+            if getattr(self, name) < minimum:
+                raise UserError(f"--{name} must be at least {minimum}, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
+
+    def spec(self, config: BenchConfig, device: str, **extra) -> dict:
+        return {"config": config.as_dict(), "model": self.model, "device": device, "precision": self.precision,
+                "seed": self.seed, "threads": self.threads, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                **extra}
+
+
+def model_facts(name: str) -> dict:
+    """Read the model's config without loading weights: catches a bad --model before any worker starts."""
+    from transformers import AutoConfig
+
+    from ..models import hidden_size, num_hidden_layers, resolve_model_dir
+
+    model_dir = resolve_model_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {name} does not load: {str(exc).splitlines()[0]}") from exc
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return {"name": name, "path": str(model_dir), "model_type": config.model_type,
+            "num_layers": num_hidden_layers(config), "hidden_size": hidden_size(config),
+            "vocab_size": int(config.vocab_size), "max_context": context}
+
+
+def check_context(model: dict, seq_len: int) -> None:
+    if model["max_context"] and seq_len > model["max_context"]:
+        raise UserError(f"--seq_len {seq_len} exceeds the context of {model['name']} "
+                        f"({model['max_context']} positions): use --seq_len {model['max_context']} or less")
+
+
+def comparison(configs: list[dict], baseline: str) -> dict:
+    """Parameter reduction (baseline trainable / trainable) and speed-ups (baseline mean / mean)."""
+    base = next((c for c in configs if c["name"] == baseline), None)
+    ok = base is not None and base["status"] == "ok"
+    rows = {}
+    for config in configs:
+        if not ok or config["status"] != "ok":
+            continue
+        rows[config["name"]] = {
+            "parameter_reduction": ratio(base["parameters"]["trainable"], config["parameters"]["trainable"]),
+            **{f"{phase}_speedup": ratio(base["timing"][phase]["mean_ms"], config["timing"][phase]["mean_ms"])
+               for phase in ("forward", "backward", "step")},
+        }
+    return {"baseline": baseline, "baseline_status": base["status"] if base else "missing", "rows": rows}
+
+
+def epoch_reductions(runs: list[dict], reference: str) -> dict:
+    """Per run: 1 - time / reference time, in percent, for the whole fine-tuning and for epochs 2..N."""
+    ref = next((r for r in runs if r["name"] == reference and r["status"] == "ok"), None)
+    out = {}
+    for run in runs:
+        if ref is None or run["status"] != "ok" or run["name"] == reference:
+            continue
+        later = ratio(run["later_epochs_s"], ref["later_epochs_s"])
+        out[run["name"]] = {"total_pct": 100.0 * (1.0 - run["total_s"] / ref["total_s"]),
+                            "later_epochs_pct": None if later is None else 100.0 * (1.0 - later)}
+    return out
+
+
+def run_step_configs(args: BenchOptions, configs: list[BenchConfig], baseline: str, device: str) -> list[dict]:
+    results = []
+    for index, config in enumerate(configs, start=1):
+        print(f"[skip2lora] benchmarking {config.name} ({index}/{len(configs)}) in a fresh process ...", flush=True)
+        spec = args.spec(config, device, mode="steps", iters=args.iters, warmup=args.warmup)
+        result = {**config.as_dict(), "is_baseline": config.name == baseline, "error": None, **run_worker(spec)}
+        results.append(result)
+        print_config_section(index, len(configs), result)
+    return results
+
+
+def run_epoch_configs(args: BenchOptions, suite: BenchSuite, plan: EpochPlan, device: str) -> dict:
+    out = {"epochs": args.epochs, "samples": args.samples, "batch_size": args.batch_size, "seq_len": args.seq_len,
+           "reference": plan.reference, "configs": plan.names, "tasks": []}
+    for task in plan.tasks:
+        runs = []
+        for name in plan.names:
+            config = suite.configs[name]
+            print(f"[skip2lora] fine-tuning time: {name} on {task}, {args.epochs} epochs x {args.samples} samples ...",
+                  flush=True)
+            spec = args.spec(config, device, mode="epochs", task=task, epochs=args.epochs, samples=args.samples)
+            run = {**config.as_dict(), "error": None, **run_worker(spec)}
+            runs.append(run)
+            if run["status"] == "ok":
+                times = ", ".join(f"{t:.2f}" for t in run["epoch_times_s"])
+                print(f"  prepare {run['prepare_s']:.2f}s | epochs (s): {times} | total {run['total_s']:.2f}s",
+                      flush=True)
+            else:
+                print(f"  FAILED: {run['error']}", flush=True)
+        out["tasks"].append({"task": task, "kind": next((r["kind"] for r in runs if r["status"] == "ok"), None),
+                             "runs": runs, "reductions": epoch_reductions(runs, plan.reference)})
+    return out
+
+
+def result_path(out_dir: Path, created: datetime) -> Path:
+    path = out_dir / f"skip2lora_benchmark_{created:%Y%m%d_%H%M%S}.json"
+    suffix = 1
+    while path.exists():  # two runs in one second must not overwrite each other
+        path = out_dir / f"skip2lora_benchmark_{created:%Y%m%d_%H%M%S}_{suffix}.json"
+        suffix += 1
+    return path
+
+
+def benchmark_command(
+    model: str = "smollm2-135m",
+    batch_size: int = 4,
+    seq_len: int = 256,
+    iters: int = 10,
+    warmup: int = 3,
+    configs: Optional[list[str]] = None,
+    config_file: Path = DEFAULT_CONFIG_FILE,
+    out_dir: Path = Path("out/bench"),
+    device: str = "auto",
+    precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed"] = "auto",
+    seed: int = 1337,
+    threads: Optional[int] = None,
+    epochs: Optional[int] = None,
+    samples: int = 256,
+    epoch_configs: Optional[list[str]] = None,
+    epoch_tasks: Optional[list[str]] = None,
+) -> int:
+    """Side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full fine-tuning.
+
+    Args:
+        model: Built-in name, Hugging Face directory or .gguf file.
+        batch_size: Rows per batch.
+        seq_len: Tokens per row (instruct examples packed, loss on the responses).
+        iters: Timed iterations per configuration.
+        warmup: Untimed iterations first (they fill the Skip-Cache).
+        configs: Configuration names (default: all in the file).
+        config_file: YAML list of configurations.
+        out_dir: Where the JSON result goes.
+        device: auto, cpu or cuda.
+        precision: Numeric precision of every worker.
+        seed: Data order and adapter initialisation.
+        threads: CPU threads per worker (default: torch's choice).
+        epochs: Also time whole fine-tuning runs of this many epochs.
+        samples: Training samples per epoch (with --epochs).
+        epoch_configs: Configurations of the epoch benchmark (default: the file's epoch_benchmark.configs).
+        epoch_tasks: Tasks of the epoch benchmark, instruct and/or authorship (default: the file's).
+    """
+    from ..env import command_text, environment_info, resolve_device
+    from ..paths import atomic_write_json
+    from ..report.bench_report import SCHEMA
+
+    invocation = command_text("benchmark", benchmark_command, locals())
+    args = BenchOptions(model, batch_size, seq_len, iters, warmup, device, precision, seed, threads, epochs, samples)
+    suite = load_suite(resolve_config_file(config_file))
+    chosen = selected_configs(suite, configs)
+    plan = epoch_plan(suite, epoch_configs, epoch_tasks) if epochs else None
+    torch_device = resolve_device(device)
+    facts = model_facts(model)
+    check_context(facts, seq_len)
+
+    created = datetime.now()
+    print(f"[skip2lora] benchmark: {len(chosen)} configurations on {model} ({torch_device.type}), batch "
+          f"{batch_size} x {seq_len} tokens, {warmup} warm-up + {iters} timed iterations\n", flush=True)
+    results = run_step_configs(args, chosen, suite.baseline, str(torch_device))
+    epoch_results = run_epoch_configs(args, suite, plan, str(torch_device)) if plan else None
+    used_precision = next((r["precision"] for r in results if r["status"] == "ok"), precision)
+    # Read last: on a GPU this creates a CUDA context in this process, which must not sit beside the workers.
+    environment = environment_info(torch_device)
+    payload = {
+        "schema": SCHEMA,
+        "command": invocation,
+        "created": created.isoformat(timespec="seconds"),
+        "config_file": str(suite.path),
+        # Threads as the workers used them: --threads, else torch's default (the same in this process).
+        "environment": {**environment, **({"threads": threads} if threads else {}), "cpu_count": os.cpu_count()},
+        "model": facts,
+        "shapes": {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_batch": batch_size * seq_len,
+                   "iters": iters, "warmup": warmup, "distinct_batches": max(1, warmup), "data": "instruct",
+                   "precision": used_precision, "seed": seed},
+        "baseline": suite.baseline,
+        "configs": results,
+        "comparison": comparison(results, suite.baseline),
+        "epoch_benchmark": epoch_results,
+    }
+    path = result_path(out_dir, created)
+    atomic_write_json(path, payload)
+    print_summary(payload)
+    failed = [r["name"] for r in results if r["status"] != "ok"]
+    for task in (epoch_results or {}).get("tasks", []):
+        failed += [f"{r['name']} on {task['task']}" for r in task["runs"] if r["status"] != "ok"]
+    print(f"[skip2lora] wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if all(r["status"] != "ok" for r in results):
+        raise UserError(f"every configuration failed, first {results[0]['name']}: {results[0]['error']}")
+    return 1 if failed else 0  # the results are written either way; a script can still tell
