@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import train_and_eval_losses
 from skip2lora.methods import build_method
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune
-
-
-def train_losses(out_dir: Path) -> dict[int, float]:
-    losses = {}
-    for csv_path in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
-        with open(csv_path) as handle:
-            for row in csv.DictReader(handle):
-                if row["train_loss"]:
-                    losses[int(row["step"])] = float(row["train_loss"])
-    return losses
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
@@ -76,55 +66,15 @@ def test_lora_adapter_round_trips_through_peft(make_config):
         assert torch.allclose(merged(input_ids=ids).logits, tuned, atol=1e-4)
 
 
-def test_zero_initialised_lora_reproduces_base_logits(make_config):
-    cfg = make_config("lora")
-    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
-    base, _, _ = load_base_model("tiny")
-    ids = torch.randint(3, 400, (2, 10))
-    method.eval()
-    with torch.no_grad():
-        assert torch.equal(method.model(input_ids=ids).logits, base(input_ids=ids).logits)
-
-
-@pytest.mark.parametrize("method_name", ["lora", "skip2lora"])
-def test_frozen_weights_get_no_gradient(make_config, method_name):
-    from skip2lora.data import collate, load_task_data, tokenize_examples
-
-    cfg = make_config(method_name)
-    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
-    task = load_task_data(cfg.data)
-    samples = tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind)
-    method.train()
-    loss, count = method(collate(samples, method.tokenizer.pad_token_id))
-    (loss / count).backward()
-    trainable = {id(p) for p in method.trainable_parameters()}
-    frozen = [(n, p) for n, p in method.model.named_parameters() if id(p) not in trainable]
-    assert frozen
-    assert all(p.grad is None for _, p in frozen), [n for n, p in frozen if p.grad is not None][:3]
-    assert all(p.grad is not None for p in method.trainable_parameters())
-
-
-def test_resume_reproduces_the_uninterrupted_losses(make_config, tmp_path):
-    cfg = make_config("lora", name="whole", train__max_steps=8, train__save_interval=4)
-    run_finetune(cfg, show_progress=False)
-    uninterrupted = train_losses(cfg.out_dir)
-
-    # A run killed after its step-4 checkpoint: the later checkpoint and outputs never got written.
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(cfg.out_dir, interrupted)
-    for leftover in ("final", "best", "run.json", "checkpoints/step-000008", "logs"):
-        target = interrupted / leftover
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    resumed_cfg = make_config("lora", name="interrupted", train__max_steps=8, train__save_interval=4, resume=True)
-    run_finetune(resumed_cfg, show_progress=False)
-    resumed = train_losses(interrupted)
-    assert sorted(resumed) == [5, 6, 7, 8]
-    for step in resumed:
-        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
-
-
-def test_qlora_trains_on_cpu(make_config):
+def test_qlora_trains_on_cpu_with_a_4bit_base(make_config):
     cfg = make_config("qlora", train__lr=1e-2)
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    linear_weights = {n: p for n, p in method.named_parameters() if n.endswith("proj.base_layer.weight")}
+    assert linear_weights and all(type(p).__name__ == "Params4bit" for p in linear_weights.values())
+    assert method.is_base_4bit()
+    # Counted as weights, not as packed bytes: the same total as the full-precision LoRA model.
+    assert method.parameter_counts().total == build_method(make_config("lora"), "generation", None, torch.device("cpu"),
+                                                           torch.float32)[0].parameter_counts().total
     result = run_finetune(cfg, show_progress=False)
     assert result["method"] == "qlora"
     assert torch.isfinite(torch.tensor(result["summary"]["final_train_loss"]))
@@ -132,10 +82,16 @@ def test_qlora_trains_on_cpu(make_config):
     assert config["peft_type"] == "LORA"
 
 
-def test_lora_with_gradient_checkpointing_and_accumulation(make_config):
-    cfg = make_config("lora", train__gradient_checkpointing=True, train__global_batch_size=8, train__micro_batch_size=2)
-    result = run_finetune(cfg, show_progress=False)
-    assert result["summary"]["steps"] == 4
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_with_accumulation_gives_the_same_losses(make_config, method):
+    losses = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        cfg = make_config(method, name=name, train__gradient_checkpointing=checkpointing, train__global_batch_size=8,
+                          train__micro_batch_size=2)
+        assert run_finetune(cfg, show_progress=False)["summary"]["steps"] == 4
+        losses.append(train_and_eval_losses(cfg.out_dir))
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    assert losses[1][1] == pytest.approx(losses[0][1], rel=1e-5)
 
 
 def test_sequence_classification_with_peft_lora(make_config):

@@ -20,7 +20,7 @@ from skip2lora.methods.skip2lora.method import load_skip2lora
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune
 
-from test_finetune import train_losses
+from conftest import train_and_eval_losses
 
 
 def build(make_config, model="tiny", **changes):
@@ -96,10 +96,9 @@ def test_cached_and_uncached_training_give_the_same_losses(make_config, tmp_path
     cached = make_config("skip2lora", name="cached", skip2lora__cache=cache, skip2lora__cache_dir=tmp_path / "c", **common)
     run_finetune(uncached, show_progress=False)
     summary = run_finetune(cached, show_progress=False)["summary"]
-    a, b = train_losses(uncached.out_dir), train_losses(cached.out_dir)
-    assert len(a) == 6 and sorted(a) == sorted(b)
-    for step in a:  # same features, possibly computed in a different batch: float noise only
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    (a, _), (b, _) = train_and_eval_losses(uncached.out_dir), train_and_eval_losses(cached.out_dir)
+    assert len(a) == 6
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)  # same features, maybe batched differently: float noise only
     assert summary["cache_samples"] >= 16
     assert summary["cache_hit_rate"] > 0.5
 
@@ -146,14 +145,28 @@ def test_damaged_cache_shard_is_reported_and_rebuilt(tmp_path):
     assert reopened.get(key) is None and not shard.exists()
 
 
-def test_truncated_cache_shard_is_reported_and_rebuilt(tmp_path):
-    cache = SkipCache("disk", fingerprint(), directory=tmp_path)
-    cache.put(token_hash([4]), CachedFeatures(torch.randn(1, 1, 4), torch.randn(1, 4), torch.zeros(1, dtype=torch.long)))
-    cache.flush()
-    shard = next(cache.directory.glob("shard-*.safetensors"))
+def test_truncated_cache_shard_is_reported_and_rebuilt_with_fresh_features(make_config, tmp_path):
+    cfg = make_config("skip2lora", skip2lora__cache="disk", skip2lora__cache_dir=tmp_path / "cache")
+    task = load_task_data(cfg.data)
+    device = torch.device("cpu")
+
+    def prepared(config):
+        method, _ = build_method(config, task.kind, None, device, torch.float32)
+        samples = tokenize_examples(task.train[:8], method.tokenizer, config.data, task.kind)
+        method.prepare(samples, [], device)
+        return method, collate(samples, method.tokenizer.pad_token_id)
+
+    first, _ = prepared(cfg)
+    shard = next((tmp_path / "cache").rglob("shard-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:20])
     with pytest.warns(UserWarning, match="damaged"):
-        SkipCache("disk", fingerprint(), directory=tmp_path)
+        rebuilt, batch = prepared(cfg)
+    assert rebuilt.cache_stats()["cache_samples"] == 8  # every sample is back in the cache
+    fresh, _ = prepared(make_config("skip2lora", name="fresh", skip2lora__cache="none"))
+    with torch.no_grad():
+        again, plain = rebuilt.batch_features(batch), fresh.batch_features(batch)
+    assert rebuilt.cache_stats()["cache_hits"] == 8  # read from the rebuilt shard, not recomputed
+    assert torch.allclose(again.blocks, plain.blocks, atol=1e-5) and torch.allclose(again.final, plain.final, atol=1e-5)
 
 
 def test_cache_budget_stops_caching_with_a_clear_warning():

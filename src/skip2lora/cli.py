@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .config import FLAG_ALIASES, build_finetune_config, finetune_parser, one_line, read_yaml
-from .errors import UserError
+from .errors import ProjectWarning, UserError, describe_os_error
 
 
 @dataclass(frozen=True)
@@ -199,13 +199,22 @@ def finetune_main(argv: list[str]) -> int:
 
 # -- process-wide behaviour ---------------------------------------------------------------------------
 def quiet_libraries() -> None:
-    """Keep the terminal for our own progress: no per-tensor loading bars or advisory warnings."""
+    """Keep the terminal for our own progress: no per-tensor loading bars or the libraries' advisory warnings.
+
+    The project's own warnings (errors.ProjectWarning: a damaged cache shard, a full cache budget, skipped
+    benchmark configurations) still reach the user, each once, as one `warning: ...` line on stderr.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Added last, so matched first; "default" shows each distinct message once per command (filters reset
+    # the registry of shown warnings, so a second command in one process shows its own again).
+    warnings.filterwarnings("default", category=ProjectWarning)
+    if not getattr(warnings.showwarning, "one_line", False):
+        warnings.showwarning = one_line_project_warnings(warnings.showwarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -213,6 +222,25 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def one_line_project_warnings(previous: Callable[..., None]) -> Callable[..., None]:
+    """A warnings.showwarning that prints ProjectWarnings as `warning: MESSAGE` and hands others on."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, ProjectWarning):
+            print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    show.one_line = True  # type: ignore[attr-defined]
+    return show
+
+
+def fail(message: str, code: int) -> int:
+    """Print one `error:` line (the traceback only with SKIP2LORA_DEBUG=1) and return the exit code."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -229,14 +257,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         function = command.load()
         return (function(rest) if command.raw else run_function(name, function, rest)) or 0
-    except UserError as exc:
-        if os.environ.get("SKIP2LORA_DEBUG"):
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; continue with --resume true", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("SKIP2LORA_DEBUG"):
+            raise
+        if isinstance(exc, UserError):
+            return fail(str(exc), 2)
+        if isinstance(exc, OSError):  # a full, read-only or forbidden disk met outside a checked place
+            return fail(describe_os_error(exc), 2)
+        # Last resort: a fault nobody anticipated still reads as one line; the traceback is one switch away.
+        return fail(f"{type(exc).__name__}: {exc} (set SKIP2LORA_DEBUG=1 to see where)", 1)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,11 @@ def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optio
             raise UserError(f"{checkpoint}/adapter_config.json names no base model: pass --model")
         task = "classification" if adapter.get("task_type") == "SEQ_CLS" else "generation"
         num_labels = _num_labels(checkpoint) if task == "classification" else None
-        model, tokenizer, _ = load_base_model(base, task=task, num_labels=num_labels, device=str(device))
+        from .methods.lora import BASE_QUANTIZATION
+
+        quantized = (checkpoint / BASE_QUANTIZATION).exists()  # a QLoRA adapter: its base was 4-bit in training
+        model, tokenizer, _ = load_base_model(base, task=task, num_labels=num_labels, device=str(device),
+                                              quantize_4bit=quantized)
         peft_model = PeftModel.from_pretrained(model, str(checkpoint)).to(device).eval()
         return FinetuneMethod(peft_model, tokenizer, task)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -6,6 +6,7 @@ OUT/final/  OUT/best/                 the result in the format its users know (+
 OUT/checkpoints/step-NNNNNN/          for --resume (atomic directories)
 OUT/logs/csv/version_N/metrics.csv    one version per start of the run (a resume adds one)
 OUT/logs/tensorboard/version_N/       the same scalars for TensorBoard
+OUT/.lock                             held by the run writing here (RunClaim); a dead run's is taken over
 ```
 """
 
@@ -13,18 +14,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import UserError
-from .paths import atomic_directory, atomic_write_json
+from .errors import UserError, os_user_error, warn
+from .locking import DirectoryLock, LockHeld
+from .paths import atomic_directory, atomic_write_json, first_missing_ancestor, remove_empty_dirs, remove_path
 
 RUN_JSON = "run.json"
 TASK_JSON = "task.json"
 FINAL, BEST, CHECKPOINTS, LOGS = "final", "best", "checkpoints", "logs"
 RUN_ENTRIES = (RUN_JSON, CHECKPOINTS, LOGS, FINAL, BEST)
+# A run being overwritten waits in OUT/.replaced-PID until the new run has logged its first row.
+REPLACED_PREFIX = ".replaced-"
 # Files the experiment runner keeps beside a run (RunDir.file): its settings, its labels for compare, its output.
 RUN_CONFIG, EXPERIMENT_JSON, TRAIN_LOG = "config.yaml", "experiment.json", "train.log"
 
@@ -94,26 +99,36 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.run_json.is_file()
 
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Make the folder ready for a new run, refusing to mix two runs in one folder."""
+    def claim(self, resume: bool, overwrite: bool) -> "RunClaim":
+        """Check the folder can take this run and lock it against a second run; nothing is deleted here.
+
+        A run already there is refused unless resumed or overwritten; an overwritten run is only moved aside
+        once the new run is ready to start (`RunClaim.start_logger`), and deleted once it has logged.
+        """
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"out_dir {self.root} is a file: choose a directory")
-        if resume:
+        created = first_missing_ancestor(self.root)
+        try:
             self.root.mkdir(parents=True, exist_ok=True)
-            return
-        if self.holds_run() and not overwrite:
+            lock = DirectoryLock(self.root)
+            previous = lock.acquire()
+        except LockHeld as held:
+            raise UserError(f"out_dir {self.root} is in use by another run (process {held.pid or 'unknown'}): wait "
+                            "for it to finish or choose another --out_dir") from None
+        except OSError as exc:
+            remove_empty_dirs(self.root, created)
+            raise os_user_error(exc, f"cannot use out_dir {self.root}") from exc
+        claim = RunClaim(self, lock, replace=overwrite and not resume, created=created)
+        if previous is not None:
+            warn(f"out_dir {self.root} was locked by process {previous}, which is no longer running: taking it over")
+        claim.recover_interrupted_replacement()
+        if not resume and self.holds_run() and not overwrite:
+            claim.abandon()
             raise UserError(
                 f"out_dir {self.root} holds another run: pass --resume true to continue it, --overwrite true to "
                 "replace it, or choose another --out_dir"
             )
-        if self.holds_run():
-            for name in RUN_ENTRIES:
-                target = self.root / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        self.root.mkdir(parents=True, exist_ok=True)
+        return claim
 
     # -- run.json ---------------------------------------------------------------------------------
     def write_run_json(self, payload: dict) -> Path:
@@ -152,6 +167,70 @@ class RunDir:
         path = self.csv_root / f"version_{max([n for n in numbers if n is not None], default=-1) + 1}"
         path.mkdir()
         return path
+
+
+class RunClaim:
+    """One run's hold on its folder, from the first check to the end of the run (a context manager).
+
+    It holds OUT/.lock. With --overwrite it moves the old run aside only when the new one starts, deletes
+    it after the new run's first metrics row, and puts it back if the new run fails before that.
+    On leaving, a folder this claim created and that stayed empty is removed again.
+    """
+
+    def __init__(self, run_dir: RunDir, lock: DirectoryLock, replace: bool, created: Optional[Path]) -> None:
+        self.run_dir = run_dir
+        self.lock = lock
+        self.replace = replace
+        self.created = created
+        self.aside: Optional[Path] = None
+
+    def __enter__(self) -> "RunClaim":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.aside is not None:
+            self.restore_old_run()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Give the folder back: release the lock, and remove the folder if this claim made it and it is empty."""
+        self.lock.release()
+        remove_empty_dirs(self.run_dir.root, self.created)
+
+    # -- replacing a run ------------------------------------------------------------------------
+    def start_logger(self, **options: Any) -> "MetricLogger":
+        """The new run starts: move an overwritten run aside, then open the new run's metrics log."""
+        if self.replace and self.run_dir.holds_run():
+            self.aside = self.run_dir.root / f"{REPLACED_PREFIX}{os.getpid()}"
+            self.aside.mkdir()
+            for name in RUN_ENTRIES:
+                if (self.run_dir.root / name).exists():
+                    os.replace(self.run_dir.root / name, self.aside / name)
+        return MetricLogger(self.run_dir, on_first_row=self.drop_old_run, **options)
+
+    def drop_old_run(self) -> None:
+        """The new run has logged: the run it replaces is deleted."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def restore_old_run(self) -> None:
+        """The new run failed before it logged anything: remove what it wrote and put the old run back."""
+        for name in RUN_ENTRIES:
+            if (self.aside / name).exists():
+                remove_path(self.run_dir.root / name)
+                os.replace(self.aside / name, self.run_dir.root / name)
+        shutil.rmtree(self.aside, ignore_errors=True)
+        self.aside = None
+
+    def recover_interrupted_replacement(self) -> None:
+        """A run killed while replacing another leaves the old one aside: put it back if nothing replaced it."""
+        for aside in self.run_dir.root.glob(f"{REPLACED_PREFIX}*"):
+            if not self.run_dir.holds_run():
+                self.aside = aside
+                self.restore_old_run()
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_json_file(path: Path, what: str) -> dict:
@@ -215,9 +294,10 @@ class MetricLogger:
     """Rows to logs/csv/version_N/metrics.csv (flushed at once: a killed run keeps its log) and TensorBoard."""
 
     def __init__(self, run_dir: RunDir, columns: Sequence[str] = FINETUNE_COLUMNS, tensorboard: bool = True,
-                 step_key: str = "step") -> None:
+                 step_key: str = "step", on_first_row: Optional[Callable[[], None]] = None) -> None:
         self.columns = list(columns)
         self.step_key = step_key
+        self._on_first_row = on_first_row
         version = run_dir.new_metrics_version()
         self.csv_path = version / "metrics.csv"
         self._handle = open(self.csv_path, "w", newline="")
@@ -233,6 +313,9 @@ class MetricLogger:
     def log(self, row: dict) -> None:
         self._writer.writerow({k: _format_cell(row.get(k)) for k in self.columns})
         self._handle.flush()
+        if self._on_first_row is not None:
+            callback, self._on_first_row = self._on_first_row, None
+            callback()
         if self._tb is not None:
             step = int(row[self.step_key])
             for key, value in row.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,6 +11,8 @@ from torch import nn
 from ..config import FinetuneConfig, LoRAConfig
 from ..models import ModelInfo
 from .base import FinetuneMethod, register_method
+
+BASE_QUANTIZATION = "base_quantization.json"
 
 
 @register_method("lora")
@@ -59,6 +62,12 @@ class QLoRAMethod(LoRAMethod):
     """LoRA on a base model quantised to 4-bit NF4 by bitsandbytes (fp32 compute on CPU)."""
 
     quantized = True
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        # PEFT's adapter_config.json does not say the base was 4-bit; inference must load it the same way
+        # to reproduce the trained model's outputs.
+        (Path(directory) / BASE_QUANTIZATION).write_text(json.dumps({"load_in_4bit": True, "quant_type": "nf4"}) + "\n")
 
     def is_base_4bit(self) -> bool:
         """True when the frozen linear weights are stored as bitsandbytes 4-bit parameters."""

@@ -126,7 +126,7 @@ def protocol_lines(student: dict) -> list[str]:
         f"{model['dropout']}, learned positions, item embeddings shared with the output, loss `{model['loss']}` "
         f"({'full softmax over all items' if model['loss'] == 'ce' else 'one sampled negative'}); AdamW lr "
         f"{train['lr']}, weight decay {train['weight_decay']}, batch {train['batch_size']}, at most {train['epochs']} "
-        f"epochs; {student['parameters_note']}.",
+        f"epochs; {student['summary']['parameters']:,} parameters.",
         f"- **Machine**: {student['environment'].get('device_name')} ({student['environment'].get('device')}), "
         f"{student['environment'].get('threads')} threads, precision {student['environment'].get('precision')}, "
         f"torch {student['environment'].get('torch')}.",
@@ -183,7 +183,7 @@ def render(runs: list[dict], command: str, regenerate: Optional[str]) -> str:
     students = [r for r in runs if r["method"] == "sasrec"]
     if not students:
         raise UserError("no SASRec student run among the inputs: pass the run folders of `skip2lora rec student`")
-    first = dict(students[0], parameters_note=f"{students[0]['summary']['parameters']:,} parameters")
+    first = students[0]
     ks = first["summary"]["protocol"]["ks"]
     grouped = groups(runs)
     out = [f"# Sequential recommendation: the SASRec student on {first['split']['dataset']}", "",

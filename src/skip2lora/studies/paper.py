@@ -23,8 +23,10 @@ import torch
 from ..errors import UserError
 from ..paths import atomic_write_json
 from ..report.stats import mean_std
+from ..report.tables import render_text
 from .paper_data import DATASETS, DomainShiftData, load_domain_shift
 from .paper_models import METHODS, MLP, build_tuner, lora_all_params, matched_lora_ranks, skip_params
+from .paper_report import results_table
 from .paper_train import PHASES, accuracy, fine_tune, pretrain
 
 STUDY = "skip2lora-paper"
@@ -214,25 +216,6 @@ def _warm_up(model: MLP, data: DomainShiftData, settings: StudySettings, lora_ra
         fine_tune(tuner, data.target_train_x, data.target_train_y, 1, settings.batch_size, settings.learning_rates[method], 0)
 
 
-def format_table(result: dict) -> str:
-    """A plain-text table of one dataset's result (the terminal twin of the report's table)."""
-    methods = result["methods"]
-    header = f"{'method':<11} {'params':>9} {'accuracy %':>13} {'fwd/ep':>8} {'bwd/ep':>8} {'upd/ep':>8} {'data/ep':>8} {'total s':>15} {'vs LoRA-All':>14}"
-    lines = [header, "-" * len(header)]
-    b = result["before"]
-    lines.append(f"{'pretrained':<11} {'-':>9} {b['mean']:6.1f} ± {b['std']:4.1f} {'':>8} {'':>8} {'':>8} {'':>8} {'':>15} {'':>14}")
-    for method, m in methods.items():
-        acc, tot, per = m["accuracy"], m["total_s"], m["phase_per_epoch_s"]
-        red = m.get("reduction_vs_lora_all_pct")
-        red_text = f"{red['mean']:6.1f} ± {red['std']:4.1f}" if red and method != "LoRA-All" else "-"
-        lines.append(
-            f"{method:<11} {m['trainable_params']:>9,} {acc['mean']:6.1f} ± {acc['std']:4.1f} "
-            f"{per['forward']:8.4f} {per['backward']:8.4f} {per['update']:8.4f} {per['data']:8.4f} "
-            f"{tot['mean']:7.3f} ± {tot['std']:5.3f} {red_text:>14}"
-        )
-    return "\n".join(lines)
-
-
 def run_paper_study(
     dataset: str,
     seeds: int,
@@ -281,7 +264,7 @@ def run_paper_study(
             atomic_write_json(path, result)
             result["json_path"] = str(path)
             log(f"\n{name}: {result['dataset']['shift']}")
-            log(format_table(result))
+            log(render_text(results_table(result)))
             log(f"saved {path}\n")
             results[name] = result
     finally:

@@ -1,8 +1,13 @@
-"""Training checkpoints for --resume: written atomically, so a killed run never leaves a half file."""
+"""Training checkpoints for --resume: written atomically, so a killed run never leaves a half file.
+
+Each checkpoint also keeps settings.json, what its trainable tensors depend on (method, model, rank, blocks,
+target modules ...), so a resume with other settings is refused in one line naming the setting.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -10,10 +15,16 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
 from ..outdir import RunDir
 from ..paths import atomic_directory
+
+SETTINGS_JSON = "settings.json"
+# What a damaged checkpoint file raises while it is read (truncated safetensors, pickle, JSON).
+DAMAGED = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
 def _rng_state() -> dict:
@@ -31,11 +42,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: RunDir, step: int, trainable: dict, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
+def resume_settings(cfg, method) -> dict:
+    """What a run's trainable state depends on, by config name (values resolved against the model)."""
+    return {"method": cfg.method, "model": cfg.model, "data.name": cfg.data.name, **method.trainable_settings()}
+
+
+def save_checkpoint(run_dir: RunDir, step: int, trainable: dict, optimizer, scheduler, progress: dict, keep: int = 2,
+                    settings: Optional[dict] = None) -> Path:
     """Write OUT/checkpoints/step-NNNNNN as one atomic directory; keep the newest `keep` of them."""
     root = run_dir.checkpoints
 
     def fill(tmp: Path) -> None:
+        if settings is not None:
+            (tmp / SETTINGS_JSON).write_text(json.dumps(settings, indent=2))
         save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
@@ -69,12 +88,50 @@ def remove_partial_writes(run_dir: RunDir) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def check_settings(path: Path, settings: dict) -> None:
+    """Refuse to resume from a checkpoint written with other settings, naming the first that differs."""
+    file = Path(path) / SETTINGS_JSON
+    if not file.is_file():
+        return  # written before checkpoints kept their settings: the tensor shapes are still checked
+    try:
+        saved = json.loads(file.read_text())
+    except DAMAGED + (UnicodeDecodeError,) as exc:
+        raise damaged(path, exc) from exc
+    for key, value in settings.items():
+        if key in saved and _comparable(saved[key]) != _comparable(value):
+            raise UserError(
+                f"cannot resume: the checkpoint in {path.parent} was trained with {key} = {_shown(saved[key])}, this "
+                f"run has {key} = {_shown(value)}: resume with the checkpoint's settings, or start over with "
+                "--overwrite true")
+
+
+def _comparable(value):
+    return json.loads(json.dumps(value))  # tuples and lists, ints and floats compare as they were saved
+
+
+def _shown(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def damaged(path: Path, exc: BaseException) -> UserError:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return UserError(f"checkpoint {path} is damaged ({reason}): delete it to resume from the one before, or start "
+                     "over with --overwrite true")
+
+
 def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict, dict]:
     """Restore optimizer, scheduler and RNG state; return (trainable tensors, progress)."""
-    trainable = load_file(str(path / "trainable.safetensors"))
-    state = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        trainable = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "training_state.pt", weights_only=False)
+        progress = json.loads((path / "progress.json").read_text())
+    except DAMAGED + (UnicodeDecodeError,) as exc:
+        raise damaged(path, exc) from exc
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {path} does not fit this run's trainable parameters ({exc}): resume with the "
+                        "settings it was trained with") from exc
     _set_rng_state(state["rng"])
-    progress = json.loads((path / "progress.json").read_text())
     return trainable, progress

@@ -339,6 +339,7 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_trainable_parameters().items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         self.adapter_config().write(directory)
