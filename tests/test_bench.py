@@ -43,9 +43,9 @@ configs:
     method: skip2lora
     skip2lora: {block_indices: [0, 1, 2, 3], r: 4, alpha: 8, cache: memory}
   - name: s2-bad
-    label: Skip2-LoRA with a block the model lacks
-    method: skip2lora
-    skip2lora: {block_indices: [0, 99]}
+    label: LoRA on a module the model lacks
+    method: lora
+    lora: {target_modules: [no_such_module]}
 """
 COMMON = ["--model", "tiny", "--iters", str(ITERS), "--warmup", "1", "--seq_len", "32", "--batch_size", "2",
           "--threads", "1", "--device", "cpu"]
@@ -157,7 +157,7 @@ def test_a_failing_configuration_is_reported_and_the_others_still_run(run):
     configs = by_name(payload)
     failed = configs["s2-bad"]
     assert failed["status"] == "failed"
-    assert "99" in failed["error"] and "\n" not in failed["error"]
+    assert "no_such_module" in failed["error"] and "\n" not in failed["error"]
     assert configs["s2-cached"]["status"] == "ok"
     assert "Failed configurations" in printed and "FAILED after" in printed
     assert "s2-bad" not in payload["comparison"]["rows"]

@@ -237,8 +237,19 @@ def one_line_project_warnings(previous: Callable[..., None]) -> Callable[..., No
     return show
 
 
+def close_progress_bars() -> None:
+    """Finish any progress bar an interrupted loop left open, so what follows starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def fail(message: str, code: int) -> int:
     """Print one `error:` line (the traceback only with SKIP2LORA_DEBUG=1) and return the exit code."""
+    close_progress_bars()
     print(f"error: {one_line(message)}", file=sys.stderr)
     return code
 
@@ -258,6 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         function = command.load()
         return (function(rest) if command.raw else run_function(name, function, rest)) or 0
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted: the last complete checkpoint is kept; continue with --resume true", file=sys.stderr)
         return 130
     except Exception as exc:

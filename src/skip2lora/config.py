@@ -23,7 +23,7 @@ def _at_least(section: str, name: str, value: Optional[float], minimum: float, u
     if value is None and unset_ok:
         return
     if value is None or value < minimum:
-        raise UserError(f"{section}.{name} must be >= {minimum:g} (got {value})")
+        raise UserError(f"{section + '.' if section else ''}{name} must be >= {minimum:g} (got {value})")
 
 
 def _positive(section: str, name: str, value: Optional[float], unset_ok: bool = True) -> None:
@@ -244,10 +244,16 @@ class FinetuneConfig:
     """Fine-tuning method."""
     out_dir: Path = Path("out/finetune")
     """Run folder: run.json, final/, best/, checkpoints/, logs/."""
-    precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed"] = "auto"
-    """Numeric precision (auto: fp32 on CPU, bf16-mixed on a GPU that supports it)."""
+    precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "auto"
+    """Numeric precision, as Lightning Fabric names it (auto: 32-true on CPU, bf16-true on a GPU with bf16)."""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
+    """Accelerator: auto, cpu, cuda, or cuda:N for one given GPU (--accelerator is the same flag)."""
+    devices: int = 1
+    """Processes per node, one per device (on CPU: processes talking over gloo)."""
+    num_nodes: int = 1
+    """Machines taking part (each runs --devices processes; set the usual MASTER_ADDR / NODE_RANK)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How processes share the work: auto (one device: none; several: ddp), ddp, or fsdp (GPUs only)."""
     seed: int = 1337
     """Seed of initialisation, data order and dropout."""
     resume: bool = False
@@ -264,8 +270,12 @@ class FinetuneConfig:
         self.out_dir = Path(self.out_dir)
         if self.resume and self.overwrite:
             raise UserError("resume and overwrite exclude each other: pass one of them")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|gpu", self.device):
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        if self.device == "gpu":
+            self.device = "cuda"
+        _at_least("", "devices", self.devices, 1)
+        _at_least("", "num_nodes", self.num_nodes, 1)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,
@@ -282,6 +292,7 @@ FLAG_ALIASES = {
     "--skip2lora_block_indices": "--skip2lora.block_indices",
     "--lora_r": "--lora.r",
     "--lora_alpha": "--lora.alpha",
+    "--accelerator": "--device",
 }
 
 

@@ -58,30 +58,48 @@ def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optio
         quantized = (checkpoint / BASE_QUANTIZATION).exists()  # a QLoRA adapter: its base was 4-bit in training
         model, tokenizer, _ = load_base_model(base, task=task, num_labels=num_labels, device=str(device),
                                               quantize_4bit=quantized)
-        peft_model = PeftModel.from_pretrained(model, str(checkpoint)).to(device).eval()
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(checkpoint)).to(device).eval()
+        except Exception as exc:  # truncated weights, an adapter for another base model
+            raise damaged_checkpoint(checkpoint, exc) from exc
         return FinetuneMethod(peft_model, tokenizer, task)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(str(checkpoint))
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    loader = AutoModelForSequenceClassification if is_classifier else AutoModelForCausalLM
-    model = loader.from_pretrained(str(checkpoint)).to(device).eval()
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint))
+        is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        loader = AutoModelForSequenceClassification if is_classifier else AutoModelForCausalLM
+        model = loader.from_pretrained(str(checkpoint)).to(device).eval()
+    except Exception as exc:
+        raise damaged_checkpoint(checkpoint, exc) from exc
     return FinetuneMethod(model, load_tokenizer(checkpoint), "classification" if is_classifier else "generation")
+
+
+def damaged_checkpoint(checkpoint: Path, exc: BaseException) -> UserError:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return UserError(f"could not load the checkpoint {checkpoint}: {reason} (is a file in it truncated or damaged?)")
 
 
 def _num_labels(checkpoint: Path) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as handle:
-        for key in handle.keys():
-            if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
-                return int(handle.get_slice(key).get_shape()[0])
+    try:
+        with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as handle:
+            for key in handle.keys():
+                if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
+                    return int(handle.get_slice(key).get_shape()[0])
+    except Exception as exc:  # missing or damaged weights file
+        raise damaged_checkpoint(checkpoint, exc) from exc
     raise UserError(f"{checkpoint} is a classification adapter without a score head")
 
 
-def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device) -> Path:
-    """Fold a PEFT LoRA adapter into its base weights and save a plain Hugging Face directory."""
-    from .paths import atomic_directory
+def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device, overwrite: bool = False) -> Path:
+    """Fold a PEFT LoRA adapter into its base weights and save a plain Hugging Face directory.
+
+    An existing out_dir (file or non-empty folder) is replaced only with `overwrite`, and never when it is,
+    holds or lies inside the checkpoint or the base model's folder.
+    """
+    from .paths import atomic_directory, check_output_dir
 
     kind = checkpoint_kind(checkpoint)
     if kind == "skip2lora":
@@ -91,6 +109,10 @@ def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device) -> Path:
         )
     if kind == "full":
         raise UserError(f"{checkpoint} is already a full checkpoint: nothing to merge")
+    base = (read_adapter_config(Path(checkpoint)) or {}).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{checkpoint}/adapter_config.json names no base model: the checkpoint is damaged")
+    check_output_dir(out_dir, overwrite, protected=[Path(checkpoint), resolve_model_dir(base)])
     method = load_for_inference(checkpoint, device)
     merged = method.model.merge_and_unload()
 
@@ -155,7 +177,8 @@ def parse_texts(text: str) -> list[str]:
     return [text]
 
 
-def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, device: str = "auto") -> int:
+def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, device: str = "auto",
+                    prompt_style: Optional[Literal["auto", "alpaca", "chat", "plain"]] = None) -> int:
     """Classify texts with a fine-tuned classification checkpoint.
 
     Args:
@@ -163,12 +186,15 @@ def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, de
         text: One text, or a JSON list of texts.
         model: Base model, when not the one the checkpoint records.
         device: auto, cpu, cuda or cuda:N.
+        prompt_style: How inputs are formatted; unset: as the run was trained (task.json).
     """
     from .config import DataConfig
     from .data import collate, make_example, tokenize_examples
     from .env import resolve_device
 
     texts = parse_texts(text)
+    if not texts:
+        raise UserError("--text holds no texts: pass one text or a JSON list of them")
     task = read_task_file(checkpoint)
     if task is None:
         raise UserError(f"{checkpoint} has no task.json: point --checkpoint at OUT/final of a classification run")
@@ -176,7 +202,12 @@ def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, de
         raise UserError(f"{checkpoint} is a generation checkpoint: use `skip2lora generate`")
     torch_device = resolve_device(device)
     method = load_for_inference(Path(checkpoint), torch_device, model)
-    data_cfg = DataConfig(name=task["data_name"], max_seq_length=task["max_seq_length"])
+    try:
+        data_cfg = DataConfig(name=task["data_name"], max_seq_length=task["max_seq_length"],
+                              prompt_style=prompt_style or task.get("prompt_style") or "auto")
+        names = list(task["label_names"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{checkpoint}/task.json lacks {exc}: the checkpoint is damaged") from exc
     samples = tokenize_examples([make_example(instruction=t, label=0) for t in texts], method.tokenizer, data_cfg,
                                 "classification")
     batch = {k: (v.to(torch_device) if hasattr(v, "to") else v)
@@ -184,24 +215,25 @@ def predict_command(checkpoint: Path, text: str, model: Optional[str] = None, de
     method.eval()
     with torch.no_grad():
         probabilities = torch.softmax(method.classify(batch).float(), dim=-1)
-    names = task["label_names"]
     for one, probs in zip(texts, probabilities):
         best = int(probs.argmax())
         print(f"{names[best]}\t{float(probs[best]):.3f}\t{one[:80]}")
     return 0
 
 
-def merge_command(checkpoint: Path, out_dir: Path, device: str = "cpu") -> int:
+def merge_command(checkpoint: Path, out_dir: Path, device: str = "cpu", overwrite: bool = False) -> int:
     """Merge a LoRA adapter into its base model and save a Hugging Face directory.
 
     Args:
         checkpoint: OUT/final of a LoRA run.
-        out_dir: Where the merged model goes.
+        out_dir: Where the merged model goes: a new or empty folder (an existing one only with --overwrite,
+            and never the checkpoint's or the base model's folder).
         device: Device to merge on.
+        overwrite: Replace an existing file or non-empty folder at out_dir.
     """
     from .env import resolve_device
 
-    path = merge_lora(Path(checkpoint), Path(out_dir), resolve_device(device))
+    path = merge_lora(Path(checkpoint), Path(out_dir), resolve_device(device), overwrite)
     print(f"[skip2lora] merged model written to {path}")
     return 0
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,7 +53,9 @@ class ModelInfo:
     num_layers: int
     hidden_size: int
     vocab_size: int
-    weights_fingerprint: str
+    weights_fingerprint: Optional[str] = None
+    """Content hash of the loaded weights and config (`weights_fingerprint`), filled in where it is needed
+    (the Skip-Cache key), since hashing every weight costs a read of all of them."""
 
 
 def tiny_tokenizer():
@@ -143,7 +146,10 @@ def convert_gguf(gguf_path: Path, target: Optional[Path] = None) -> Path:
     gguf_path = Path(gguf_path).resolve()
     if target is None:
         stat = gguf_path.stat()
-        key = hashlib.sha1(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        # ctime and inode as well as mtime: a file rewritten in place gets a new ctime even when its mtime is
+        # set back (os.utime cannot set ctime), so a changed GGUF is converted again, never served stale.
+        stamp = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+        key = hashlib.sha1(stamp.encode()).hexdigest()[:12]
         target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").exists():
         return target
@@ -190,28 +196,56 @@ def resolve_model_dir(name: str) -> Path:
     raise UserError(f"unknown model '{name}': use one of {', '.join(BUILTIN_MODELS)}, a local Hugging Face directory or a .gguf file")
 
 
-def weights_fingerprint(model_dir: Path) -> str:
-    """A content hash of a directory's weight files, remembered beside them (keyed by size and mtime)."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
-    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    memo = cache_root() / "fingerprints" / (hashlib.sha1(f"{Path(model_dir).resolve()}|{stamp}".encode()).hexdigest() + ".txt")
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-    value = digest.hexdigest()[:16]
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(value)
-    return value
+def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
+    name, tensor = item
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(memoryview(data))  # hashlib lets go of the GIL here: the threads below hash in parallel
+    return digest.digest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A content hash of everything the loaded model computes with: every parameter and buffer (4-bit
+    quantisation state included, as the state dict holds it) and its config.
+
+    Nothing is memoised: the hash is of the bytes in memory, so a weights file changed in place (same size,
+    same mtime) gives another fingerprint. It reads every weight once (~0.5 s per GB on one core).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: set[tuple] = set()
+    items = []
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # a tied weight, hashed once
+        seen.add(key)
+        items.append((name, tensor))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_tensor_digest, items))
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    for volatile in ("_name_or_path", "transformers_version"):
+        config.pop(volatile, None)
+    total = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for digest in digests:
+        total.update(digest)
+    return total.hexdigest()[:20]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:240] if lines else type(exc).__name__
 
 
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # a missing or damaged tokenizer file fails in many ways inside the library
+        raise UserError(f"could not load the tokenizer in {model_dir}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         # Padding only fills positions the attention mask hides; eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -269,8 +303,9 @@ def load_base_model(
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except UserError:
         raise
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load model from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # truncated or corrupt weights, a config the library rejects, missing shards
+        raise UserError(f"could not load model from {model_dir}: {_first_line(exc)} (is a weights file truncated "
+                        "or damaged?)") from exc
     if not quantize_4bit:
         model.to(device)
     if model.config.pad_token_id is None:
@@ -283,7 +318,6 @@ def load_base_model(
         num_layers=num_hidden_layers(model.config),
         hidden_size=hidden_size(model.config),
         vocab_size=int(model.config.vocab_size),
-        weights_fingerprint=weights_fingerprint(model_dir),
     )
     return model, tokenizer, info
 

@@ -14,11 +14,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..errors import UserError
+from ..errors import UserError, warn
 from ..report.stats import ratio
 from .console import print_config_section, print_summary
 from .suite import (DEFAULT_CONFIG_FILE, BenchConfig, BenchSuite, EpochPlan, epoch_plan, load_suite,
-                    resolve_config_file, selected_configs)
+                    resolve_config_file, selected_configs, split_applicable)
 from .worker import run_worker
 
 
@@ -103,6 +103,24 @@ def epoch_reductions(runs: list[dict], reference: str) -> dict:
         out[run["name"]] = {"total_pct": 100.0 * (1.0 - run["total_s"] / ref["total_s"]),
                             "later_epochs_pct": None if later is None else 100.0 * (1.0 - later)}
     return out
+
+
+def skip_inapplicable(chosen: list[BenchConfig], plan: Optional[EpochPlan], suite: BenchSuite, facts: dict
+                      ) -> tuple[list[BenchConfig], Optional[EpochPlan], dict[str, str]]:
+    """Leave out configurations the model cannot take (say which and why), and carry on with the rest."""
+    chosen, skipped = split_applicable(chosen, facts["name"], facts["num_layers"])
+    if plan is not None:
+        names = [n for n in plan.names if n not in skipped]
+        _, more = split_applicable([suite.configs[n] for n in names], facts["name"], facts["num_layers"])
+        skipped.update(more)
+        names = [n for n in names if n not in more]
+        plan = EpochPlan(names, plan.tasks, plan.reference if plan.reference in names else names[0]) if names else None
+    for name, reason in skipped.items():
+        warn(f"benchmark configuration {name} skipped: {reason}")
+    if suite.baseline in skipped:
+        raise UserError(f"the baseline configuration {suite.baseline} cannot run on {facts['name']}: "
+                        f"{skipped[suite.baseline]}")
+    return chosen, plan, skipped
 
 
 def run_step_configs(args: BenchOptions, configs: list[BenchConfig], baseline: str, device: str) -> list[dict]:
@@ -198,6 +216,7 @@ def benchmark_command(
     torch_device = resolve_device(device)
     facts = model_facts(model)
     check_context(facts, seq_len)
+    chosen, plan, skipped = skip_inapplicable(chosen, plan, suite, facts)
 
     created = datetime.now()
     print(f"[skip2lora] benchmark: {len(chosen)} configurations on {model} ({torch_device.type}), batch "
@@ -220,6 +239,7 @@ def benchmark_command(
                    "precision": used_precision, "seed": seed},
         "baseline": suite.baseline,
         "configs": results,
+        "skipped": [{"name": name, "reason": reason} for name, reason in skipped.items()],
         "comparison": comparison(results, suite.baseline),
         "epoch_benchmark": epoch_results,
     }
@@ -229,7 +249,8 @@ def benchmark_command(
     failed = [r["name"] for r in results if r["status"] != "ok"]
     for task in (epoch_results or {}).get("tasks", []):
         failed += [f"{r['name']} on {task['task']}" for r in task["runs"] if r["status"] != "ok"]
-    print(f"[skip2lora] wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"[skip2lora] wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; skipped (cannot run on {model}): {', '.join(skipped)}" if skipped else ""))
     if all(r["status"] != "ok" for r in results):
         raise UserError(f"every configuration failed, first {results[0]['name']}: {results[0]['error']}")
     return 1 if failed else 0  # the results are written either way; a script can still tell

@@ -123,6 +123,30 @@ def selected_configs(suite: BenchSuite, names: Optional[list[str]]) -> list[Benc
     return [suite.configs[n] for n in names]
 
 
+def inapplicable_reason(config: BenchConfig, model_name: str, num_layers: int) -> Optional[str]:
+    """Why a configuration cannot run on this model (Skip2-LoRA blocks it lacks), None when it can."""
+    if config.method != "skip2lora":
+        return None
+    blocks = config.overrides.get("skip2lora", {}).get("block_indices", Skip2LoRAConfig().block_indices)
+    missing = [b for b in blocks if not -num_layers <= int(b) < num_layers]
+    if not missing:
+        return None
+    return f"its blocks {list(blocks)} include {missing[0]}, but {model_name} has {num_layers} blocks (0..{num_layers - 1})"
+
+
+def split_applicable(configs: list[BenchConfig], model_name: str, num_layers: int
+                     ) -> tuple[list[BenchConfig], dict[str, str]]:
+    """(configurations that can run on the model, {name: why not} for the others)."""
+    runnable, skipped = [], {}
+    for config in configs:
+        reason = inapplicable_reason(config, model_name, num_layers)
+        if reason is None:
+            runnable.append(config)
+        else:
+            skipped[config.name] = reason
+    return runnable, skipped
+
+
 @dataclass
 class EpochPlan:
     names: list[str]

@@ -26,7 +26,20 @@ def build_method(
                                              **options)
     for param in model.parameters():
         param.requires_grad_(False)
+    check_positions(model, cfg.data.max_seq_length)
+    # create() writes values it resolves against the model back into cfg (block indices, LoRA target
+    # modules), so run.json and checkpoints record what actually ran.
     return cls.create(model, tokenizer, info, cfg, kind, num_labels), info
+
+
+def check_positions(model: torch.nn.Module, max_seq_length: int) -> None:
+    """A model with a learned position table (GPT-2, BERT) cannot read past its end: refuse before training."""
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and ("position" in leaf or leaf == "wpe"):
+            if max_seq_length > module.num_embeddings:
+                raise UserError(f"data.max_seq_length {max_seq_length} exceeds the {module.num_embeddings} positions "
+                                f"{type(model).__name__} has: use --data.max_seq_length {module.num_embeddings} or less")
 
 
 __all__ = ["FinetuneMethod", "METHOD_REGISTRY", "ParameterCounts", "build_method", "register_method"]

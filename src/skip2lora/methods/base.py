@@ -133,6 +133,11 @@ class FinetuneMethod(nn.Module):
                                     f"expects {tuple(param.shape)}: resume with the settings it was trained with")
                 param.copy_(state[name].to(param.device, param.dtype))
 
+    def trainable_settings(self) -> dict:
+        """What the trainable tensors depend on besides method, model and data, by config name: a resume
+        whose values differ is refused (train/checkpoint.py)."""
+        return {"task": self.kind}
+
     def parameter_counts(self) -> ParameterCounts:
         unique = {id(p): p for p in self.parameters()}
         trainable = sum(p.numel() for p in self.trainable_parameters())

@@ -9,8 +9,10 @@ from typing import Any, Optional
 from torch import nn
 
 from ..config import FinetuneConfig, LoRAConfig
+from ..errors import UserError
 from ..models import ModelInfo
 from .base import FinetuneMethod, register_method
+from .lora_targets import resolve_target_modules
 
 BASE_QUANTIZATION = "base_quantization.json"
 
@@ -31,14 +33,22 @@ class LoRAMethod(FinetuneMethod):
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        targets = resolve_target_modules(model, cfg.target_modules)  # unset: query + value for the architecture
         peft_config = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules,  # None: PEFT's default for the architecture (q+v on Llama)
+            target_modules=targets,
             task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
         )
-        super().__init__(get_peft_model(model, peft_config), tokenizer, kind)
+        try:
+            peft_model = get_peft_model(model, peft_config)
+        except ValueError as exc:  # a target PEFT cannot adapt (an embedding under a linear's name, ...)
+            raise UserError(f"LoRA cannot adapt {', '.join(targets)} in {type(model).__name__}: "
+                            f"{str(exc).splitlines()[0]}") from exc
+        super().__init__(peft_model, tokenizer, kind)
+        self.target_modules = targets
+        self.lora = cfg
 
     @classmethod
     def load_options(cls, cfg: FinetuneConfig, kind: str) -> dict:
@@ -47,7 +57,13 @@ class LoRAMethod(FinetuneMethod):
     @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "LoRAMethod":
-        return cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        method = cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        cfg.lora.target_modules = method.target_modules  # run.json records what was adapted, resolved
+        return method
+
+    def trainable_settings(self) -> dict:
+        return {"task": self.kind, "lora.r": self.lora.r, "lora.alpha": self.lora.alpha,
+                "lora.target_modules": self.target_modules}
 
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)

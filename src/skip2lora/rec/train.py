@@ -16,7 +16,7 @@ from torch import nn
 
 from ..env import environment_info, peak_memory_mb, resolve_device, synchronize
 from ..errors import UserError
-from ..outdir import MetricLogger, RunDir
+from ..outdir import RunClaim, RunDir
 from .baselines import protocol
 from .checkpoint import save_checkpoint
 from .config import RecStudentConfig, config_to_dict
@@ -114,16 +114,17 @@ def metric_columns(k: int) -> list[str]:
 
 
 def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: EvalSplit, cfg: RecStudentConfig,
-        run_dir: RunDir, device: torch.device) -> dict:
+        claim: RunClaim, device: torch.device) -> dict:
     """Epochs until `train.epochs`, patience or the time limit; best/ holds the best-validation weights."""
+    run_dir = claim.run_dir
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     step_module, optimizer = fabric.setup(LossModule(model), optimizer)
-    logger = MetricLogger(run_dir, columns=metric_columns(cfg.eval.k), tensorboard=cfg.tensorboard, step_key="epoch")
+    logger = claim.start_logger(columns=metric_columns(cfg.eval.k), tensorboard=cfg.tensorboard, step_key="epoch")
     generator = torch.Generator().manual_seed(cfg.seed)
     key = f"ndcg@{cfg.eval.k}"
     best = {"epoch": 0, "validation": None, "state": None}
     epoch_times, validation_times, stopped = [], [], "max_epochs"
-    fit_start = time.perf_counter()
+    fit_start, fit_cpu_start = time.perf_counter(), time.process_time()
     try:
         for epoch in range(1, cfg.train.epochs + 1):
             started = time.perf_counter()
@@ -157,7 +158,8 @@ def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: 
         logger.close()
     model.load_state_dict(best["state"])
     return {"best_epoch": best["epoch"], "validation": best["validation"], "epochs_run": len(epoch_times),
-            "stopped": stopped, "fit_s": time.perf_counter() - fit_start, "epoch_times": epoch_times,
+            "stopped": stopped, "fit_s": time.perf_counter() - fit_start,
+            "fit_cpu_s": time.process_time() - fit_cpu_start, "epoch_times": epoch_times,
             "validation_times": validation_times}
 
 
@@ -165,12 +167,32 @@ def _spread(values: list[float]) -> dict:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
+def phase_timing(fitted: dict, data_prep_s: float, test_eval_s: float, test_users: int, device: torch.device,
+                 memory_resettable: bool, memory: dict) -> dict:
+    """run.json's timing block: every phase measured on its own."""
+    if device.type == "cuda":
+        measure = "torch.cuda max_memory_allocated / max_memory_reserved, reset per phase"
+    else:
+        measure = "process peak RSS (VmHWM), " + ("reset per phase" if memory_resettable else "cumulative (not resettable)")
+    return {
+        "data_prep_s": data_prep_s, "fit_s": fitted["fit_s"], "train_s": sum(fitted["epoch_times"]),
+        # CPU seconds of this process: about threads x wall on an idle machine, less when others share the cores.
+        "fit_cpu_s": fitted["fit_cpu_s"],
+        "epoch_time_s": _spread(fitted["epoch_times"]), "epoch_times_s": fitted["epoch_times"],
+        "validation_s": sum(fitted["validation_times"]), "validation_time_s": _spread(fitted["validation_times"]),
+        "test_eval_s": test_eval_s, "test_eval_users": test_users, "memory": {**memory, "measure": measure},
+    }
+
+
 def run_student(cfg: RecStudentConfig) -> dict:
     """The whole run: data, fit, test evaluation, run.json. Returns run.json's content."""
     threads = set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    run_dir = RunDir(cfg.out_dir)
-    run_dir.prepare(resume=False, overwrite=cfg.overwrite)
+    with RunDir(cfg.out_dir).claim(resume=False, overwrite=cfg.overwrite) as claim:
+        return _run(cfg, claim, device, threads)
+
+
+def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: int) -> dict:
     memory_resettable = reset_peak_memory(device)
 
     started = time.perf_counter()
@@ -189,7 +211,7 @@ def run_student(cfg: RecStudentConfig) -> dict:
     fabric.seed_everything(cfg.seed, verbose=False)
     model = SASRec(dataset.n_items, cfg.data.max_seq_len, cfg.model)
     reset_peak_memory(device)
-    fitted = fit(fabric, model, dataset, windows, val, cfg, run_dir, device)
+    fitted = fit(fabric, model, dataset, windows, val, cfg, claim, device)
     fit_memory = memory_facts(device)
 
     reset_peak_memory(device)
@@ -199,16 +221,8 @@ def run_student(cfg: RecStudentConfig) -> dict:
     synchronize(device)
     test_eval_s = time.perf_counter() - started
 
-    timing = {
-        "data_prep_s": data_prep_s, "fit_s": fitted["fit_s"], "train_s": sum(fitted["epoch_times"]),
-        "epoch_time_s": _spread(fitted["epoch_times"]), "epoch_times_s": fitted["epoch_times"],
-        "validation_s": sum(fitted["validation_times"]), "validation_time_s": _spread(fitted["validation_times"]),
-        "test_eval_s": test_eval_s, "test_eval_users": len(test),
-        "memory": {"data_prep": data_memory, "fit": fit_memory, "test_eval": memory_facts(device),
-                   "measure": ("torch.cuda max_memory_allocated / max_memory_reserved" if device.type == "cuda" else
-                               "process peak RSS (VmHWM), " + ("reset per phase" if memory_resettable else
-                                                               "cumulative: could not be reset"))},
-    }
+    timing = phase_timing(fitted, data_prep_s, test_eval_s, len(test), device, memory_resettable,
+                          {"data_prep": data_memory, "fit": fit_memory, "test_eval": memory_facts(device)})
     summary = {
         "best_epoch": fitted["best_epoch"], "epochs_run": fitted["epochs_run"], "stopped": fitted["stopped"],
         "selection": f"validation ndcg@{cfg.eval.k}", "validation": fitted["validation"], "test": test_metrics,
@@ -220,7 +234,7 @@ def run_student(cfg: RecStudentConfig) -> dict:
                "config": config_to_dict(cfg), "environment": {**environment_info(device), "threads": threads,
                                                                "precision": cfg.precision},
                "split": dataset.stats, "timing": timing, "summary": summary}
-    run_dir.write_run_json(payload)
+    claim.run_dir.write_run_json(payload)
     k = cfg.eval.k
     print(f"best epoch {fitted['best_epoch']} of {fitted['epochs_run']} ({fitted['stopped']}); test hr@{k} "
           f"{test_metrics[f'hr@{k}']:.4f} ndcg@{k} {test_metrics[f'ndcg@{k}']:.4f} recall@{k} "

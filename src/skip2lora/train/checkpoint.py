@@ -1,7 +1,8 @@
 """Training checkpoints for --resume: written atomically, so a killed run never leaves a half file.
 
-Each checkpoint also keeps settings.json, what its trainable tensors depend on (method, model, rank, blocks,
-target modules ...), so a resume with other settings is refused in one line naming the setting.
+Each checkpoint also records what its trainable tensors depend on (method, model, rank, blocks, target
+modules ...; in trainable.safetensors' metadata), so a resume with other settings is refused in one line
+naming the setting and both values.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import UserError
 from ..outdir import RunDir
 from ..paths import atomic_directory
 
-SETTINGS_JSON = "settings.json"
+SETTINGS_KEY = "skip2lora_settings"  # metadata key of trainable.safetensors
 # What a damaged checkpoint file raises while it is read (truncated safetensors, pickle, JSON).
 DAMAGED = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
@@ -53,9 +54,9 @@ def save_checkpoint(run_dir: RunDir, step: int, trainable: dict, optimizer, sche
     root = run_dir.checkpoints
 
     def fill(tmp: Path) -> None:
-        if settings is not None:
-            (tmp / SETTINGS_JSON).write_text(json.dumps(settings, indent=2))
-        save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        metadata = {"format": "pt", **({SETTINGS_KEY: json.dumps(settings)} if settings is not None else {})}
+        save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"),
+                  metadata=metadata)
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
             tmp / "training_state.pt",
@@ -90,13 +91,15 @@ def remove_partial_writes(run_dir: RunDir) -> None:
 
 def check_settings(path: Path, settings: dict) -> None:
     """Refuse to resume from a checkpoint written with other settings, naming the first that differs."""
-    file = Path(path) / SETTINGS_JSON
-    if not file.is_file():
-        return  # written before checkpoints kept their settings: the tensor shapes are still checked
+    from safetensors import safe_open
+
     try:
-        saved = json.loads(file.read_text())
+        with safe_open(str(Path(path) / "trainable.safetensors"), "pt") as handle:
+            recorded = (handle.metadata() or {}).get(SETTINGS_KEY)
+        saved = json.loads(recorded) if recorded else {}
     except DAMAGED + (UnicodeDecodeError,) as exc:
         raise damaged(path, exc) from exc
+    # A checkpoint written before settings were recorded has none: the tensor shapes are still checked.
     for key, value in settings.items():
         if key in saved and _comparable(saved[key]) != _comparable(value):
             raise UserError(

@@ -39,14 +39,21 @@ def evaluate(
     device: torch.device,
     autocast: Callable,
     has_accuracy: bool,
+    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Validation loss (token-weighted), perplexity and, when the task has answers, accuracy."""
+    """Validation loss (token-weighted), perplexity and, when the task has answers, accuracy.
+
+    On several ranks, `shard` = (rank, world size): each evaluates its own share of the same samples and
+    `all_reduce` sums the counts, so the result is the one a single process would get."""
+    rank, world = shard
     method.eval()
     pad_id = method.tokenizer.pad_token_id
     total, count, correct, seen = 0.0, 0, 0, 0
     with autocast():
-        for start in range(0, len(val_samples), batch_size):
-            chunk = val_samples[start:start + batch_size]
+        own = val_samples[rank::world]
+        for start in range(0, len(own), batch_size):
+            chunk = own[start:start + batch_size]
             batch = to_device(collate(chunk, pad_id), device)
             if method.kind == "classification":
                 # One forward gives both: the loss is the cross-entropy of the very logits classified.
@@ -60,7 +67,7 @@ def evaluate(
                 total += float(loss_sum)
                 count += n
         if method.kind == "generation" and has_accuracy and cfg.accuracy_samples > 0:
-            subset = val_samples[: cfg.accuracy_samples]
+            subset = val_samples[: cfg.accuracy_samples][rank::world]
             for start in range(0, len(subset), batch_size):
                 chunk = subset[start:start + batch_size]
                 ids, mask = left_padded_prompts(chunk, pad_id)
@@ -69,6 +76,9 @@ def evaluate(
                     text = method.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     correct += int(text == answers[sample.sample_id].strip())
                     seen += 1
+    if all_reduce is not None:
+        summed = all_reduce(torch.tensor([total, count, correct, seen], dtype=torch.float64, device=device))
+        total, count, correct, seen = float(summed[0]), int(summed[1]), int(summed[2]), int(summed[3])
     val_loss = total / max(count, 1)
     result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     if seen:

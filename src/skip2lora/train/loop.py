@@ -8,11 +8,12 @@ run.json. The loop never asks which method it trains.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,16 +21,24 @@ from tqdm.auto import tqdm
 
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import TaskData, TokenizedSample, collate, epoch_order, load_task_data, tokenize_examples
-from ..env import (autocast_context, environment_info, peak_memory_mb, precision_dtype, resolve_device,
-                   resolve_precision)
+from ..data.tokenize import rank_partition
+from ..env import environment_info, peak_memory_mb, precision_dtype
 from ..errors import UserError
 from ..methods import FinetuneMethod, build_method
 from ..models import ModelInfo, model_info_dict
-from ..outdir import MetricLogger, RunDir, TASK_JSON
+from ..outdir import TASK_JSON, MetricLogger, RunClaim, RunDir
 from ..paths import atomic_write_json
 from . import checkpoint as ckpt
 from .evaluate import evaluate, format_eval, is_better, to_device
+from .fabric import build_fabric
 from .step import build_optimizer, build_scheduler, train_step
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process (no PYTHONHASHSEED dependence)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -40,11 +49,14 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class MicroBatchStream:
-    """Micro-batch m of a run is a pure function of (seed, m): a resumed run sees the same data."""
+    """Micro-batch m of a rank is a pure function of (seed, m, rank, world size): a resumed run sees the same
+    data. The stream indexes the rank's own share of the samples (see `rank_partition`)."""
 
     num_samples: int
     micro_batch_size: int
     seed: int
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def per_epoch(self) -> int:
@@ -52,7 +64,7 @@ class MicroBatchStream:
 
     def indices(self, micro_index: int) -> tuple[int, list[int]]:
         epoch, within = divmod(micro_index, self.per_epoch)
-        order = epoch_order(self.num_samples, self.seed, epoch)
+        order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
         return epoch, order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
 
 
@@ -79,11 +91,13 @@ class Run:
     """Everything `setup` builds and `fit` / `finish` use."""
 
     cfg: FinetuneConfig
+    fabric: Any
     run_dir: RunDir
     device: torch.device
     precision: str
     task: TaskData
     method: FinetuneMethod
+    module: torch.nn.Module  # the method as Fabric wrapped it (DDP, precision): what the training step calls
     info: ModelInfo
     train_samples: list[TokenizedSample]
     val_samples: list[TokenizedSample]
@@ -93,13 +107,27 @@ class Run:
     total_steps: int
     progress: RunProgress
     start_step: int
-    logger: MetricLogger
+    logger: Optional[MetricLogger]
     environment: dict
     time_phases: bool
+    accumulation: int
+    claim: Optional[RunClaim]  # rank 0's lock on the folder (and the run it replaces), released at the end
 
     @property
     def autocast(self):
-        return partial(autocast_context, self.precision, self.device)
+        return self.fabric.autocast
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone writes files: logs, checkpoints, best/, final/, run.json."""
+        return self.fabric.global_rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.fabric.world_size
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.fabric.all_reduce(tensor, reduce_op="sum") if self.world_size > 1 else tensor
 
     @property
     def has_accuracy(self) -> bool:
@@ -107,32 +135,60 @@ class Run:
 
 
 def setup(cfg: FinetuneConfig) -> Run:
-    """Check the run folder, load model, method and data, prepare the method, restore a resumed state."""
+    """Launch the processes, claim the run folder (rank 0), then build the run; a failure gives the folder
+    back as it was."""
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    claim = RunDir(cfg.out_dir).claim(resume=cfg.resume, overwrite=cfg.overwrite) if fabric.global_rank == 0 else None
+    fabric.barrier()
+    try:
+        return build_run(cfg, fabric, claim)
+    except BaseException as exc:
+        if claim is not None:
+            claim.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+
+def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Run:
+    """Load model, method and data (each rank its own share), prepare the method, wrap it for Fabric,
+    restore a resumed state. Nothing of an overwritten run is touched until the very end."""
+    rank, world = fabric.global_rank, fabric.world_size
+    if fabric.device.type == "cpu" and cfg.devices > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))  # the processes share the cores
     run_dir = RunDir(cfg.out_dir)
-    run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
     resume_from = None
     if cfg.resume:
-        ckpt.remove_partial_writes(run_dir)
+        if rank == 0:
+            ckpt.remove_partial_writes(run_dir)
+        fabric.barrier()
         resume_from = ckpt.latest_checkpoint(run_dir)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device = fabric.device
+    precision = fabric_precision(fabric)
     seed_everything(cfg.seed)
 
     task = load_task_data(cfg.data)
     method, info = build_method(cfg, task.kind, len(task.label_names or []) or None, device, precision_dtype(precision))
-    train_samples = tokenize_examples(task.train, method.tokenizer, cfg.data, task.kind)
+    if resume_from is not None:  # before the (possibly long) cache build: a resume with other settings is refused
+        ckpt.check_settings(resume_from, ckpt.resume_settings(cfg, method))
+    all_train = tokenize_examples(task.train, method.tokenizer, cfg.data, task.kind)
     val_samples = tokenize_examples(task.val, method.tokenizer, cfg.data, task.kind)
     if cfg.eval.max_samples:
         val_samples = val_samples[: cfg.eval.max_samples]
+    train_samples = [all_train[i] for i in rank_partition(len(all_train), cfg.seed, rank, world)]
     if not train_samples:
-        raise UserError(f"dataset '{cfg.data.name}' has no training samples after tokenisation: check data settings")
+        raise UserError(f"dataset '{cfg.data.name}' has no training samples after tokenisation"
+                        + (f" for each of {world} ranks" if world > 1 else "") + ": check data settings")
     prepare_started = time.perf_counter()
-    method.prepare(train_samples, val_samples, device)
+    method.prepare(train_samples, val_samples[rank::world], device)  # each rank builds the cache of its share
     prepare_time = time.perf_counter() - prepare_started
 
-    stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(stream.per_epoch / cfg.train.accumulation)
+    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
+    stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed, rank, world)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(stream.per_epoch / accumulation)
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
+    # The model is already where it belongs (and may be 4-bit): Fabric wraps it without moving it.
+    module = fabric.setup_module(method, move_to_device=False)
+    optimizer = fabric.setup_optimizers(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     progress, start_step = RunProgress(), 0
     if resume_from is not None:
@@ -146,8 +202,18 @@ def setup(cfg: FinetuneConfig) -> Run:
     if cfg.eval.interval_s is not None and start_step == 0:
         progress.next_eval_s = progress.train_time_s + cfg.eval.interval_s
     time_phases = cfg.train.time_phases if cfg.train.time_phases is not None else device.type == "cpu"
-    return Run(cfg, run_dir, device, precision, task, method, info, train_samples, val_samples, optimizer, scheduler,
-               stream, total_steps, progress, start_step, MetricLogger(run_dir), environment_info(device), time_phases)
+    # The new run starts here: only now is an overwritten run moved aside (and deleted once this one logs).
+    logger = claim.start_logger() if claim is not None else None
+    environment = {**environment_info(device), "world_size": world, "num_nodes": cfg.num_nodes,
+                   "strategy": type(fabric.strategy).__name__}
+    return Run(cfg, fabric, run_dir, device, precision, task, method, module, info, train_samples, val_samples,
+               optimizer, scheduler, stream, total_steps, progress, start_step, logger, environment, time_phases,
+               accumulation, claim)
+
+
+def fabric_precision(fabric: Any) -> str:
+    """The precision Fabric runs with, in its own names (32-true, bf16-mixed, ...)."""
+    return str(getattr(fabric._precision, "precision", "32-true"))
 
 
 def run_eval(run: Run, step: int) -> dict:
@@ -155,15 +221,19 @@ def run_eval(run: Run, step: int) -> dict:
     cfg, progress = run.cfg, run.progress
     answers = {e.sample_id: e.output for e in run.task.val}
     result = evaluate(run.method, run.val_samples, answers, cfg.eval, cfg.train.micro_batch_size, run.device,
-                      run.autocast, run.has_accuracy)
-    run.logger.log({"step": step, "epoch": progress.epoch, **result, "elapsed_s": progress.train_time_s,
-                    "peak_memory_mb": peak_memory_mb(run.device)})
+                      run.autocast, run.has_accuracy, run.all_reduce_sum if run.world_size > 1 else None,
+                      (run.fabric.global_rank, run.world_size))
+    if run.is_writer:
+        run.logger.log({"step": step, "epoch": progress.epoch, **result, "elapsed_s": progress.train_time_s,
+                        "peak_memory_mb": peak_memory_mb(run.device)})
     progress.last_eval = result
     if progress.initial_eval is None:
         progress.initial_eval = result
     elif is_better(result, progress.best_eval):
         progress.best_eval, progress.best_step = result, step
-        run.run_dir.write_result("best", partial(save_result, run))
+        if run.is_writer:
+            run.run_dir.write_result("best", partial(save_result, run))
+        run.fabric.barrier()
     return result
 
 
@@ -180,7 +250,7 @@ def save_result(run: Run, directory) -> None:
 def next_micro_batches(run: Run, step: int, current_epoch: Optional[int]) -> tuple[list[dict], Optional[int]]:
     """The micro-batches of optimizer step `step` (1-based), telling the method when an epoch starts."""
     batches = []
-    accumulation = run.cfg.train.accumulation
+    accumulation = run.accumulation
     for micro in range(accumulation):
         epoch, indices = run.stream.indices((step - 1) * accumulation + micro)
         if epoch != current_epoch:
@@ -195,62 +265,89 @@ def fit(run: Run, show_progress: bool = True) -> int:
     """Optimizer steps until max_steps, the epochs or the time budget run out; returns the last step."""
     cfg, progress, method = run.cfg, run.progress, run.method
     if cfg.eval.initial and run.start_step == 0 and run.val_samples:
-        print(f"[skip2lora] before training: {format_eval(run_eval(run, 0))}")
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=method.name, disable=not show_progress,
-               dynamic_ncols=True)
+        first = run_eval(run, 0)
+        run.fabric.print(f"[skip2lora] before training: {format_eval(first)}")
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=method.name,
+               disable=not show_progress or not run.is_writer, dynamic_ncols=True)
     current_epoch, step = None, run.start_step
+    tokens_since_log = 0
     for step in range(run.start_step + 1, run.total_steps + 1):
         method.train()
+        if run.world_size > 1:
+            # Dropout's randomness as a pure function of (seed, step, rank), like the data order: a resumed
+            # run needs no rank's RNG state, only the step number (one process restores its RNG instead).
+            torch.manual_seed(hash_seed(cfg.seed, step, run.fabric.global_rank))
         started = time.perf_counter()
         batches, current_epoch = next_micro_batches(run, step, current_epoch)
         learning_rate = run.scheduler.get_last_lr()[0]
-        result = train_step(method, run.optimizer, batches, max_grad_norm=cfg.train.max_grad_norm,
-                            scheduler=run.scheduler, autocast=run.autocast, timing=run.time_phases, device=run.device)
+        result = train_step(run.module, run.optimizer, batches, max_grad_norm=cfg.train.max_grad_norm,
+                            scheduler=run.scheduler, timing=run.time_phases, device=run.device, fabric=run.fabric)
         step_time = time.perf_counter() - started
         for name, seconds in result.phases_s.items():
             progress.phase_s[name] = progress.phase_s.get(name, 0.0) + seconds
         progress.train_time_s += step_time
-        progress.tokens += result.tokens
+        tokens_since_log += result.tokens
         last_planned = step == run.total_steps
         if step % cfg.train.log_interval == 0 or last_planned:
-            loss = float(result.loss)  # the one device-to-host read of the step, at log time only
-            progress.last_train_loss = loss
-            if progress.first_train_loss is None:
-                progress.first_train_loss = loss
-            progress.history.append(loss)
-            run.logger.log({
-                "step": step, "epoch": progress.epoch, "train_loss": loss, "learning_rate": learning_rate,
-                "step_time_s": step_time, "tokens_per_s": result.tokens / step_time,
-                "peak_memory_mb": peak_memory_mb(run.device), "elapsed_s": progress.train_time_s,
-            })
-            bar.set_postfix(loss=f"{loss:.4f}")
+            log_train_row(run, step, result.loss, tokens_since_log, step_time, learning_rate)
+            tokens_since_log = 0
+            bar.set_postfix(loss=f"{progress.last_train_loss:.4f}")
         bar.update(1)
 
         out_of_time = cfg.train.max_time_s is not None and progress.train_time_s >= cfg.train.max_time_s
-        last = last_planned or out_of_time
         time_for_eval = cfg.eval.interval_s is not None and progress.train_time_s >= progress.next_eval_s
+        if run.world_size > 1 and (cfg.train.max_time_s is not None or cfg.eval.interval_s is not None):
+            # Rank 0's clock decides, so every rank stops and evaluates at the same step.
+            out_of_time, time_for_eval = run.fabric.broadcast((out_of_time, time_for_eval), src=0)
+        last = last_planned or out_of_time
         if run.val_samples and (step % cfg.eval.interval == 0 or last or time_for_eval):
             if cfg.eval.interval_s is not None:
                 progress.next_eval_s = progress.train_time_s + cfg.eval.interval_s
-            bar.write(f"[skip2lora] step {step}: {format_eval(run_eval(run, step))}")
+            result_text = format_eval(run_eval(run, step))
+            if run.is_writer:
+                bar.write(f"[skip2lora] step {step}: {result_text}")
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
-            ckpt.save_checkpoint(run.run_dir, step, method.trainable_state_dict(), run.optimizer, run.scheduler,
-                                 progress.__dict__)
-        if out_of_time:
+            if run.is_writer:
+                ckpt.save_checkpoint(run.run_dir, step, method.trainable_state_dict(), run.optimizer, run.scheduler,
+                                     progress.__dict__, settings=ckpt.resume_settings(cfg, method))
+            run.fabric.barrier()
+        if out_of_time and run.is_writer:
             bar.write(f"[skip2lora] time budget of {cfg.train.max_time_s:.0f}s reached at step {step}")
             break
     bar.close()
     return step
 
 
+def log_train_row(run: Run, step: int, loss: torch.Tensor, tokens: int, step_time: float, learning_rate: float) -> None:
+    """The step's loss (mean over ranks) and throughput (tokens of all ranks) into progress and metrics.csv."""
+    progress = run.progress
+    if run.world_size > 1:
+        loss = run.fabric.all_reduce(loss, reduce_op="mean")
+        tokens = int(run.all_reduce_sum(torch.tensor(tokens, device=run.device)))
+    value = float(loss)  # the device-to-host read of the loss, at log time only
+    progress.tokens += tokens
+    progress.last_train_loss = value
+    if progress.first_train_loss is None:
+        progress.first_train_loss = value
+    progress.history.append(value)
+    if run.is_writer:
+        run.logger.log({
+            "step": step, "epoch": progress.epoch, "train_loss": value, "learning_rate": learning_rate,
+            "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+            "peak_memory_mb": peak_memory_mb(run.device), "elapsed_s": progress.train_time_s,
+        })
+
+
 def finish(run: Run, steps: int) -> dict:
-    """Write OUT/final and run.json; return the run summary."""
-    run.logger.close()
-    run.run_dir.write_result("final", partial(save_result, run))
+    """Write OUT/final and run.json (rank 0); return the run summary."""
     payload = run_record(run, steps)
-    run.run_dir.write_run_json(payload)
-    print(f"[skip2lora] done: {format_summary(payload['summary'])}")
-    print(f"[skip2lora] wrote {run.run_dir.final}, {run.logger.csv_path}, {run.run_dir.run_json}")
+    if run.is_writer:
+        run.logger.close()
+        run.run_dir.write_result("final", partial(save_result, run))
+        run.run_dir.write_run_json(payload)
+        print(f"[skip2lora] done: {format_summary(payload['summary'])}")
+        print(f"[skip2lora] wrote {run.run_dir.final}, {run.logger.csv_path}, {run.run_dir.run_json}")
+    run.fabric.barrier()
     return payload
 
 
@@ -259,18 +356,24 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     run = setup(cfg)
     method, info = run.method, run.info
     counts = method.parameter_counts()
-    print(
+    ranks = f" | {run.world_size} ranks, {len(run.train_samples)} samples each" if run.world_size > 1 else ""
+    run.fabric.print(
         f"[skip2lora] {method.name} on {info.name} ({info.num_parameters / 1e6:.1f}M params, "
-        f"{counts.trainable:,} trainable) | data {cfg.data.name}: {len(run.train_samples)} train / "
-        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}"
+        f"{counts.trainable:,} trainable) | data {cfg.data.name}: {len(run.train_samples) * run.world_size} train / "
+        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks}"
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
     try:
-        steps = fit(run, show_progress)
-    except BaseException:
-        run.logger.close()
+        payload = finish(run, fit(run, show_progress))
+    except BaseException as exc:
+        if run.logger is not None:
+            run.logger.close()
+        if run.claim is not None:
+            run.claim.__exit__(type(exc), exc, exc.__traceback__)
         raise
-    return finish(run, steps)
+    if run.claim is not None:
+        run.claim.__exit__(None, None, None)
+    return payload
 
 
 def run_record(run: Run, steps: int) -> dict:
@@ -303,7 +406,7 @@ def run_record(run: Run, steps: int) -> dict:
         "environment": run.environment,
         "model": model_info_dict(run.info),
         "parameters": method.parameter_counts().as_dict(),
-        "metrics_csv": str(run.logger.csv_path),
+        "metrics_csv": str(run.logger.csv_path) if run.logger is not None else None,
         "summary": summary,
     }
 

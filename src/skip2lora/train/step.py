@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -87,30 +87,39 @@ def train_step(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     timing: bool = False,
     device: Optional[torch.device] = None,
+    fabric: Optional[Any] = None,
 ) -> StepResult:
     """Forward and backward over the micro-batches (gradients accumulate), then clip, step and clear.
 
     Each micro-batch's mean loss is weighted 1/len(micro_batches), so accumulation gives the gradient of
     the mean of the micro-batch means, as one batch of the same samples would when their counts match.
+    With a Lightning `fabric` (and the module it wrapped), the backward goes through Fabric (loss scaling,
+    DDP all-reduce) and the gradient all-reduce waits for the last micro-batch (`no_backward_sync`).
     """
     device = device or next(iter(module.parameters())).device
     clock = _Clock(timing, device)
     accumulation = len(micro_batches)
     step_loss = torch.zeros((), device=device)
     tokens = units = 0
-    for batch in micro_batches:
-        with autocast():
-            loss_sum, count = module(batch)
-            loss = loss_sum / max(count, 1)
-        clock.mark("forward")
-        (loss / accumulation).backward()
-        clock.mark("backward")
+    for index, batch in enumerate(micro_batches):
+        accumulating = index < accumulation - 1
+        with fabric.no_backward_sync(module, enabled=accumulating) if fabric is not None else nullcontext():
+            with autocast():
+                loss_sum, count = module(batch)
+                loss = loss_sum / max(count, 1)
+            clock.mark("forward")
+            if fabric is not None:
+                fabric.backward(loss / accumulation)
+            else:
+                (loss / accumulation).backward()
+            clock.mark("backward")
         step_loss += loss.detach().float() / accumulation
         tokens += int(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0
         units += int(count)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if max_grad_norm and fabric is not None:
+        fabric.clip_gradients(module, optimizer, max_norm=max_grad_norm)
+    elif max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:

@@ -20,8 +20,24 @@ def _require_path(cfg: DataConfig, expects: str) -> Path:
     return path
 
 
+def read_text_file(path: Path) -> str:
+    """A user's file as UTF-8 text; a binary or otherwise-encoded file is refused, never read as replacement
+    characters the model would then learn."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"data.path {path} cannot be read: {exc.strerror or exc}") from exc
+    if b"\x00" in data:
+        raise UserError(f"data.path {path} is a binary file (it holds NUL bytes), not text: give a UTF-8 text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data.path {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                        "convert it to UTF-8") from None
+
+
 def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
     if not text.strip():
         raise UserError(f"data.path {path} is empty; add instruction/output records")
     as_lines = path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("["))
@@ -139,7 +155,7 @@ def _text_blocks(files: Sequence[Path], block_size: int) -> list[Example]:
     # No tokenizer here: about 4 characters per token for English text.
     examples = []
     for file in files:
-        lines = _squeeze_blank_lines(file.read_text(encoding="utf-8", errors="replace").splitlines())
+        lines = _squeeze_blank_lines(read_text_file(file).splitlines())
         examples += [make_example(output=chunk) for chunk in chunk_lines(lines, block_size * 4)]
     return examples
 

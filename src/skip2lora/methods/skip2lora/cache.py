@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ...paths import atomic_write_bytes, atomic_write_json
+from ... import paths
+from ...errors import UserError, os_user_error, warn
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -73,6 +73,7 @@ class SkipCache:
         self.key = run_key(self.fingerprint)
         self.dtype = DTYPES[dtype]
         self.budget_bytes = None if budget_mb is None else int(budget_mb * 1024 * 1024)
+        self.budget_mb = budget_mb
         self.hits = self.misses = 0
         self.bytes = 0
         self.full = False
@@ -87,8 +88,13 @@ class SkipCache:
             if directory is None:
                 raise ValueError("a disk cache needs a directory")
             self.directory = Path(directory) / self.key
-            self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.directory / "manifest.json", self.fingerprint)
+            if Path(directory).exists() and not Path(directory).is_dir():
+                raise UserError(f"skip2lora.cache_dir {directory} is a file: point it at a folder")
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                paths.atomic_write_json(self.directory / "manifest.json", self.fingerprint)
+            except OSError as exc:  # checked before training starts: unwritable, read-only, a file in the way
+                raise os_user_error(exc, f"cannot use skip2lora.cache_dir {directory}") from exc
             self._load_index()
 
     # -- reads -----------------------------------------------------------------------------
@@ -120,11 +126,9 @@ class SkipCache:
         if self.budget_bytes is not None and self.bytes + size > self.budget_bytes:
             if not self.full:
                 self.full = True
-                warnings.warn(
-                    f"skip-cache budget of {self.budget_bytes / 2**20:.0f} MB reached after {len(self)} samples: "
-                    "later samples run the trunk every step; raise skip2lora.cache_budget_mb or use --skip2lora.cache disk",
-                    stacklevel=2,
-                )
+                warn(f"skip-cache budget of {self.budget_mb:g} MB reached after {len(self)} samples: "
+                     "later samples run the trunk every step; raise skip2lora.cache_budget_mb or use "
+                     "--skip2lora.cache disk")
             return False
         self.bytes += size
         if self.mode == "memory":
@@ -146,7 +150,10 @@ class SkipCache:
             tensors[f"{key}.targets"] = feats.targets
         metadata = {"keys": json.dumps(list(self._pending)), "checksum": _checksum(tensors)}
         shard = self.directory / f"shard-{os.getpid()}-{len(list(self.directory.glob('shard-*'))):06d}.safetensors"
-        atomic_write_bytes(shard, save(tensors, metadata=metadata))
+        try:
+            paths.atomic_write_bytes(shard, save(tensors, metadata=metadata))
+        except OSError as exc:  # a full or read-only disk: the shards written before stay whole
+            raise os_user_error(exc, f"could not write skip-cache shard {shard}") from exc
         for key in self._pending:
             self._index[key] = shard
         self._pending = {}
@@ -162,8 +169,8 @@ class SkipCache:
                 if _checksum(tensors) != metadata["checksum"]:
                     raise ValueError("checksum mismatch")
             except Exception as exc:  # any damage: truncated file, bad header, flipped bytes
-                warnings.warn(f"skip-cache shard {shard.name} is damaged ({exc}); it is removed and its samples rebuilt",
-                              stacklevel=2)
+                reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+                warn(f"skip-cache shard {shard} is damaged ({reason}); it is removed and its samples rebuilt")
                 shard.unlink(missing_ok=True)
                 continue
             for key in keys:

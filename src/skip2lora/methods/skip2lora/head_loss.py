@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .head import OutputHead
 
 HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
 
@@ -50,3 +53,24 @@ def frozen_head_ce_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Ten
         logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
         return F.cross_entropy(logits, targets, reduction="sum")
     return _ChunkedFrozenHeadCE.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def _chunk_ce_sum(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden), targets, reduction="sum")
+
+
+def head_ce_sum(hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Summed CE of the model's own output computation on `hidden`, chunked over positions.
+
+    A plain linear head takes the hand-written chunked path above; a head with a transform, scaling or
+    soft-capping is checkpointed per chunk, so backward recomputes each chunk's logits the same way.
+    """
+    if head.plain:
+        return frozen_head_ce_sum(hidden, head.linear, targets, chunk)
+    if hidden.size(0) <= chunk:
+        return _chunk_ce_sum(head, hidden, targets)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.size(0), chunk):
+        end = start + chunk
+        total = total + checkpoint(_chunk_ce_sum, head, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total

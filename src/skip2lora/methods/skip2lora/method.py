@@ -22,13 +22,14 @@ from torch import nn
 from ...config import FinetuneConfig, Skip2LoRAConfig
 from ...env import synchronize
 from ...errors import UserError
-from ...models import ModelInfo
+from ...models import ModelInfo, weights_fingerprint
 from ...paths import cache_root
 from ..base import FinetuneMethod, register_method
 from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .cache import CachedFeatures, SkipCache
-from .head_loss import frozen_head_ce_sum
+from .head import TOLERANCE, check_reproduces_model, probe_ids
+from .head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
 
 # A prompt prefix shared by every sample of a cache build is computed once when at least this long.
@@ -68,6 +69,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.info = info
         self.block_indices = validate_layer_indices(cfg.block_indices, info.num_layers)
         self.trunk = CausalLMTrunk(model, self.block_indices)
+        if kind == "generation":  # a classifier's head is new: only generation must match the model's logits
+            check_reproduces_model(model, self.trunk.features, self.trunk.head, info.vocab_size)
         device = next(model.parameters()).device
         self.output_mode = "logits" if (cfg.output == "logits" and kind == "generation") else "hidden"
         out_features = info.vocab_size if self.output_mode == "logits" else info.hidden_size
@@ -95,9 +98,14 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.parts_s: dict[str, float] = {}
         self.shared_prefix_tokens = 0
         self.prebuild: Optional[dict] = None
+        self._prefix_reuse_ok: Optional[bool] = None
 
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
+        if self.info.weights_fingerprint is None:
+            # A hash of the weights' bytes as loaded, never a memo keyed on file names or times: features
+            # computed from other weights must miss, however the weights file was changed.
+            self.info.weights_fingerprint = weights_fingerprint(self.model)
         vocab = self.tokenizer.get_vocab()
         # A sample of the vocabulary: cheap to hash, and any retrained tokenizer changes it.
         tokenizer_hash = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 2048)])
@@ -119,8 +127,15 @@ class Skip2LoRAMethod(FinetuneMethod):
     @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "Skip2LoRAMethod":
-        return cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
-                   max_seq_length=cfg.data.max_seq_length)
+        method = cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
+                     max_seq_length=cfg.data.max_seq_length)
+        cfg.skip2lora.block_indices = list(method.block_indices)  # run.json records them resolved (-1 -> N-1)
+        return method
+
+    def trainable_settings(self) -> dict:
+        return {"task": self.kind, "skip2lora.block_indices": self.block_indices, "skip2lora.r": self.cfg.r,
+                "skip2lora.alpha": self.cfg.alpha, "skip2lora.input_norm": self.cfg.input_norm,
+                "skip2lora.output": self.output_mode, "skip2lora.pooling": self.pooling}
 
     # -- what trains -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Skip2LoRAMethod":
@@ -203,7 +218,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         """(length, key/value state) of the longest token prefix that every sample shares and that ends
         before each sample's first loss position, when it is long enough to be worth computing once."""
         # Mean pooling needs every position's features, the prefix's too: no sharing there.
-        if not samples or not self.cfg.share_prefix or self.pooling == "mean":
+        if not samples or not self.cfg.share_prefix or self.pooling == "mean" or not self._prefix_reuse_exact():
             return None
         first = samples[0].input_ids
         length = min(len(s.input_ids) for s in samples) - 1  # at least one position must follow it
@@ -219,6 +234,14 @@ class Skip2LoRAMethod(FinetuneMethod):
             return None
         prefix_ids = torch.tensor([first[:length]], dtype=torch.long, device=device)
         return length, self.trunk.prefix_state(prefix_ids)
+
+    def _prefix_reuse_exact(self) -> bool:
+        """Checked once on a probe: reusing a prefix's keys and values gives the features of a full pass."""
+        if self._prefix_reuse_ok is None:
+            ids = probe_ids(self.info.vocab_size).to(next(self.model.parameters()).device)
+            tolerance = TOLERANCE.get(next(self.model.parameters()).dtype, 2e-2)
+            self._prefix_reuse_ok = self.trunk.prefix_reuse_is_exact(ids, MIN_SHARED_PREFIX, tolerance)
+        return self._prefix_reuse_ok
 
     def batch_features(self, batch: dict) -> CachedFeatures:
         """All loss positions of the batch, from the cache where seen before, else from the trunk."""
@@ -262,12 +285,11 @@ class Skip2LoRAMethod(FinetuneMethod):
             logits = self.class_head(feats.final + correction)
             loss = F.cross_entropy(logits.float(), feats.targets, reduction="sum")
         elif self.output_mode == "logits":
-            head = self.trunk.head
             with torch.no_grad():
-                base_logits = F.linear(feats.final.to(head.weight.dtype), head.weight, head.bias).float()
+                base_logits = self.trunk.head(feats.final)
             loss = F.cross_entropy(base_logits + correction, feats.targets, reduction="sum")
         else:
-            loss = frozen_head_ce_sum(feats.final + correction, self.trunk.head, feats.targets)
+            loss = head_ce_sum(feats.final + correction, self.trunk.head, feats.targets)
         self._lap("head_loss", mark, device)
         return loss, count
 
@@ -302,7 +324,7 @@ class Skip2LoRAMethod(FinetuneMethod):
                 feats = self.batch_features(batches[i % len(batches)])
             hidden = feats.final.detach().clone().requires_grad_(True)
             started = time.perf_counter()
-            frozen_head_ce_sum(hidden, self.trunk.head, feats.targets).backward()
+            head_ce_sum(hidden, self.trunk.head, feats.targets).backward()
             seconds.append(time.perf_counter() - started)
         return 1000.0 * sum(seconds) / len(seconds)
 
@@ -367,6 +389,11 @@ def load_skip2lora(checkpoint: Path, device: torch.device, base_model: Optional[
         param.requires_grad_(False)
     method = Skip2LoRAMethod(model, tokenizer, config.task, config.method_config(), info,
                              num_labels=config.num_labels)
-    method.load_trainable_state_dict(load_file(str(Path(checkpoint) / ADAPTER_WEIGHTS)))
+    weights = Path(checkpoint) / ADAPTER_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # missing, truncated or damaged: safetensors raises its own error types
+        raise UserError(f"could not read the adapter weights {weights}: {' '.join(str(exc).split())[:200]}") from exc
+    method.load_trainable_state_dict(state)
     method.eval()
     return method

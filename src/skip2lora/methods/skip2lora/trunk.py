@@ -14,7 +14,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ...errors import UserError
 from ...models import num_hidden_layers
+from .head import OutputHead, find_output_head
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -49,9 +51,12 @@ class CausalLMTrunk:
     def __init__(self, model: nn.Module, block_indices: Sequence[int]) -> None:
         self.model = model
         self.num_layers = num_hidden_layers(model.config)
-        self.decoder = find_decoder(model)
-        self.blocks = find_blocks(self.decoder, self.num_layers)
-        self.head = model.get_output_embeddings()
+        try:
+            self.decoder = find_decoder(model)
+            self.blocks = find_blocks(self.decoder, self.num_layers)
+        except ValueError as exc:
+            raise UserError(f"Skip2-LoRA cannot run on {type(model).__name__}: {exc}") from exc
+        self.head: OutputHead = find_output_head(model, self.decoder)
         self.block_indices = list(block_indices)
         self.captured: dict[int, torch.Tensor] = {}
         self._hooks = [
@@ -96,14 +101,14 @@ class CausalLMTrunk:
 
     @contextmanager
     def head_correction(self, correction) -> Iterator[None]:
-        """While active, every call of the head adds `correction(captured blocks, n_positions)` to its input
-        (hidden mode) or output (logits mode is handled by the caller's hook). Used for generation."""
+        """While active, every call of the head adds `correction(captured blocks, n_positions)` to the hidden
+        state entering it (before any transform the head applies). Used for generation."""
         def pre_hook(_module, args):
             hidden = args[0]
             extra = correction(self.captured, hidden.shape[-2])
             return (hidden + extra.to(hidden.dtype),) + tuple(args[1:])
 
-        handle = self.head.register_forward_pre_hook(pre_hook)
+        handle = self.head.entry.register_forward_pre_hook(pre_hook)
         try:
             yield
         finally:
@@ -112,16 +117,32 @@ class CausalLMTrunk:
 
     @contextmanager
     def logits_correction(self, correction) -> Iterator[None]:
+        """While active, the model's logits get `correction(...)` added after everything its forward does to
+        them (scaling, soft-capping), as training adds it to the head stage's output."""
         def hook(_module, _args, output):
-            extra = correction(self.captured, output.shape[-2])
-            return output + extra.to(output.dtype)
+            logits = output.logits
+            output.logits = logits + correction(self.captured, logits.shape[-2]).to(logits.dtype)
+            return output
 
-        handle = self.head.register_forward_hook(hook)
+        handle = self.model.register_forward_hook(hook)
         try:
             yield
         finally:
             handle.remove()
             self.captured = {}
+
+    @torch.no_grad()
+    def prefix_reuse_is_exact(self, ids: torch.Tensor, split: int, atol: float) -> bool:
+        """Whether features computed after a reused prefix state equal those of one full pass (some
+        architectures' caches or position handling do not allow the shortcut)."""
+        mask = torch.ones_like(ids)
+        try:
+            _, full = self.features(ids, mask)
+            _, after = self.features(ids[:, split:], mask[:, split:], self.prefix_state(ids[:, :split]))
+        except Exception:
+            return False
+        scale = max(1.0, float(full.abs().max()))
+        return after.shape == full[:, split:].shape and bool((after - full[:, split:]).abs().max() <= atol * scale)
 
     def remove(self) -> None:
         for handle in self._hooks:

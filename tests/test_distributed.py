@@ -1,0 +1,145 @@
+"""Training beyond one process on Lightning Fabric, on CPU over gloo (loopback only).
+
+Two ranks with half a batch each must apply the same gradients, and end with the same parameters, as one
+process on the whole batch; only rank 0 writes; a killed 2-rank run resumes with the uninterrupted losses;
+two "nodes" on loopback equal two devices; settings that cannot run are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import train_and_eval_losses
+from distributed.shared import METHODS, batch_halves, build, recording_optimizer
+from skip2lora.cli import main
+from skip2lora.outdir import RunDir, read_metrics_csv
+from skip2lora.train.step import train_step
+
+HERE = Path(__file__).parent
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32",
+                                reason="needs a platform that can start processes talking over loopback gloo")
+
+FLAGS = ["finetune", "--model", "tiny", "--device", "cpu", "--data.prompt_style", "plain", "--data.num_train", "32",
+         "--data.num_val", "8", "--data.max_seq_length", "48", "--train.global_batch_size", "8",
+         "--train.micro_batch_size", "2", "--train.lr", "0.01", "--train.max_steps", "6", "--train.save_interval", "2",
+         "--eval.interval", "3", "--eval.accuracy_samples", "2", "--eval.max_new_tokens", "2", "--lora.r", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(**extra: str) -> dict:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env.update(extra)
+    return env
+
+
+def cli(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "skip2lora.cli", *args], env=environment(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finished(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """Train loss per step; a resumed run's later version replaces the steps it ran again."""
+    losses = {}
+    for csv_path in RunDir(out).metrics_versions():
+        rows, _ = read_metrics_csv(csv_path)
+        losses.update({int(r["step"]): r["train_loss"] for r in rows if r.get("train_loss") is not None})
+    return losses
+
+
+def test_two_ranks_apply_the_gradients_of_one_process(tmp_path):
+    finished(subprocess.Popen([sys.executable, str(HERE / "distributed" / "grad_worker.py"), str(tmp_path), "2"],
+                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for name in METHODS:
+        method = build(name)
+        optimizer, grads = recording_optimizer(method)
+        # One process, the same two halves as two accumulated micro-batches: the mean of the two means.
+        train_step(method, optimizer, batch_halves(method), max_grad_norm=1.0)
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
+        assert set(grads) == set(ranks[0]["grads"])
+        for key, grad in grads.items():
+            for rank in ranks:
+                torch.testing.assert_close(rank["grads"][key], grad, atol=1e-6, rtol=0)
+        for key, param in method.named_trainable_parameters().items():
+            torch.testing.assert_close(ranks[0]["params"][key], ranks[1]["params"][key], atol=0, rtol=0)
+            torch.testing.assert_close(ranks[0]["params"][key], param.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "whole"
+    finished(cli([*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(out)]))
+    return out
+
+
+def test_only_rank_zero_writes_and_losses_are_logged_once(two_rank_run):
+    run = json.loads((two_rank_run / "run.json").read_text())
+    assert run["environment"]["world_size"] == 2 and run["summary"]["steps"] == 6
+    assert (two_rank_run / "final" / "adapter_config.json").exists()
+    assert [p.name for p in (two_rank_run / "logs" / "csv").iterdir()] == ["version_0"]
+    train, _ = train_and_eval_losses(two_rank_run)
+    assert len(train) == 6
+
+
+def test_killed_two_rank_run_resumes_with_the_uninterrupted_losses(two_rank_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(out), "--train.max_steps", "6"]
+    process = cli(args)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/progress.json")):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # both ranks die at once
+    process.communicate()
+    assert not (out / "run.json").exists(), "the run should have been killed before it finished"
+    finished(cli([*args, "--resume", "true"]))
+    assert len(list((out / "logs" / "csv").iterdir())) == 2  # the resume logged as a second version
+    resumed, expected = losses_by_step(out), losses_by_step(two_rank_run)
+    assert sorted(resumed) == list(range(1, 7))
+    assert [resumed[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-5, abs=1e-6)
+
+
+def test_two_nodes_on_loopback_equal_two_devices(two_rank_run, tmp_path):
+    out = tmp_path / "nodes"
+    env = environment()
+    args = [*FLAGS, "--devices", "1", "--num_nodes", "2", "--strategy", "ddp", "--out_dir", str(out)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "skip2lora.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
+             for rank in (0, 1)]
+    for node in nodes:
+        finished(node)
+    (train, val), (expected_train, expected_val) = train_and_eval_losses(out), train_and_eval_losses(two_rank_run)
+    assert train == pytest.approx(expected_train, rel=1e-5) and val == pytest.approx(expected_val, rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "fsdp", "--devices", "2"], "--strategy fsdp needs GPUs"),
+    (["--method", "qlora", "--devices", "2"], "4-bit weights (qlora) run on one device only"),
+    (["--method", "skip2lora", "--skip2lora.quantize_trunk", "true", "--devices", "2"], "run on one device only"),
+    (["--devices", "3"], "must be a multiple of micro_batch_size x devices x nodes"),
+])
+def test_impossible_distributed_settings_are_refused_in_one_line(extra, message, tmp_path, capsys):
+    assert main([*FLAGS, "--out_dir", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
