@@ -143,3 +143,18 @@ def test_impossible_distributed_settings_are_refused_in_one_line(extra, message,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_times_a_ddp_step_on_two_ranks(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("baseline: lora\nconfigs:\n  - {name: lora, method: lora, lora: {r: 4, alpha: 8}}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "skip2lora.cli", "benchmark", "--model", "tiny", "--device", "cpu", "--devices", "2",
+         "--iters", "1", "--warmup", "1", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
+         "--config_file", str(suite), "--out_dir", str(tmp_path / "out")],
+        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finished(process)
+    payload = json.loads(next((tmp_path / "out").glob("skip2lora_benchmark_*.json")).read_text())
+    row = payload["configs"][0]
+    assert row["status"] == "ok" and row["world_size"] == 2 and payload["shapes"]["devices"] == 2
+    assert row["timing"]["step"]["mean_ms"] > 0

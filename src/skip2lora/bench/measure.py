@@ -17,11 +17,12 @@ import torch
 
 from ..config import DataConfig, FinetuneConfig
 from ..data import collate, epoch_order, load_task_data, tokenize_examples
-from ..env import (autocast_context, current_rss_mb, peak_rss_mb, precision_dtype, resolve_device, resolve_precision,
-                   synchronize)
+from ..env import current_rss_mb, peak_rss_mb, precision_dtype, synchronize
 from ..methods import FinetuneMethod, build_method
 from ..report.stats import time_stats
 from ..train.evaluate import to_device
+from ..train.fabric import build_fabric
+from ..train.loop import fabric_precision
 from ..train.step import build_optimizer, build_scheduler, train_step
 from .batches import BENCH_DATA, benchmark_batches
 from .suite import INFERENCE
@@ -120,21 +121,30 @@ def finetune_config(spec: dict, data_cfg: DataConfig) -> FinetuneConfig:
     config = spec["config"]
     sections = {key: {**vars(cls()), **config["overrides"].get(key, {})}
                 for key, cls in SECTIONS.items() if key != "data"}
+    devices = spec.get("devices", 1)
     return build_finetune_config({"model": spec["model"], "method": config["method"], "device": spec["device"],
-                                  "precision": spec["precision"], "seed": spec["seed"], "data": data_cfg, **sections})
+                                  "precision": spec["precision"], "seed": spec["seed"], "data": data_cfg,
+                                  "devices": devices, "strategy": "ddp" if devices > 1 else "auto", **sections})
+
+
+def launched(cfg: FinetuneConfig, threads: Optional[int]):
+    """Fabric for a worker: one process, or one per device (the worker command is re-run for each rank)."""
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    if threads:
+        torch.set_num_threads(threads)
+    return fabric
 
 
 def build(spec: dict, data_cfg: DataConfig, kind: str, num_labels: Optional[int]) -> tuple:
-    """(config, device, precision, method, model info, seconds to build) for a worker spec."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    """(config, fabric, precision, method, model info, seconds to build) for a worker spec."""
     cfg = finetune_config(spec, data_cfg)
-    device = resolve_device(spec["device"])
-    precision = resolve_precision(spec["precision"], device)
+    fabric = launched(cfg, spec.get("threads"))
+    device, precision = fabric.device, fabric_precision(fabric)
     torch.manual_seed(spec["seed"])
     started = time.perf_counter()
     method, info = build_method(cfg, kind, num_labels, device, precision_dtype(precision))
-    return cfg, device, precision, method, info, time.perf_counter() - started
+    return cfg, fabric, precision, method, info, time.perf_counter() - started
 
 
 def micro_batches(batch: dict, cfg: FinetuneConfig, overrides: dict) -> list[dict]:
@@ -167,10 +177,8 @@ def run_inference_benchmark(spec: dict) -> dict:
     from ..methods.base import ParameterCounts, stored_numel
     from ..models import load_base_model
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = resolve_device(spec["device"])
-    precision = resolve_precision(spec["precision"], device)
+    fabric = launched(finetune_config(spec, DataConfig(name=BENCH_DATA)), spec.get("threads"))
+    device, precision = fabric.device, fabric_precision(fabric)
     started = time.perf_counter()
     model, tokenizer, info = load_base_model(spec["model"], dtype=precision_dtype(precision), device=str(device))
     load_s = time.perf_counter() - started
@@ -185,7 +193,7 @@ def run_inference_benchmark(spec: dict) -> dict:
     def forward(batch: dict) -> tuple[float, float]:
         synchronize(device)
         t0 = time.perf_counter()
-        with torch.no_grad(), autocast_context(precision, device):
+        with torch.no_grad(), fabric.autocast():
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
         synchronize(device)
@@ -223,13 +231,18 @@ def run_step_benchmark(spec: dict) -> dict:
     if spec["config"]["method"] == INFERENCE:
         return run_inference_benchmark(spec)
     data_cfg = DataConfig(name=BENCH_DATA, max_seq_length=spec["seq_len"], seed=spec["seed"])
-    cfg, device, precision, method, info, load_s = build(spec, data_cfg, "generation", None)
+    cfg, fabric, precision, method, info, load_s = build(spec, data_cfg, "generation", None)
+    device = fabric.device
     distinct = max(1, spec["warmup"])
+    # With several devices each rank trains its own batches (batch_size rows each), as DDP does.
+    seed = spec["seed"] + 1000 * fabric.global_rank
     batches = [to_device(b, device) for b in
-               benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"])]
+               benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, seed)]
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
-    step = partial(train_step, method, optimizer, max_grad_norm=cfg.train.max_grad_norm,
-                   autocast=partial(autocast_context, precision, device), timing=True, device=device)
+    module = fabric.setup_module(method, move_to_device=False)
+    optimizer = fabric.setup_optimizers(optimizer)
+    step = partial(train_step, module, optimizer, max_grad_norm=cfg.train.max_grad_norm, timing=True, device=device,
+                   fabric=fabric)
     method.train()
     method.time_parts = True
     page_in_weights(method)
@@ -272,16 +285,18 @@ def run_step_benchmark(spec: dict) -> dict:
         "precision": precision,
         "threads": torch.get_num_threads(),
         "model_parameters": info.num_parameters,
+        "world_size": fabric.world_size,
+        "rank": fabric.global_rank,
     }
 
 
-def warm_up_method(method: FinetuneMethod, batch: dict, precision: str, device: torch.device) -> None:
+def warm_up_method(method: FinetuneMethod, batch: dict, fabric, device: torch.device) -> None:
     """One untimed forward and backward before the clock starts. It pays the process's one-off costs (lazy
     kernel loading on GPUs, lazily imported modules) that would otherwise land in the first epoch of
     whichever method runs, and leaves the weights, the optimizer and the Skip-Cache as they were."""
     with method.cache_paused():
         method.train()
-        with autocast_context(precision, device):
+        with fabric.autocast():
             loss_sum, count = method(batch)
         (loss_sum / max(count, 1)).backward()
         for param in method.trainable_parameters():
@@ -296,7 +311,9 @@ def run_epoch_benchmark(spec: dict) -> dict:
                           seed=spec["seed"])
     task = load_task_data(data_cfg)
     num_labels = len(task.label_names) if task.label_names else None
-    cfg, device, precision, method, info, load_s = build(spec, data_cfg, task.kind, num_labels)
+    # Whole fine-tuning runs are timed in one process: the epochs' cost is the point, not the plumbing.
+    cfg, fabric, precision, method, info, load_s = build({**spec, "devices": 1}, data_cfg, task.kind, num_labels)
+    device = fabric.device
     train = tokenize_examples(task.train[:spec["samples"]], method.tokenizer, data_cfg, task.kind)
     batch_size = spec["batch_size"]
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -304,9 +321,9 @@ def run_epoch_benchmark(spec: dict) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, spec["epochs"] * steps_per_epoch,
                                 cfg.train.min_lr_ratio)
     step = partial(train_step, method, optimizer, max_grad_norm=cfg.train.max_grad_norm, scheduler=scheduler,
-                   autocast=partial(autocast_context, precision, device), device=device)
+                   autocast=fabric.autocast, device=device)
     pad_id = method.tokenizer.pad_token_id
-    warm_up_method(method, to_device(collate(train[:batch_size], pad_id), device), precision, device)
+    warm_up_method(method, to_device(collate(train[:batch_size], pad_id), device), fabric, device)
     page_in_weights(method)
     memory = MemoryProbe(device)
     memory.start()

@@ -47,7 +47,8 @@ def worker_main(spec_json: str) -> int:
     warnings.filterwarnings("ignore")  # the worker's stderr is shown only when it fails
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = worker_result(json.loads(spec_json))
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    if result.get("rank", 0) == 0:  # with several devices, rank 0 speaks for the run
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0 if result["status"] == "ok" else 1
 
 
