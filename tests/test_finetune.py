@@ -147,3 +147,22 @@ def test_non_positive_time_settings_are_rejected(make_config, field, value):
 
     with pytest.raises(UserError, match="must be > 0"):
         make_config("lora", **{field: value})
+
+
+def test_qlora_adapters_keep_learning_after_an_evaluation(make_config):
+    """bitsandbytes repacks 4-bit weights for a faster CPU kernel in eval mode (on AVX512-BF16 CPUs), which
+    would cut the gradient below the last block; every adapter must still get a gradient after eval."""
+    from skip2lora.data import collate, load_task_data, tokenize_examples
+
+    cfg = make_config("qlora")
+    method, _ = build_method(cfg, "generation", None, torch.device("cpu"), torch.float32)
+    task = load_task_data(cfg.data)
+    batch = collate(tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind), method.tokenizer.pad_token_id)
+    method.eval()
+    with torch.no_grad():
+        method(batch)  # what the initial evaluation does
+    method.train()
+    loss, count = method(batch)
+    (loss / count).backward()
+    missing = [n for n, p in method.named_trainable_parameters().items() if p.grad is None or not p.grad.any()]
+    assert not missing, missing[:3]

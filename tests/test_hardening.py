@@ -90,7 +90,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 # -- 1. data loss: overwrite, merge, two runs in one folder ---------------------------------------------------
-def test_overwrite_with_a_bad_input_keeps_the_old_run_byte_for_byte(lora_run, base_dir, tmp_path, capsys):
+def test_overwrite_with_a_bad_input_keeps_the_old_run_byte_for_byte(lora_run, base_dir, tmp_path, capsys,
+                                                                     monkeypatch):
     out = copy_run(lora_run, tmp_path)
     before = snapshot(out)
     common = ["finetune", *FAST, "--out_dir", out, "--max_steps", "1", "--overwrite", "true"]
@@ -100,10 +101,19 @@ def test_overwrite_with_a_bad_input_keeps_the_old_run_byte_for_byte(lora_run, ba
     refused([*common, "--model", base_dir, "--method", "skip2lora", "--skip2lora.block_indices", "[0, 9]"], capsys,
             "out of range")
     assert snapshot(out) == before
+    # A fault once the new run has started, before its first metrics row: the old run is put back whole.
+    from skip2lora.outdir import MetricLogger
+
+    def full_disk(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.csv_path))
+
+    monkeypatch.setattr(MetricLogger, "log", full_disk)
+    refused([*common, "--model", base_dir], capsys, "no space left on device")
+    assert snapshot(out) == before
     assert not leftovers(out)
 
 
-def test_merge_never_replaces_what_it_was_not_told_to(lora_run, base_dir, tmp_path, capsys):
+def test_merge_and_runs_never_replace_what_they_were_not_told_to(lora_run, base_dir, tmp_path, capsys):
     checkpoint = lora_run / "final"
     a_file = tmp_path / "merged.bin"
     a_file.write_bytes(b"keep me")
@@ -118,6 +128,9 @@ def test_merge_never_replaces_what_it_was_not_told_to(lora_run, base_dir, tmp_pa
     refused([*merge, base_dir, "--overwrite", "true"], capsys, "would write into or over")
     refused([*merge, base_dir / "merged", "--overwrite", "true"], capsys, "would write into or over")
     refused([*merge, checkpoint.parent, "--overwrite", "true"], capsys, "would write into or over")
+    # Nor does a run write into the model it trains.
+    refused(["finetune", *FAST, "--model", base_dir, "--out_dir", base_dir / "run", "--max_steps", "1"], capsys,
+            "would write into or over model")
     assert a_file.read_bytes() == b"keep me" and (full / "notes.txt").read_text() == "keep me too"
     assert snapshot(base_dir) == base_before
     # Told to, it replaces a file by the merged folder and leaves nothing hidden behind.
@@ -358,6 +371,15 @@ def test_a_resume_with_other_settings_names_the_setting_and_both_values(lora_run
     refused([*resume, "--method", "skip2lora", "--skip2lora.block_indices", "[0, 1]"], capsys,
             "method = lora", "method = skip2lora")
     assert snapshot(out) == before
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"
+    latest.write_bytes(latest.read_bytes()[:40])
+    refused(resume, capsys, "is damaged", "delete it to resume from the one before")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run / "final", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    refused(["generate", "--checkpoint", adapter, "--prompt", "hi", "--device", "cpu"], capsys,
+            "could not load the checkpoint", "truncated or damaged")
 
 
 def test_a_full_disk_keeps_the_previous_shard_and_checkpoint_whole(base_dir, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -53,6 +54,10 @@ COMMANDS: dict[str, Command] = {
                      "reproduce the Skip2-LoRA paper's small-DNN domain-shift setting"),
     "paper-report": Command("skip2lora.studies.paper_report:paper_report_command",
                             "render docs/paper.md from saved paper-study JSON files"),
+    "efficiency": Command("skip2lora.studies.efficiency.study:efficiency_command",
+                          "LoRA configurations vs full fine-tuning over data sizes and models; claims checked"),
+    "efficiency-report": Command("skip2lora.studies.efficiency.study:efficiency_report_command",
+                                 "re-read the efficiency study's runs: JSON, claims, report and plots"),
     "rec": Command("skip2lora.rec.cli:main_rec",
                    "sequential recommendation: SASRec student on MovieLens (`skip2lora rec --help`)", raw=True),
     "prepare": Command("skip2lora.data.sources.shakespeare:prepare_command",
@@ -215,6 +220,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("default", category=ProjectWarning)
     if not getattr(warnings.showwarning, "one_line", False):
         warnings.showwarning = one_line_project_warnings(warnings.showwarning)
+    # bitsandbytes logs an advisory line on import on AVX-512 CPUs (an optional kernels package); it is noise to
+    # every command and would break the one-line error contract.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

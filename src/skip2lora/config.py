@@ -16,7 +16,8 @@ from typing import Any, Literal, Optional
 
 from .errors import UserError
 
-DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays")
+DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays",
+                 "japanese")
 
 
 def _at_least(section: str, name: str, value: Optional[float], minimum: float, unset_ok: bool = False) -> None:
@@ -40,7 +41,8 @@ class DataConfig:
     name: str = "instruct"
     """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
     modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
-    (--data.path file or folder)."""
+    (--data.path file or folder), japanese (generated Japanese technical text, language modelling; size from
+    num_train / num_val)."""
     path: Optional[Path] = None
     """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256
@@ -101,6 +103,9 @@ class TrainConfig:
     """Read the loss and write a metrics row every this many steps (the loss read waits for the device)."""
     save_interval: Optional[int] = None
     """Write a resumable checkpoint every this many steps (one is always written at the end)."""
+    loss_path: Literal["fast", "full"] = "fast"
+    """LoRA, QLoRA and full fine-tuning: fast = the head and loss only at the positions that carry loss, in
+    chunks (checked against the model's own logits at setup); full = logits everywhere, as PEFT users run it."""
     time_phases: Optional[bool] = None
     """Time forward, backward and optimizer separately (waits for the device at each phase boundary; unset:
     on for CPU, where waiting is free, off on GPUs)."""
@@ -178,6 +183,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _at_least("lora", "r", self.r, 1)
         _positive("lora", "alpha", self.alpha, unset_ok=False)
+        if self.target_modules is not None and not self.target_modules:
+            raise UserError("lora.target_modules is empty: list module names, or leave it unset for query + value")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
@@ -238,8 +245,8 @@ class FinetuneConfig:
     """Everything one fine-tuning run needs."""
 
     model: str = "smollm2-135m"
-    """A built-in name (smollm2-135m, tiny, tiny-gpt2, random-llama-1b), a local Hugging Face directory or a
-    .gguf file."""
+    """A built-in name (smollm2-135m, gemma3-270m, tiny, tiny-gpt2, random-llama-1b), a local Hugging Face
+    directory or a .gguf file."""
     method: Literal["lora", "qlora", "full", "skip2lora"] = "lora"
     """Fine-tuning method."""
     out_dir: Path = Path("out/finetune")
@@ -276,6 +283,20 @@ class FinetuneConfig:
             self.device = "cuda"
         _at_least("", "devices", self.devices, 1)
         _at_least("", "num_nodes", self.num_nodes, 1)
+        self.check_out_dir_spares_inputs()
+
+    def check_out_dir_spares_inputs(self) -> None:
+        """A run never writes into the model's or the data's folder, and --overwrite never replaces a folder
+        that holds them."""
+        from .paths import is_within
+
+        inputs = [("model", Path(self.model).expanduser()), ("data.path", self.data.path)]
+        for what, source in inputs:
+            if source is None or not source.exists():
+                continue  # a built-in model name, or a path the loader will report
+            if is_within(self.out_dir, source) or (self.overwrite and is_within(source, self.out_dir)):
+                raise UserError(f"out_dir {self.out_dir} would write into or over {what} {source}: choose an "
+                                "out_dir outside it")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,

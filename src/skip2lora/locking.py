@@ -6,6 +6,7 @@ that blocks the next one: the file it leaves behind (its pid inside) is simply t
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional
@@ -50,6 +51,22 @@ def _held_by_live_process(fd: int) -> bool:
     return pid is not None and pid != os.getpid() and pid_alive(pid)
 
 
+def _flock(fd: int) -> bool:
+    """Take an exclusive flock without waiting; False where the system or file system has none (then the pid
+    in the file decides). Raises BlockingIOError when another process holds it."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
 class DirectoryLock:
     """`acquire()` takes FOLDER/.lock or raises LockHeld; `release()` gives it back and removes the file."""
 
@@ -69,9 +86,7 @@ class DirectoryLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                elif _held_by_live_process(fd):
+                if not _flock(fd) and _held_by_live_process(fd):
                     raise BlockingIOError
             except BlockingIOError:
                 pid = _read_pid(fd)

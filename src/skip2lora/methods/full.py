@@ -24,7 +24,10 @@ class FullFinetuneMethod(FinetuneMethod):
     @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "FullFinetuneMethod":
-        return cls(model, tokenizer, kind, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        method = cls(model, tokenizer, kind, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if cfg.train.loss_path == "fast":
+            method.use_fast_loss_path()
+        return method
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory), safe_serialization=True)

@@ -59,6 +59,8 @@ class LoRAMethod(FinetuneMethod):
                num_labels: Optional[int]) -> "LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         cfg.lora.target_modules = method.target_modules  # run.json records what was adapted, resolved
+        if cfg.train.loss_path == "fast":
+            method.use_fast_loss_path()
         return method
 
     def trainable_settings(self) -> dict:
@@ -73,11 +75,25 @@ class LoRAMethod(FinetuneMethod):
         self.tokenizer.save_pretrained(str(directory))
 
 
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for a faster CPU kernel the first time the layer runs in eval
+    mode on a CPU with AVX512-BF16, and from then on the layer's output carries no gradient to its input: a
+    QLoRA run's first evaluation would silently stop every adapter below the last block from learning. Turn
+    that repacking off for models that train."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 @register_method("qlora")
 class QLoRAMethod(LoRAMethod):
     """LoRA on a base model quantised to 4-bit NF4 by bitsandbytes (fp32 compute on CPU)."""
 
     quantized = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        keep_4bit_layers_differentiable(self.model)
 
     def save(self, directory: Path) -> None:
         super().save(directory)

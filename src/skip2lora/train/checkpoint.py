@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..outdir import RunDir
-from ..paths import atomic_directory
+from .. import paths
 
 SETTINGS_KEY = "skip2lora_settings"  # metadata key of trainable.safetensors
 # What a damaged checkpoint file raises while it is read (truncated safetensors, pickle, JSON).
@@ -63,7 +63,7 @@ def save_checkpoint(run_dir: RunDir, step: int, trainable: dict, optimizer, sche
         )
         (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}, indent=2))
 
-    path = atomic_directory(root / f"step-{step:06d}", fill)
+    path = paths.atomic_directory(root / f"step-{step:06d}", fill)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path

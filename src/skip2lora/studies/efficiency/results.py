@@ -1,0 +1,126 @@
+"""What each run of the efficiency study measured, read from its run folder, and the per-cell aggregates.
+
+A run record holds counted parameters, peak memory, training time, tokens/s, eval loss and perplexity
+and the bytes of OUT/final; a cell aggregates the seeds of one (task, model, size, configuration).
+The parameter reduction is computed from counted parameters: the trainable parameters of full
+fine-tuning on the same model (its own run when there is one, else the frozen base weights the run
+counted, which full fine-tuning would train) divided by the configuration's trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from ...errors import UserError
+from ...experiments.runner import PlannedRun, last_error_line
+from ...outdir import RunDir
+from ...report.stats import mean_std, ratio
+from .grid import EfficiencySpec, Group
+
+# Metrics averaged over seeds in a cell.
+AVERAGED = ("peak_memory_mb", "peak_reserved_mb", "train_time_s", "tokens_per_s", "initial_val_loss",
+            "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "steps")
+
+
+def directory_bytes(path: Path) -> Optional[int]:
+    """Bytes of every file under `path` (the size of OUT/final on disk); None when it is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    if loss is None or math.isnan(loss):
+        return None
+    return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+
+
+def run_record(run: PlannedRun, group: Group, state: str) -> dict:
+    """One run's measurements; a run that did not finish gets its status and last error line only."""
+    record: dict[str, Any] = {"run": run.name, "run_dir": str(run.out_dir), "task": group.task, "model": group.model,
+                              "size": group.size, "num_train": group.num_train, "configuration": run.variant,
+                              "seed": run.seed, "status": state}
+    if state != "finished":
+        record["error"] = last_error_line(run) if state == "failed" else None
+        return record
+    try:
+        payload = RunDir(run.out_dir).read_run_json()
+    except UserError as exc:
+        return {**record, "status": "failed", "error": str(exc)}
+    summary, counts = payload.get("summary") or {}, payload.get("parameters") or {}
+    environment = payload.get("environment") or {}
+    on_gpu = str(environment.get("device", "cpu")).startswith("cuda")
+    record.update({
+        "method": payload.get("method"),
+        "trainable_params": counts.get("trainable"),
+        "total_params": counts.get("total"),
+        # What full fine-tuning would train: every weight that is not a new adapter.
+        "base_params": (counts.get("total") or 0) - (counts.get("adapter") or 0) if counts.get("total") else None,
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "peak_memory_kind": "allocated" if on_gpu else "RSS",
+        "peak_reserved_mb": summary.get("peak_reserved_mb"),  # recorded by the loop on GPUs, when it does
+        "train_time_s": summary.get("train_time_s"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "steps": summary.get("steps"),
+        "initial_val_loss": summary.get("initial_val_loss"),
+        "final_val_loss": summary.get("final_val_loss"),
+        "initial_val_ppl": perplexity(summary.get("initial_val_loss")),
+        "final_val_ppl": perplexity(summary.get("final_val_loss")),
+        "final_bytes": directory_bytes(RunDir(run.out_dir).final),
+        "device": environment.get("device"),
+        "device_name": environment.get("device_name"),
+    })
+    return record
+
+
+def full_reference(records: list[dict]) -> dict[str, int]:
+    """model -> trainable parameters of a finished full fine-tuning run of it (the same for every data size)."""
+    return {r["model"]: r["trainable_params"] for r in records
+            if r["status"] == "finished" and r.get("method") == "full" and r.get("trainable_params")}
+
+
+def add_reductions(records: list[dict]) -> None:
+    """reduction_vs_full = full fine-tuning's trainable parameters / this run's, both counted."""
+    reference = full_reference(records)
+    for record in records:
+        if record["status"] != "finished":
+            continue
+        full = reference.get(record["model"])
+        record["full_trainable_params"] = full if full else record.get("base_params")
+        record["reduction_reference"] = "full run" if full else "counted base weights"
+        record["reduction_vs_full"] = ratio(record["full_trainable_params"], record.get("trainable_params"))
+
+
+def collect_records(spec: EfficiencySpec, planned: list[PlannedRun], states: dict[str, str]) -> list[dict]:
+    """Every planned run's record, in plan order, with reductions filled in."""
+    groups = {group.key: group for group in spec.groups()}
+    records = [run_record(run, groups[run.task], states.get(run.name, "not run")) for run in planned]
+    add_reductions(records)
+    return records
+
+
+def aggregate_cells(records: list[dict]) -> list[dict]:
+    """One row per (task, model, size, configuration): means (and std) over the finished seeds."""
+    cells: dict[tuple, list[dict]] = {}
+    for record in records:
+        key = (record["task"], record["model"], record["size"], record["configuration"])
+        cells.setdefault(key, []).append(record)
+    rows = []
+    for (task, model, size, configuration), members in cells.items():
+        done = [m for m in members if m["status"] == "finished"]
+        row: dict[str, Any] = {"task": task, "model": model, "size": size, "num_train": members[0]["num_train"],
+                               "configuration": configuration, "seeds_finished": len(done),
+                               "seeds_failed": len(members) - len(done)}
+        if done:
+            first = done[0]
+            row.update({key: first.get(key) for key in ("method", "trainable_params", "total_params",
+                                                         "full_trainable_params", "reduction_vs_full",
+                                                         "reduction_reference", "peak_memory_kind")})
+            for key in AVERAGED:
+                stat = mean_std(m.get(key) for m in done)
+                row[key], row[f"{key}_std"] = stat.mean, stat.std
+        rows.append(row)
+    return rows
