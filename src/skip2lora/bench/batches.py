@@ -39,8 +39,27 @@ def pack_samples(samples: list[TokenizedSample], seq_len: int, rows: int) -> lis
     return packed
 
 
-def benchmark_batches(tokenizer: Any, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
-    """`count` distinct batches of batch_size x seq_len tokens from the built-in instruction task."""
+def raise_loss_share(rows: list[TokenizedSample], share: float, seed: int) -> list[TokenizedSample]:
+    """Let `share` of each row's positions carry loss (the gain of a head-only-at-loss path depends on it):
+    positions already carrying loss stay; more are chosen at random, with their own next tokens as targets."""
+    import random
+
+    raised = []
+    for index, row in enumerate(rows):
+        labels = list(row.labels)
+        wanted = round(share * (len(labels) - 1))
+        free = [p for p in range(1, len(labels)) if labels[p] == IGNORE_INDEX]
+        random.Random(f"loss-share:{seed}:{index}").shuffle(free)
+        for position in free[: max(0, wanted - (len(labels) - 1 - len(free)))]:
+            labels[position] = row.input_ids[position]
+        raised.append(TokenizedSample(row.sample_id + f"-loss{share:g}", row.input_ids, labels, row.prompt_length))
+    return raised
+
+
+def benchmark_batches(tokenizer: Any, batch_size: int, seq_len: int, count: int, seed: int,
+                      loss_share: float | None = None) -> list[dict]:
+    """`count` distinct batches of batch_size x seq_len tokens from the built-in instruction task (with
+    `loss_share`, that share of positions carries loss instead of the task's own ~9%)."""
     data_cfg = DataConfig(name=BENCH_DATA, max_seq_length=seq_len, seed=seed)
     task = load_task_data(data_cfg)
     needed = batch_size * count * seq_len
@@ -51,6 +70,8 @@ def benchmark_batches(tokenizer: Any, batch_size: int, seq_len: int, count: int,
         if sum(len(s.input_ids) for s in samples) >= needed:
             break
     rows = pack_samples(samples, seq_len, batch_size * count)
+    if loss_share is not None:
+        rows = raise_loss_share(rows, loss_share, seed)
     # A row needs a loss position after the first token (position p predicts p+1).
     if any(all(label == IGNORE_INDEX for label in row.labels[1:]) for row in rows):
         raise UserError(f"--seq_len {seq_len} is too short to hold a response of the instruct task; raise it")

@@ -38,6 +38,7 @@ class BenchOptions:
     epochs: Optional[int]
     samples: int
     devices: int = 1
+    loss_share: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("iters", 1), ("warmup", 0), ("batch_size", 1), ("seq_len", 2), ("samples", 1)):
@@ -47,13 +48,15 @@ class BenchOptions:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.epochs is not None and self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.loss_share is not None and not 0 < self.loss_share <= 1:
+            raise UserError(f"--loss_share must be in (0, 1], got {self.loss_share}")
         if self.devices < 1:
             raise UserError(f"--devices must be at least 1, got {self.devices}")
 
     def spec(self, config: BenchConfig, device: str, **extra) -> dict:
         return {"config": config.as_dict(), "model": self.model, "device": device, "precision": self.precision,
                 "seed": self.seed, "threads": self.threads, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "devices": self.devices, **extra}
+                "devices": self.devices, "loss_share": self.loss_share, **extra}
 
 
 def model_facts(name: str) -> dict:
@@ -187,6 +190,7 @@ def benchmark_command(
     epoch_configs: Optional[list[str]] = None,
     epoch_tasks: Optional[list[str]] = None,
     devices: int = 1,
+    loss_share: Optional[float] = None,
 ) -> int:
     """Side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full fine-tuning.
 
@@ -209,6 +213,8 @@ def benchmark_command(
         epoch_tasks: Tasks of the epoch benchmark, instruct and/or authorship (default: the file's).
         devices: Processes per configuration; above 1 each step is a DDP step (batch_size rows per rank).
             On CPU this checks the plumbing (gloo on loopback); the speed figures that matter come from GPUs.
+        loss_share: Share of positions that carry loss (default: the instruct task's own, about 9%); the
+            gain of computing the head only at loss positions depends on it.
     """
     from ..env import command_text, environment_info, resolve_device
     from ..paths import atomic_write_json
@@ -216,7 +222,7 @@ def benchmark_command(
 
     invocation = command_text("benchmark", benchmark_command, locals())
     args = BenchOptions(model, batch_size, seq_len, iters, warmup, device, precision, seed, threads, epochs, samples,
-                        devices)
+                        devices, loss_share)
     suite = load_suite(resolve_config_file(config_file))
     chosen = selected_configs(suite, configs)
     plan = epoch_plan(suite, epoch_configs, epoch_tasks) if epochs else None
@@ -242,7 +248,7 @@ def benchmark_command(
         "environment": {**environment, **({"threads": threads} if threads else {}), "cpu_count": os.cpu_count()},
         "model": facts,
         "shapes": {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_batch": batch_size * seq_len,
-                   "devices": devices,
+                   "devices": devices, "loss_share": loss_share,
                    "iters": iters, "warmup": warmup, "distinct_batches": max(1, warmup), "data": "instruct",
                    "precision": used_precision, "seed": seed},
         "baseline": suite.baseline,

@@ -185,7 +185,7 @@ def run_inference_benchmark(spec: dict) -> dict:
     model.eval()
     distinct = max(1, spec["warmup"])
     batches = [to_device(b, device) for b in
-               benchmark_batches(tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"])]
+               benchmark_batches(tokenizer, spec["batch_size"], spec["seq_len"], distinct, spec["seed"], spec.get("loss_share"))]
     page_in_weights(model)
     memory = MemoryProbe(device)
     memory.start()
@@ -237,7 +237,7 @@ def run_step_benchmark(spec: dict) -> dict:
     # With several devices each rank trains its own batches (batch_size rows each), as DDP does.
     seed = spec["seed"] + 1000 * fabric.global_rank
     batches = [to_device(b, device) for b in
-               benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, seed)]
+               benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, seed, spec.get("loss_share"))]
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
     module = fabric.setup_module(method, move_to_device=False)
     optimizer = fabric.setup_optimizers(optimizer)
