@@ -274,7 +274,7 @@ def test_zero_init_skip2lora_gives_the_model_own_logits(architectures, kind):
 
 
 def test_an_output_layer_skip2lora_cannot_repeat_is_refused_in_one_line(architectures, tmp_path, capsys, monkeypatch):
-    from skip2lora.methods.skip2lora import head
+    from skip2lora.methods import output_head as head
 
     monkeypatch.setattr(head, "_logit_multiplier", lambda model: 1.0)  # as if Granite's scaling were unknown
     out = tmp_path / "out"

@@ -18,6 +18,7 @@ from skip2lora.data import collate, load_task_data, tokenize_examples
 from skip2lora.inference import load_for_inference
 from skip2lora.methods import build_method
 from skip2lora.methods.base import causal_lm_loss_sum
+from skip2lora.methods.lora import keep_4bit_layers_differentiable
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune
 from skip2lora.train.step import build_optimizer, train_step
@@ -75,6 +76,7 @@ def trained_once(method, batch) -> None:
 def test_zero_initialised_method_equals_the_base_model(case, tmp_path):
     cfg, method, batch = built(case, tmp_path)
     base, _, _ = load_base_model(cfg.model, quantize_4bit=case.method == "qlora")
+    keep_4bit_layers_differentiable(base)  # the same 4-bit kernels as the QLoRA method trains with
     method.eval()
     with torch.no_grad():
         loss, count = method(batch)

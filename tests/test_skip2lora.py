@@ -15,7 +15,7 @@ from skip2lora.data.tokenize import token_hash
 from skip2lora.errors import UserError
 from skip2lora.methods import build_method
 from skip2lora.methods.skip2lora.adapters import validate_layer_indices
-from skip2lora.methods.skip2lora.head_loss import frozen_head_ce_sum
+from skip2lora.methods.head_loss import frozen_head_ce_sum
 from skip2lora.methods.skip2lora.method import load_skip2lora
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune

@@ -53,11 +53,13 @@ def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optio
             raise UserError(f"{checkpoint}/adapter_config.json names no base model: pass --model")
         task = "classification" if adapter.get("task_type") == "SEQ_CLS" else "generation"
         num_labels = _num_labels(checkpoint) if task == "classification" else None
-        from .methods.lora import BASE_QUANTIZATION
+        from .methods.lora import BASE_QUANTIZATION, keep_4bit_layers_differentiable
 
         quantized = (checkpoint / BASE_QUANTIZATION).exists()  # a QLoRA adapter: its base was 4-bit in training
         model, tokenizer, _ = load_base_model(base, task=task, num_labels=num_labels, device=str(device),
                                               quantize_4bit=quantized)
+        if quantized:
+            keep_4bit_layers_differentiable(model)  # the 4-bit kernels training used: the outputs training saw
         try:
             peft_model = PeftModel.from_pretrained(model, str(checkpoint)).to(device).eval()
         except Exception as exc:  # truncated weights, an adapter for another base model

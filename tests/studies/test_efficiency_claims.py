@@ -20,7 +20,7 @@ def cell(configuration: str, trainable: int, ppl: float, memory: float = 1000.0,
     return {"task": "japanese", "model": "m", "size": size, "num_train": size, "configuration": configuration,
             "seeds_finished": 1, "seeds_failed": 0, "method": method, "trainable_params": trainable,
             "total_params": total, "reduction_vs_full": FULL / trainable, "final_val_ppl": ppl,
-            "peak_memory_mb": memory, "final_bytes": final_bytes}
+            "peak_memory_mb": memory, "weights_bytes": final_bytes}
 
 
 def full(ppl: float = 10.0, memory: float = 2000.0, size: int = 1000, final_bytes: int = 400_000_000) -> dict:

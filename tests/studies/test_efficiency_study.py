@@ -41,7 +41,8 @@ def test_study_writes_json_report_plots_and_log(study):
     assert {(r["configuration"], r["num_train"]) for r in runs} == {(c, n) for c in ("lora-r4-qv", "full") for n in (8, 16)}
     for record in runs:
         assert record["trainable_params"] and record["total_params"] and record["peak_memory_mb"] > 0
-        assert record["train_time_s"] > 0 and record["tokens_per_s"] > 0 and record["final_bytes"] > 0
+        assert record["train_time_s"] > 0 and record["tokens_per_s"] > 0
+        assert record["final_bytes"] > record["weights_bytes"] > 0
         assert record["final_val_ppl"] == pytest.approx(2.718281828 ** record["final_val_loss"], rel=1e-6)
     text = report.read_text()
     for heading in ("## Published claims", "### tiny / japanese", "## Japanese: tokens per character", "## Conclusion"):
@@ -109,6 +110,7 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
     ({}, ["--claims", "no-such-claim"], "unknown claim no-such-claim"),
     ({"budget": None}, [], "'budget' must state the training budget"),
     ({"sizes": [0]}, [], "every size must be >= 1"),
+    ({"tasks": {"ja/pan": {"data": {"name": "japanese"}}}}, [], "task name 'ja/pan' may hold only"),
     ({"claims": "missing.yaml"}, [], "claims file .*missing.yaml does not exist"),
     ({"common": {"data": {"max_seq_length": 0}}}, [], "invalid settings: data.max_seq_length must be >= 1"),
 ])

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError, warn
+
 if TYPE_CHECKING:
     from ..config import FinetuneConfig
     from ..models import ModelInfo
@@ -135,7 +137,6 @@ class FinetuneMethod(nn.Module):
         return {n: p.detach().clone() for n, p in self.named_trainable_parameters().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from ..errors import UserError
 
         params = self.named_trainable_parameters()
         missing = set(params) - set(state)
@@ -193,11 +194,19 @@ class FinetuneMethod(nn.Module):
         get_base = getattr(self.model, "get_base_model", None)
         return get_base() if callable(get_base) else self.model
 
-    def _final_hidden(self, batch: dict) -> torch.Tensor:
+    def _decoder(self) -> nn.Module:
         from .skip2lora.trunk import find_decoder
 
-        decoder = find_decoder(self.hf_model())
-        return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return find_decoder(self.hf_model())
+
+    def _final_hidden(self, batch: dict) -> torch.Tensor:
+        return self._decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+    def output_head(self):
+        """The model's own output computation from its final hidden state (output_head.OutputHead)."""
+        from .output_head import find_output_head
+
+        return find_output_head(self.hf_model(), self._decoder())
 
     def _fast_class_logits(self, batch: dict) -> torch.Tensor:
         hidden = self._final_hidden(batch)
@@ -207,7 +216,7 @@ class FinetuneMethod(nn.Module):
 
     def fast_forward(self, batch: dict) -> tuple[torch.Tensor, int]:
         """The final hidden states at the loss positions only, through the head and loss in chunks."""
-        from .head_loss import head_ce_sum, model_output_logits
+        from .head_loss import head_ce_sum
 
         if self.kind == "classification":
             logits = self._fast_class_logits(batch)
@@ -218,15 +227,12 @@ class FinetuneMethod(nn.Module):
         keep = next_labels != -100
         count = batch.get("num_loss_positions")
         count = int(keep.sum()) if count is None else count
-        hf_model = self.hf_model()
-        loss = head_ce_sum(hidden[:, :-1][keep], lambda h: model_output_logits(hf_model, h), next_labels[keep])
+        loss = head_ce_sum(hidden[:, :-1][keep], self.output_head(), next_labels[keep])
         return loss, count
 
     def use_fast_loss_path(self) -> bool:
         """Switch to the head-only-where-the-loss-is path if, on a probe input, it reproduces the model's own
         logits (relative 1e-4); otherwise keep the plain path and say why."""
-        from .head_loss import model_output_logits
-
         try:
             probe = probe_batch(self)
             was_training = self.training
@@ -236,9 +242,9 @@ class FinetuneMethod(nn.Module):
                 if self.kind == "classification":
                     fast = self._fast_class_logits(probe).float()
                 else:
-                    fast = model_output_logits(self.hf_model(), self._final_hidden(probe)).float()
+                    fast = self.output_head()(self._final_hidden(probe)).float()
             self.train(was_training)
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError, UserError) as exc:
             return self._keep_full_path(f"its layout is not one this path knows ({type(exc).__name__}: {exc})")
         scale = own.abs().max().clamp(min=1.0)
         if own.shape != fast.shape or float((own - fast).abs().max() / scale) > 1e-4:
@@ -247,10 +253,7 @@ class FinetuneMethod(nn.Module):
         return True
 
     def _keep_full_path(self, reason: str) -> bool:
-        import warnings
-
-        warnings.warn(f"{type(self.hf_model()).__name__}: {reason}; training uses the full-logits path "
-                      "(train.loss_path full)", stacklevel=3)
+        warn(f"{type(self.hf_model()).__name__}: {reason}; training uses the full-logits path (train.loss_path full)")
         self.loss_path = "full"
         return False
 

@@ -2,50 +2,84 @@
 every method (LoRA, QLoRA, full fine-tuning and Skip2-LoRA).
 
 A causal LM's head maps every position to the whole vocabulary (SmolLM2: 49,152 logits per position,
-Gemma 3: 262,144), though only the positions that carry loss need them. Here the hidden states are
-gathered at those positions first, and the head and loss run over them in chunks whose logits are
-recomputed in the backward pass (activation checkpointing), so at most one chunk's logits exist at a time.
-Whatever parameters the head has that train (full fine-tuning's head or tied embeddings, a LoRA on the
-head) get their gradient through the same recomputation.
+Gemma 3: 262,144), though only the positions that carry loss need them. The callers gather the hidden
+states at those positions first; here the head and loss run over them in chunks whose logits are
+recomputed in the backward pass, so at most one chunk's logits exist at a time.
+
+A plain linear head (most models) takes a hand-written backward: the softmax minus the one-hot target is
+the logits' gradient, which gives the hidden states' gradient and, when the head trains (full fine-tuning,
+tied embeddings), the weight's. Any other head (a transform before the decoder, scaled or soft-capped
+logits, a LoRA on the head) is checkpointed per chunk, so autograd recomputes it the same way.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .output_head import OutputHead
+
 HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
 
-HeadFn = Callable[[torch.Tensor], torch.Tensor]
+Head = Union[OutputHead, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def model_output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own output computation from its final (normed) hidden state: the output embedding, then
-    the logit transforms some families apply after it (Gemma 2/3 soft-capping, Granite's logits_scaling,
-    Cohere's logit_scale). `check_output_head` verifies it against the model's forward before it is used."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling:
-        logits = logits / scaling
-    scale = getattr(model, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    return logits
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Summed cross-entropy of logits = hidden @ W^T + b, chunked; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            logits = F.linear(hidden[start:start + chunk].to(weight.dtype), weight, bias).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
+        ctx.chunk = chunk
+        ctx.has_bias = bias is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        weight_trains, bias_trains = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight_trains else None
+        grad_bias = torch.zeros_like(bias) if bias_trains else None
+        for start in range(0, hidden.size(0), ctx.chunk):
+            end = start + ctx.chunk
+            part = hidden[start:end].to(weight.dtype)
+            probs = torch.softmax(F.linear(part, weight, bias).float(), dim=-1)
+            probs[torch.arange(probs.size(0), device=probs.device), targets[start:end]] -= 1.0
+            probs = probs.to(weight.dtype)  # now the logits' gradient
+            grad_hidden[start:end] = (probs @ weight).to(hidden.dtype)
+            if weight_trains:
+                grad_weight += probs.t() @ part
+            if bias_trains:
+                grad_bias += probs.sum(dim=0)
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
 
 
-def head_ce_sum(hidden: torch.Tensor, head: HeadFn, targets: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+def _is_plain_linear(head: Head) -> Optional[nn.Linear]:
+    """The linear layer when the head is exactly torch's Linear and nothing more (else None)."""
+    if isinstance(head, OutputHead) and head.plain and type(head.linear) is nn.Linear:
+        return head.linear
+    return None
+
+
+def head_ce_sum(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) against targets, hidden being [positions, d]."""
     chunk = chunk or HEAD_CHUNK
     if hidden.size(0) == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) whole for a batch without loss positions
+    linear = _is_plain_linear(head)
+    if linear is not None:
+        return _ChunkedLinearCE.apply(hidden, linear.weight, linear.bias, targets, chunk)
 
     def chunk_loss(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(part).float(), part_targets, reduction="sum")
@@ -59,17 +93,7 @@ def head_ce_sum(hidden: torch.Tensor, head: HeadFn, targets: torch.Tensor, chunk
     return total
 
 
-def linear_head(layer: nn.Module) -> HeadFn:
-    """A head that is one linear map (Skip2-LoRA's frozen head, in the model's dtype)."""
-    weight = layer.weight
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        return layer(hidden.to(weight.dtype))
-
-    return head
-
-
-def frozen_head_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+def frozen_head_ce_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                        chunk: Optional[int] = None) -> torch.Tensor:
     """head_ce_sum for a plain linear head module."""
-    return head_ce_sum(hidden, linear_head(head), targets, chunk)
+    return head_ce_sum(hidden, OutputHead(head, head), targets, chunk)

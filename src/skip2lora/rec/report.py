@@ -151,18 +151,18 @@ def run_table(runs: list[dict]) -> list[str]:
 
 
 def timing_table(runs: list[dict]) -> list[str]:
-    col = lambda get: fmt([get(r["timing"]) for r in runs], 3)  # noqa: E731
+    col = lambda get, digits=3: fmt([get(r["timing"]) for r in runs], digits)  # noqa: E731
     rows = [
         ("data preparation (read, sort, split, windows)", col(lambda t: t["data_prep_s"]),
-         col(lambda t: t["memory"]["data_prep"]["peak_memory_mb"])),
-        ("fit (training + per-epoch validation)", col(lambda t: t["fit_s"]), col(lambda t: t["memory"]["fit"]["peak_memory_mb"])),
+         col(lambda t: t["memory"]["data_prep"]["peak_memory_mb"], 0)),
+        ("fit (training + per-epoch validation)", col(lambda t: t["fit_s"]), col(lambda t: t["memory"]["fit"]["peak_memory_mb"], 0)),
         ("training only (sum of epochs)", col(lambda t: t["train_s"]), ""),
         ("one training epoch (mean)", col(lambda t: t["epoch_time_s"]["mean"]), ""),
         ("one training epoch (fastest)", col(lambda t: t["epoch_time_s"]["min"]), ""),
         ("validation, all epochs", col(lambda t: t["validation_s"]), ""),
         ("one validation (all users)", col(lambda t: t["validation_time_s"]["mean"]), ""),
         (f"test evaluation ({runs[0]['timing']['test_eval_users']} users, full ranking)", col(lambda t: t["test_eval_s"]),
-         col(lambda t: t["memory"]["test_eval"]["peak_memory_mb"])),
+         col(lambda t: t["memory"]["test_eval"]["peak_memory_mb"], 0)),
     ]
     lines = ["| phase | seconds | peak memory MB |", "|---|---|---|"]
     return lines + [f"| {name} | {secs} | {mem} |" for name, secs, mem in rows]

@@ -28,8 +28,8 @@ from ..base import FinetuneMethod, register_method
 from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .cache import CachedFeatures, SkipCache
-from .head import TOLERANCE, check_reproduces_model, probe_ids
-from .head_loss import head_ce_sum
+from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
+from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
 
 # A prompt prefix shared by every sample of a cache build is computed once when at least this long.

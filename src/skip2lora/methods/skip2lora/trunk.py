@@ -16,7 +16,7 @@ from torch import nn
 
 from ...errors import UserError
 from ...models import num_hidden_layers
-from .head import OutputHead, find_output_head
+from ..output_head import OutputHead, find_output_head
 
 
 def find_decoder(model: nn.Module) -> nn.Module:

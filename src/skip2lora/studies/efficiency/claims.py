@@ -190,7 +190,7 @@ METRICS: dict[str, Callable[[Check, Cells], Optional[float]]] = {
     "parameter_reduction": parameter_reduction,
     "reduction_at_equal_quality": reduction_at_equal_quality,
     "memory_ratio": _against_full("peak_memory_mb"),
-    "checkpoint_ratio": _against_full("final_bytes"),
+    "checkpoint_ratio": _against_full("weights_bytes"),
     "ppl_ratio": ppl_ratio,
     "gap_growth": ppl_ratio,  # per size; the growth from the smallest to the largest size is taken below
 }

@@ -104,6 +104,13 @@ def group_key(task: str, model: str, size: int) -> str:
     return re.sub(r"-{2,}", "-", f"{task}.{safe_model}.n{size}")
 
 
+def check_name(name: object, what: str) -> str:
+    """Task and configuration names become folder names: letters, digits, '.', '_' and single '-' only."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or "--" in name:
+        raise UserError(f"efficiency spec: {what} name {name!r} may hold only letters, digits, '.', '_' and single '-'")
+    return name
+
+
 def _list(spec: dict, key: str, kind: type) -> list:
     value = spec.get(key)
     if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
@@ -119,6 +126,7 @@ def resolve_configurations(value: Any, selected: Optional[Sequence[str]] = None)
         raise UserError("efficiency spec: 'configurations' must list built-in names or map names to settings")
     resolved = {}
     for name, settings in value.items():
+        check_name(name, "configuration")
         if settings is not None and not isinstance(settings, dict):
             raise UserError(f"efficiency spec: configuration {name!r} must map to finetune settings")
         if name not in CONFIGURATIONS and not settings:
@@ -143,6 +151,8 @@ def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = N
     tasks = spec.get("tasks")
     if not isinstance(tasks, dict) or not tasks or not all(isinstance(v, dict) for v in tasks.values()):
         raise UserError("efficiency spec: 'tasks' must map task names to finetune settings (e.g. {data: {name: japanese}})")
+    for name in tasks:
+        check_name(name, "task")
     budget = spec.get("budget")
     if not isinstance(budget, dict) or not budget or set(budget) - BUDGET_KEYS:
         raise UserError(f"efficiency spec: 'budget' must state the training budget with some of {sorted(BUDGET_KEYS)} "

@@ -23,20 +23,24 @@ def cell_table(cells: list[dict], task: str, model: str) -> Table:
     for c in sorted((c for c in cells if c["task"] == task and c["model"] == model),
                     key=lambda c: (c["size"], c.get("trainable_params") or 0)):
         if not c.get("seeds_finished"):
-            rows.append([c["configuration"], fmt_int(c["num_train"]), f"0/{c['seeds_failed']}"] + [MISSING] * 10)
+            rows.append([c["configuration"], fmt_int(c["num_train"]), f"0/{c['seeds_failed']}"] + [MISSING] * 12)
             continue
         seeds = f"{c['seeds_finished']}/{c['seeds_finished'] + c['seeds_failed']}"
-        rows.append([c["configuration"], fmt_int(c["num_train"]), seeds, fmt_int(c.get("trainable_params")),
+        steps = f"{fmt_number(c.get('steps'), '{:,.0f}')}/{fmt_int(c.get('planned_steps'))}"
+        rows.append([c["configuration"], fmt_int(c["num_train"]), seeds, steps, fmt_int(c.get("trainable_params")),
                      fmt_int(c.get("total_params")), fmt_reduction(c.get("reduction_vs_full")),
                      fmt_number(c.get("peak_memory_mb"), "{:,.0f}"), fmt_s(c.get("train_time_s")),
                      fmt_number(c.get("tokens_per_s"), "{:,.0f}"), fmt_number(c.get("final_val_loss"), "{:.4f}"),
                      fmt_number(c.get("initial_val_ppl"), "{:,.2f}"), fmt_number(c.get("final_val_ppl"), "{:,.2f}"),
-                     fmt_mb(_mb(c.get("final_bytes")))])
+                     fmt_mb(_mb(c.get("weights_bytes"))), fmt_mb(_mb(c.get("final_bytes")))])
     kind = next((c.get("peak_memory_kind") for c in cells if c.get("peak_memory_kind")), "RSS")
-    headers = ["configuration", "examples", "seeds ok", "trainable", "total", "reduction vs full",
-               f"peak MB ({kind})", "train s", "tokens/s", "eval loss", "ppl before", "eval ppl", "final/ MB"]
+    headers = ["configuration", "examples", "seeds ok", "steps run/planned", "trainable", "total", "reduction vs full",
+               f"peak MB ({kind})", "train s", "tokens/s", "eval loss", "ppl before", "eval ppl", "weights MB", "final/ MB"]
     return Table(f"{model} / {task}", headers, rows, note="reduction = full fine-tuning's trainable parameters / the "
-                 "configuration's, both counted; eval = the validation set after the last step", text_columns=1)
+                 "configuration's, both counted; eval = the validation set after the last step; weights = the .safetensors / .bin "
+                 "files in OUT/final, final/ = everything there (tokenizer files included); fewer steps than planned: the "
+                 "time budget stopped the run; perplexity is per token of this model's tokenizer, so compare "
+                 "configurations within a model, not models with each other", text_columns=1)
 
 
 def _best(rows: list[dict], key: str) -> Optional[dict]:
@@ -53,7 +57,7 @@ def conclusion(cells: list[dict]) -> list[str]:
         size = max(c["size"] for c in rows)
         rows = [c for c in rows if c["size"] == size]
         quality, memory = _best(rows, "final_val_ppl"), _best(rows, "peak_memory_mb")
-        speed, disk = _best(rows, "train_time_s"), _best(rows, "final_bytes")
+        speed, disk = _best(rows, "train_time_s"), _best(rows, "weights_bytes")
         parts = []
         if quality:
             parts.append(f"lowest eval perplexity: **{quality['configuration']}** ({quality['final_val_ppl']:,.2f})")
@@ -62,7 +66,7 @@ def conclusion(cells: list[dict]) -> list[str]:
         if speed:
             parts.append(f"shortest training: **{speed['configuration']}** ({speed['train_time_s']:,.1f} s)")
         if disk:
-            parts.append(f"smallest result on disk: **{disk['configuration']}** ({_mb(disk['final_bytes']):,.2f} MB)")
+            parts.append(f"smallest checkpoint: **{disk['configuration']}** ({_mb(disk['weights_bytes']):,.2f} MB)")
         text = f"- {model} / {task} ({rows[0]['num_train']:,} examples): " + "; ".join(parts) + "."
         if quality:
             limit = quality["final_val_ppl"] * (1 + QUALITY_TOLERANCE_PCT / 100)

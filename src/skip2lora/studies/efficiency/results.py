@@ -21,21 +21,31 @@ from .grid import EfficiencySpec, Group
 
 # Metrics averaged over seeds in a cell.
 AVERAGED = ("peak_memory_mb", "peak_reserved_mb", "train_time_s", "tokens_per_s", "initial_val_loss",
-            "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "steps")
+            "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "weights_bytes", "steps")
+WEIGHT_FILES = ("*.safetensors", "*.bin")  # the checkpoint itself, without tokenizer files and configs
 
 
-def directory_bytes(path: Path) -> Optional[int]:
-    """Bytes of every file under `path` (the size of OUT/final on disk); None when it is missing."""
+def directory_bytes(path: Path, patterns: tuple[str, ...] = ("*",)) -> Optional[int]:
+    """Bytes of the files under `path` matching `patterns` (all: the size of OUT/final); None when it is missing."""
     path = Path(path)
     if not path.is_dir():
         return None
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for pattern in patterns for f in path.rglob(pattern) if f.is_file())
 
 
 def perplexity(loss: Optional[float]) -> Optional[float]:
     if loss is None or math.isnan(loss):
         return None
     return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+
+
+def planned_steps(train: dict, num_train: int) -> Optional[int]:
+    """Optimizer steps the run was set to take (fewer ran when the time budget stopped it)."""
+    if train.get("max_steps"):
+        return int(train["max_steps"])
+    if not train.get("global_batch_size"):
+        return None
+    return math.ceil(num_train / train["global_batch_size"]) * int(train.get("epochs") or 1)
 
 
 def run_record(run: PlannedRun, group: Group, state: str) -> dict:
@@ -51,6 +61,7 @@ def run_record(run: PlannedRun, group: Group, state: str) -> dict:
     except UserError as exc:
         return {**record, "status": "failed", "error": str(exc)}
     summary, counts = payload.get("summary") or {}, payload.get("parameters") or {}
+    train = (payload.get("config") or {}).get("train") or {}
     environment = payload.get("environment") or {}
     on_gpu = str(environment.get("device", "cpu")).startswith("cuda")
     record.update({
@@ -65,11 +76,13 @@ def run_record(run: PlannedRun, group: Group, state: str) -> dict:
         "train_time_s": summary.get("train_time_s"),
         "tokens_per_s": summary.get("tokens_per_s"),
         "steps": summary.get("steps"),
+        "planned_steps": planned_steps(train, group.num_train),
         "initial_val_loss": summary.get("initial_val_loss"),
         "final_val_loss": summary.get("final_val_loss"),
         "initial_val_ppl": perplexity(summary.get("initial_val_loss")),
         "final_val_ppl": perplexity(summary.get("final_val_loss")),
         "final_bytes": directory_bytes(RunDir(run.out_dir).final),
+        "weights_bytes": directory_bytes(RunDir(run.out_dir).final, WEIGHT_FILES),
         "device": environment.get("device"),
         "device_name": environment.get("device_name"),
     })
@@ -116,7 +129,7 @@ def aggregate_cells(records: list[dict]) -> list[dict]:
                                "seeds_failed": len(members) - len(done)}
         if done:
             first = done[0]
-            row.update({key: first.get(key) for key in ("method", "trainable_params", "total_params",
+            row.update({key: first.get(key) for key in ("method", "trainable_params", "total_params", "planned_steps",
                                                          "full_trainable_params", "reduction_vs_full",
                                                          "reduction_reference", "peak_memory_kind")})
             for key in AVERAGED:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import UserError
+from ..errors import UserError
 
 # Probe tolerance: |trunk + head - model logits| <= TOLERANCE[dtype] * max(1, max |model logits|). In fp32 both
 # paths run the same kernels and agree to float noise; 16-bit weights round the logits before any scaling.
