@@ -296,3 +296,17 @@ def test_inference_reference_row_measures_the_frozen_forward():
     row = {**config, "status": "ok", "is_baseline": False, **result}
     table = bench_report.memory_table({"environment": {"device": "cpu"}, "configs": [row]})
     assert table.rows[0][-1] == "1.00x"  # the reference against itself
+
+
+def test_the_no_head_bound_and_the_fast_path_rows_run(request):
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    base = {"model": "tiny", "device": "cpu", "precision": "32-true", "seed": 1, "threads": 1, "batch_size": 2,
+            "seq_len": 32, "mode": "steps", "iters": 1, "warmup": 1, "loss_share": 0.3}
+    for head, path in (("none", "fast"), ("model", "fast"), ("model", "full")):
+        config = {"name": "x", "method": "lora", "label": "x", "head": head,
+                  "overrides": {"lora": {"r": 4, "alpha": 8}, "train": {"loss_path": path}}}
+        result = measure.run_step_benchmark({**base, "config": config})
+        assert result["timing"]["step"]["mean_ms"] > 0
+        # 30% of the 31 predicted positions of each row carry loss
+        assert result["loss_tokens_per_batch"] == pytest.approx(2 * round(0.3 * 31), abs=2)

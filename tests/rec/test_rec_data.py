@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from skip2lora.errors import UserError
 from skip2lora.rec.config import RecDataConfig

@@ -20,7 +20,8 @@ def make_split(targets: list[int], histories: list[list[int]]) -> EvalSplit:
         flat.extend(history)
         offsets.append(len(flat))
     return EvalSplit("test", torch.zeros(len(targets), 3, dtype=torch.long), torch.tensor(targets),
-                     [f"u{i}:0" for i in range(len(targets))], torch.tensor(offsets), torch.tensor(flat, dtype=torch.long))
+                     [f"u{i}:0" for i in range(len(targets))], torch.tensor(offsets),
+                     torch.tensor(flat, dtype=torch.long))
 
 
 def score_table(table: torch.Tensor):
@@ -119,10 +120,11 @@ def test_against_torchmetrics_retrieval_metrics():
     relevant = F.one_hot(targets - 1, items).bool().reshape(-1)
     indexes = torch.arange(users).repeat_interleave(items)
     for k in (5, 10):
-        assert result[f"hr@{k}"] == pytest.approx(float(torchmetrics.RetrievalHitRate(top_k=k)(preds, relevant, indexes)))
-        assert result[f"ndcg@{k}"] == pytest.approx(
-            float(torchmetrics.RetrievalNormalizedDCG(top_k=k)(preds, relevant, indexes)), abs=1e-6)
-        assert result[f"recall@{k}"] == pytest.approx(float(torchmetrics.RetrievalRecall(top_k=k)(preds, relevant, indexes)))
+        reference = {name: float(metric(top_k=k)(preds, relevant, indexes)) for name, metric in (
+            ("hr", torchmetrics.RetrievalHitRate), ("ndcg", torchmetrics.RetrievalNormalizedDCG),
+            ("recall", torchmetrics.RetrievalRecall))}
+        for name, value in reference.items():
+            assert result[f"{name}@{k}"] == pytest.approx(value, abs=1e-6)
 
 
 def test_metric_classes_with_several_relevant_items():

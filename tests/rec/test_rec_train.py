@@ -32,7 +32,8 @@ def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):
     assert {"hr@10", "ndcg@10", "recall@10", "loss"} <= set(run["summary"]["test"])
     rows, warnings = read_metrics_csv(RunDir(out).metrics_versions()[0])
     assert not warnings and len(rows) == 1
-    assert {"epoch", "train_loss", "val_hr@10", "val_ndcg@10", "epoch_time_s", "elapsed_s", "peak_memory_mb"} <= set(rows[0])
+    columns = {"epoch", "train_loss", "val_hr@10", "val_ndcg@10", "epoch_time_s", "elapsed_s", "peak_memory_mb"}
+    assert columns <= set(rows[0])
     assert {p.name for p in (out / "best").iterdir()} == {"model.safetensors", "rec.json", "items.json"}
     assert any((out / "logs" / "tensorboard").iterdir())
 

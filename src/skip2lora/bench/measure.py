@@ -162,6 +162,17 @@ def micro_batches(batch: dict, cfg: FinetuneConfig, overrides: dict) -> list[dic
     return parts
 
 
+def without_head(method: FinetuneMethod) -> None:
+    """Make the method's loss the final hidden states' mean square at the loss positions: the step without
+    any output head, the bound a faster head-and-loss path can approach (a measurement, not training)."""
+    def forward(batch: dict) -> tuple[torch.Tensor, int]:
+        hidden = method._final_hidden(batch)
+        keep = batch["labels"][:, 1:] != -100
+        return hidden[:, :-1][keep].float().pow(2).mean(dim=-1).sum(), int(batch.get("num_loss_positions") or 1)
+
+    method.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it
+
+
 def cache_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
     """Hits and misses between two cache_stats() readings, with the cache's size at the end."""
     if before is None or after is None:
@@ -239,6 +250,8 @@ def run_step_benchmark(spec: dict) -> dict:
     batches = [to_device(b, device) for b in
                benchmark_batches(method.tokenizer, spec["batch_size"], spec["seq_len"], distinct, seed, spec.get("loss_share"))]
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
+    if spec["config"].get("head") == "none":
+        without_head(method)
     module = fabric.setup_module(method, move_to_device=False)
     optimizer = fabric.setup_optimizers(optimizer)
     step = partial(train_step, module, optimizer, max_grad_norm=cfg.train.max_grad_norm, timing=True, device=device,

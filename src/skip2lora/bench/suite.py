@@ -25,9 +25,12 @@ class BenchConfig:
     method: str
     label: str
     overrides: dict[str, dict[str, Any]]
+    head: str = "model"
+    """"none" measures the step without any output head (a bound: what the trunk alone costs)."""
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "method": self.method, "label": self.label, "overrides": self.overrides}
+        return {"name": self.name, "method": self.method, "label": self.label, "overrides": self.overrides,
+                "head": self.head}
 
 
 @dataclass
@@ -58,7 +61,7 @@ def parse_config_entry(entry: Any, index: int, path: Path) -> BenchConfig:
     allowed = _section_fields()
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in entry.items():
-        if key in ("name", "method", "label"):
+        if key in ("name", "method", "label", "head"):
             continue
         if key not in allowed:
             raise UserError(f"{path}: configuration {name} has unknown key {key!r}; "
@@ -70,7 +73,10 @@ def parse_config_entry(entry: Any, index: int, path: Path) -> BenchConfig:
             raise UserError(f"{path}: configuration {name}: {key}.{unknown[0]} is not a field; "
                             f"use one of {', '.join(sorted(allowed[key]))}")
         overrides[key] = dict(value)
-    return BenchConfig(name, method, str(entry.get("label", name)), overrides)
+    head = str(entry.get("head", "model"))
+    if head not in ("model", "none"):
+        raise UserError(f"{path}: configuration {name}: head must be model or none, got {head!r}")
+    return BenchConfig(name, method, str(entry.get("label", name)), overrides, head)
 
 
 def _name_list(value: Any, what: str, path: Path) -> list[str]:

@@ -101,7 +101,8 @@ def read_ml1m(folder: Path) -> tuple[list[Interaction], dict[str, str]]:
         if len(fields) < 4:
             raise UserError(f"{ratings_path}:{number}: {len(fields)} '::'-separated fields, expected 4 "
                             "(UserID::MovieID::Rating::Timestamp)")
-        interactions.append(Interaction(fields[0].strip(), fields[1].strip(), _timestamp(fields[3], ratings_path, number)))
+        stamp = _timestamp(fields[3], ratings_path, number)
+        interactions.append(Interaction(fields[0].strip(), fields[1].strip(), stamp))
     titles = {}
     for number, line in enumerate(_read_text(movies_path), start=1):
         if not line.strip():

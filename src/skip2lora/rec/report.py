@@ -155,13 +155,15 @@ def timing_table(runs: list[dict]) -> list[str]:
     rows = [
         ("data preparation (read, sort, split, windows)", col(lambda t: t["data_prep_s"]),
          col(lambda t: t["memory"]["data_prep"]["peak_memory_mb"], 0)),
-        ("fit (training + per-epoch validation)", col(lambda t: t["fit_s"]), col(lambda t: t["memory"]["fit"]["peak_memory_mb"], 0)),
+        ("fit (training + per-epoch validation)", col(lambda t: t["fit_s"]),
+         col(lambda t: t["memory"]["fit"]["peak_memory_mb"], 0)),
         ("training only (sum of epochs)", col(lambda t: t["train_s"]), ""),
         ("one training epoch (mean)", col(lambda t: t["epoch_time_s"]["mean"]), ""),
         ("one training epoch (fastest)", col(lambda t: t["epoch_time_s"]["min"]), ""),
         ("validation, all epochs", col(lambda t: t["validation_s"]), ""),
         ("one validation (all users)", col(lambda t: t["validation_time_s"]["mean"]), ""),
-        (f"test evaluation ({runs[0]['timing']['test_eval_users']} users, full ranking)", col(lambda t: t["test_eval_s"]),
+        (f"test evaluation ({runs[0]['timing']['test_eval_users']} users, full ranking)",
+         col(lambda t: t["test_eval_s"]),
          col(lambda t: t["memory"]["test_eval"]["peak_memory_mb"], 0)),
     ]
     lines = ["| phase | seconds | peak memory MB |", "|---|---|---|"]
@@ -209,7 +211,8 @@ def render(runs: list[dict], command: str, regenerate: Optional[str]) -> str:
             "## Test metrics (mean ± sample std over runs)",
             "Published anchors are other projects' numbers, shown with their protocols; they were not run here.",
             "", *metric_table(grouped, "test", ks, anchors=True), "",
-            "## Validation metrics (the selection split)", "", *metric_table(grouped, "validation", ks, anchors=True), "",
+            "## Validation metrics (the selection split)", "",
+            *metric_table(grouped, "validation", ks, anchors=True), "",
             "## Targets", *target_lines(students), "",
             "## Phase timings of the student (mean ± sample std over runs)",
             f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_table(students), "",

@@ -141,7 +141,8 @@ def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: 
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 save_checkpoint(run_dir, model, dataset, cfg, epoch, val_metrics)
             elapsed = time.perf_counter() - fit_start
-            logger.log({"epoch": epoch, "train_loss": train_loss, f"val_hr@{cfg.eval.k}": val_metrics[f"hr@{cfg.eval.k}"],
+            logger.log({"epoch": epoch, "train_loss": train_loss,
+                        f"val_hr@{cfg.eval.k}": val_metrics[f"hr@{cfg.eval.k}"],
                         f"val_ndcg@{cfg.eval.k}": val_metrics[key], "val_loss": val_metrics["loss"],
                         "epoch_time_s": epoch_times[-1], "validation_s": validation_times[-1], "elapsed_s": elapsed,
                         "peak_memory_mb": peak_memory_mb(device)})
@@ -173,7 +174,8 @@ def phase_timing(fitted: dict, data_prep_s: float, test_eval_s: float, test_user
     if device.type == "cuda":
         measure = "torch.cuda max_memory_allocated / max_memory_reserved, reset per phase"
     else:
-        measure = "process peak RSS (VmHWM), " + ("reset per phase" if memory_resettable else "cumulative (not resettable)")
+        reset = "reset per phase" if memory_resettable else "cumulative (not resettable)"
+        measure = f"process peak RSS (VmHWM), {reset}"
     return {
         "data_prep_s": data_prep_s, "fit_s": fitted["fit_s"], "train_s": sum(fitted["epoch_times"]),
         # CPU seconds of this process: about threads x wall on an idle machine, less when others share the cores.
@@ -239,6 +241,7 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
     print(f"best epoch {fitted['best_epoch']} of {fitted['epochs_run']} ({fitted['stopped']}); test hr@{k} "
           f"{test_metrics[f'hr@{k}']:.4f} ndcg@{k} {test_metrics[f'ndcg@{k}']:.4f} recall@{k} "
           f"{test_metrics[f'recall@{k}']:.4f} loss {test_metrics['loss']:.4f}; fit {fitted['fit_s']:.1f}s, test "
-          f"evaluation {test_eval_s:.3f}s for {len(test)} users ({'masked' if cfg.eval.mask_history else 'no masking'})",
+          f"evaluation {test_eval_s:.3f}s for {len(test)} users "
+          f"({'masked' if cfg.eval.mask_history else 'no masking'})",
           flush=True)
     return payload
