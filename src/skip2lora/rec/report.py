@@ -6,13 +6,13 @@ as such in the output with their protocols; nothing here is a figure of ours typ
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
 from ..outdir import RunDir, read_json_file
 from ..paths import atomic_write_bytes, atomic_write_json
+from ..report.stats import mean_std
 
 # Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
 ANCHORS = [
@@ -25,21 +25,12 @@ TARGETS = {"hr@10": 0.11, "ndcg@10": 0.055, "train_s": 180.0, "test_eval_s": 1.0
 METHOD_ORDER = {"sasrec": 0, "most-popular": 1, "random": 2}
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    """Mean ± sample std (the project's one mean_std); the mean alone for one value."""
+    stat = mean_std(values)
+    if stat.mean is None:
         return "–"
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{stat.mean:.{digits}f}" if stat.std is None else f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
@@ -180,8 +171,8 @@ def _idle_estimate(students: list[dict]) -> str:
 
 
 def target_lines(students: list[dict]) -> list[str]:
-    hr = mean_std([r["summary"]["test"]["hr@10"] for r in students])[0]
-    ndcg = mean_std([r["summary"]["test"]["ndcg@10"] for r in students])[0]
+    hr = mean_std([r["summary"]["test"]["hr@10"] for r in students]).mean
+    ndcg = mean_std([r["summary"]["test"]["ndcg@10"] for r in students]).mean
     train = max(r["timing"]["train_s"] for r in students)
     fit = max(r["timing"]["fit_s"] for r in students)
     evaluation = max(r["timing"]["test_eval_s"] for r in students)
