@@ -135,3 +135,13 @@ def test_claims_file_without_thresholds_is_refused(tmp_path):
     path.write_text("claims:\n  c:\n    statement: s\n    source: x\n    checks:\n      - metric: memory_ratio\n")
     with pytest.raises(UserError, match="claim c check 1 .memory_ratio. has no thresholds"):
         load_claims(path)
+
+
+def test_median_over_an_even_number_of_groups_is_the_worse_middle_value():
+    rows = [full(size=1000), cell("a", FULL // 200, 10.0, size=1000),
+            full(size=5000), cell("a", FULL // 100, 10.0, size=5000)]
+    result = verdict(one_check("parameter_reduction", {"at_least": 150}, {"at_least": 50}), rows)
+    assert result["checks"][0]["value"] == pytest.approx(100.0) and result["verdict"] == PARTIAL
+    rows = [full(10.0, size=1000), cell("b", 1000, 10.0, size=1000), full(10.0, size=5000), cell("b", 1000, 11.0, size=5000)]
+    result = verdict(one_check("ppl_ratio", {"at_most": 1.05}, {"at_most": 1.15}, configuration="b"), rows)
+    assert result["checks"][0]["value"] == pytest.approx(1.1) and result["verdict"] == PARTIAL

@@ -386,6 +386,7 @@ def run_record(run: Run, steps: int) -> dict:
         "steps_per_s": steps / seconds if seconds else None,
         "tokens_per_s": progress.tokens / seconds if seconds else None,
         "peak_memory_mb": peak_memory_mb(run.device),
+        "peak_reserved_mb": (torch.cuda.max_memory_reserved(run.device) / 2**20 if run.device.type == "cuda" else None),
         "first_train_loss": progress.first_train_loss,
         "final_train_loss": progress.last_train_loss,
         "initial_val_loss": (progress.initial_eval or {}).get("val_loss"),

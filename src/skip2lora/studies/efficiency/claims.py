@@ -229,9 +229,17 @@ class CheckResult:
     configuration: str = BEST
 
 
+def aggregate(check: Check, values: list[float]) -> float:
+    """min, max or median over groups; with an even count the median is the worse of the two middle values for the
+    claim (a value some group measured, never a blend that flatters it)."""
+    if check.aggregate != "median":
+        return AGGREGATES[check.aggregate](values)
+    return statistics.median_low(values) if check.verified.op == "at_least" else statistics.median_high(values)
+
+
 def run_check(check: Check, rows: list[dict]) -> CheckResult:
     values = group_values(check, rows)
-    value = AGGREGATES[check.aggregate](list(values.values())) if values else None
+    value = aggregate(check, list(values.values())) if values else None
     return CheckResult(check.metric, check.rule(), check.aggregate, value,
                        None if value is None else check.grade(value), values, check.configuration)
 

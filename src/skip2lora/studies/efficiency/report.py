@@ -123,10 +123,13 @@ def render_report(payload: dict, md_path: Path) -> Path:
         out += [render_markdown(cell_table(payload["cells"], task, model), level=3), ""]
     if payload.get("tokenizers"):
         out += [render_markdown(tokenizer_table(payload["tokenizers"]), level=2), ""]
-    failed = [r for r in payload["runs"] if r["status"] != "finished"]
-    if failed:
+    failed = [r for r in payload["runs"] if r["status"] not in ("finished", "not run")]
+    waiting = sum(r["status"] == "not run" for r in payload["runs"])
+    if failed or waiting:
         out += ["## Runs that did not finish", ""]
-        out += [f"- {r['run']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "") for r in failed] + [""]
+        out += [f"- {r['run']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "") for r in failed]
+        out += [f"- {waiting} run{'s' if waiting != 1 else ''} not run yet: the same command runs them"] if waiting else []
+        out += [""]
     if figures:
         out += ["## Figures", ""]
         out += [f"![{path.stem}]({os.path.relpath(path, md_path.parent)})" for path in figures] + [""]

@@ -167,7 +167,8 @@ def efficiency_command(spec: Path, out_dir: Optional[Path] = None, configuration
         out_dir: Where the runs go (default: the study's out_dir).
         configurations: Run only these configurations (names from the study).
         claims: Check only these claims (names from the claims file).
-        only: Run only the runs whose name contains this text.
+        only: Run only the runs whose name contains this text (TASK.MODEL.nSIZE--CONFIGURATION--seedK; end a size
+            with '--', as in 'n1000--', or it also matches n10000).
         dry_run: Check every cell and list the runs with their state; train nothing, write nothing.
         verbose: Stream each run's output to the terminal instead of only its train.log.
         report: Markdown report path (default: the study's report, else OUT/report.md).
