@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
 
 import pytest
 
@@ -11,45 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from skip2lora.cli import quiet_libraries  # noqa: E402
-from skip2lora.config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig  # noqa: E402
-from skip2lora.outdir import RunDir, read_metrics_csv  # noqa: E402
+from skip2lora.config import FinetuneConfig  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 quiet_libraries()
-
-
-def tiny_config(out_dir: Path, method: str = "lora", model: str = "tiny", **changes) -> FinetuneConfig:
-    """A run that takes a second or two on the tiny model."""
-    cfg = FinetuneConfig(
-        model=model,
-        method=method,
-        out_dir=out_dir,
-        device="cpu",
-        data=DataConfig(name="instruct", prompt_style="plain", max_seq_length=48, num_train=64, num_val=16),
-        train=TrainConfig(global_batch_size=8, micro_batch_size=4, lr=5e-3, warmup_steps=1, max_steps=4),
-        eval=EvalConfig(interval=2, accuracy_samples=4, max_new_tokens=4),
-        lora=LoRAConfig(r=4, alpha=8, dropout=0.0),
-        skip2lora=Skip2LoRAConfig(block_indices=[0, 1, 2, 3], r=4, alpha=8, cache="memory"),
-    )
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            setattr(getattr(cfg, section), field, value)
-        else:
-            setattr(cfg, key, value)
-    # Re-run every check on the changed values, as a config read from YAML would be.
-    for section in (cfg.data, cfg.train, cfg.eval, cfg.lora, cfg.skip2lora, cfg):
-        section.__post_init__()
-    return cfg
-
-
-def train_and_eval_losses(out_dir: Path) -> tuple[list[float], list[float]]:
-    """The train_loss and val_loss columns of a run's metrics, over all its versions, in order."""
-    train, val = [], []
-    for csv_path in RunDir(out_dir).metrics_versions():
-        rows, _ = read_metrics_csv(csv_path)
-        train += [r["train_loss"] for r in rows if r.get("train_loss") is not None]
-        val += [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-    return train, val
 
 
 @pytest.fixture

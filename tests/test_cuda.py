@@ -8,7 +8,7 @@ import torch
 from skip2lora.methods import build_method
 from skip2lora.train.loop import run_finetune
 
-from conftest import train_and_eval_losses
+from support import train_and_eval_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

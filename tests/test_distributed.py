@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import train_and_eval_losses
+from support import train_and_eval_losses
 from distributed.shared import METHODS, batch_halves, build, recording_optimizer
 from skip2lora.cli import main
 from skip2lora.outdir import RunDir, read_metrics_csv

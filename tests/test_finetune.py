@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import train_and_eval_losses
+from support import train_and_eval_losses
 from skip2lora.methods import build_method
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune

@@ -233,7 +233,7 @@ def architectures(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2", "bert"])
 def test_zero_init_skip2lora_gives_the_model_own_logits(architectures, kind):
-    from conftest import tiny_config
+    from support import tiny_config
 
     cfg = tiny_config(architectures[kind].parent / f"run-{kind}", "skip2lora", str(architectures[kind]),
                       skip2lora__block_indices=[0, -1], skip2lora__cache="none")

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_config
+from support import tiny_config
 from skip2lora.data import collate, load_task_data, tokenize_examples
 from skip2lora.methods import build_method, head_loss
 

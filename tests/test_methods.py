@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import tiny_config, train_and_eval_losses
+from support import tiny_config, train_and_eval_losses
 from skip2lora.data import collate, load_task_data, tokenize_examples
 from skip2lora.inference import load_for_inference
 from skip2lora.methods import build_method

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config, train_and_eval_losses
+from support import tiny_config, train_and_eval_losses
 from skip2lora.train.loop import run_finetune
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_losses.json").read_text())

@@ -20,7 +20,7 @@ from skip2lora.methods.skip2lora.method import load_skip2lora
 from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune
 
-from conftest import train_and_eval_losses
+from support import train_and_eval_losses
 
 
 def build(make_config, model="tiny", **changes):
