@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import UserError
+from ..outdir import RunDir
 from ..paths import atomic_write_json, replace_marked_block
 from .runs import RunRecord, collect_runs
 from .stats import SPREAD_RULE, MeanStd, beyond_spread, mean_std, ratio, relative_diff_pct
@@ -399,6 +400,32 @@ def compare_runs(paths: Sequence[Path], out_dir: Optional[Path] = None, baseline
     return payload
 
 
+def recommendation_runs(paths: list[Path]) -> list[Path]:
+    """The run folders of `skip2lora rec student` among the paths (searched like fine-tuning runs); empty
+    when the paths hold fine-tuning runs instead."""
+    found = [p for p in paths if RunDir(p).run_json.is_file()] + [
+        p.parent for root in paths if not RunDir(root).run_json.is_file() for p in sorted(root.rglob("run.json"))]
+    rec = []
+    for folder in found:
+        try:
+            if RunDir(folder).read_run_json().get("kind") == "rec":
+                rec.append(folder)
+        except UserError:
+            continue  # a damaged run.json: the fine-tuning comparison reports it
+    return rec if rec and len(rec) == len(found) else []
+
+
+def compare_recommendation_runs(folders: list[Path], out_dir: Optional[Path]) -> int:
+    """Recommendation runs: HR / NDCG / Recall@K, mean ± std over seeds, through the rec report."""
+    from ..rec.report import write_report
+
+    out = Path(out_dir or Path(os.path.commonpath([str(f.parent) for f in folders]))) / "report.md"
+    command = " ".join(["skip2lora compare", *map(str, folders), *([f"--out_dir {out_dir}"] if out_dir else [])])
+    path = write_report(folders, out, None, command)
+    print(f"[skip2lora] compared {len(folders)} recommendation runs: wrote {path}")
+    return 0
+
+
 def compare_command(runs: list[Path], out_dir: Optional[Path] = None, baseline: Optional[str] = None,
                     title: Optional[str] = None, readme: Optional[Path] = None, readme_block: str = "demo") -> int:
     """Compare fine-tuning runs over seeds: tables, time-to-quality, plots and report.md.
@@ -416,6 +443,9 @@ def compare_command(runs: list[Path], out_dir: Optional[Path] = None, baseline: 
     if not runs:
         raise UserError("compare needs at least one run folder (or a folder that contains runs)")
     runs = [Path(p) for p in runs]
+    rec_runs = recommendation_runs(runs)
+    if rec_runs:
+        return compare_recommendation_runs(rec_runs, out_dir)
     payload = compare_runs(runs, out_dir, baseline=baseline, title=title)
     if readme is not None:
         from .compare_report import readme_block as render_readme_block
