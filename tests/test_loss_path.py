@@ -18,6 +18,7 @@ CASES = [("lora", "tiny"), ("lora", "tiny-gpt2"), ("qlora", "tiny"), ("full", "t
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(head_loss, "HEAD_CHUNK", 5)  # many chunks even on tiny batches
+    monkeypatch.setattr(head_loss, "KEEP_FLOATS", 0)  # and the recomputing backward, not plain autograd
 
 
 def batches(method, cfg, kind: str, every_position: bool) -> list[dict]:

@@ -177,9 +177,14 @@ def test_cache_budget_stops_caching_with_a_clear_warning():
     assert cache.stats()["cache_budget_reached"]
 
 
-def test_chunked_frozen_head_matches_plain_cross_entropy():
+@pytest.mark.parametrize("trains", [False, True], ids=["frozen-head", "trained-head"])
+def test_chunked_head_matches_plain_cross_entropy(monkeypatch, trains):
+    from skip2lora.methods import head_loss
+
+    monkeypatch.setattr(head_loss, "KEEP_FLOATS", 0)  # the recomputing backward, not plain autograd
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Linear(16, 50, bias=True)
+    head.requires_grad_(trains)
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     chunked = frozen_head_ce_sum(hidden, head, targets, chunk=8)
@@ -188,6 +193,11 @@ def test_chunked_frozen_head_matches_plain_cross_entropy():
     (grad_plain,) = torch.autograd.grad(plain, hidden)
     assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
     assert torch.allclose(grad_chunked, grad_plain, atol=1e-5)
+    if trains:  # full fine-tuning's head (or tied embeddings): its own gradient through the same recomputation
+        weight_chunked = torch.autograd.grad(frozen_head_ce_sum(hidden, head, targets, chunk=8), [head.weight, head.bias])
+        weight_plain = torch.autograd.grad(F.cross_entropy(head(hidden), targets, reduction="sum"), [head.weight, head.bias])
+        for ours, reference in zip(weight_chunked, weight_plain):
+            assert torch.allclose(ours, reference, atol=1e-5)
 
 
 def test_block_indices_are_validated():

@@ -24,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from .output_head import OutputHead
 
 HEAD_CHUNK = 512  # positions per head chunk: bounds the [positions, vocab] logits held at once
+# When all positions' logits fit in this many floats (64 MB), plain autograd keeps them and the backward skips
+# the recomputation: one matmul fewer, for the common case of a few hundred loss positions.
+KEEP_FLOATS = 16 * 2**20
 
 Head = Union[OutputHead, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -78,6 +81,9 @@ def head_ce_sum(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk: 
     if hidden.size(0) == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP) whole for a batch without loss positions
     linear = _is_plain_linear(head)
+    if linear is not None and hidden.size(0) * linear.weight.size(0) <= KEEP_FLOATS:
+        logits = F.linear(hidden.to(linear.weight.dtype), linear.weight, linear.bias).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
     if linear is not None:
         return _ChunkedLinearCE.apply(hidden, linear.weight, linear.bias, targets, chunk)
 

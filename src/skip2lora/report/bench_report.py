@@ -181,8 +181,10 @@ HEADLINE_HEADERS = ["configuration", "trainable", "parameter reduction", "step m
 
 def run_title(result: dict) -> str:
     env, shapes = result["environment"], result["shapes"]
+    share = f", {100 * shapes['loss_share']:.0f}% of positions carry loss" if shapes.get("loss_share") else ""
+    devices = f", {shapes['devices']} ranks (DDP)" if shapes.get("devices", 1) > 1 else ""
     return (f"{result['model']['name']} on {env['device']} ({env['device_name']}), "
-            f"batch {shapes['batch_size']} x {shapes['seq_len']} tokens, {result['created']}")
+            f"batch {shapes['batch_size']} x {shapes['seq_len']} tokens{share}{devices}, {result['created']}")
 
 
 def headline_table(results: list[dict]) -> Table:
@@ -212,7 +214,9 @@ def setup_line(result: dict) -> str:
     model, shapes = result["model"], result["shapes"]
     return (f"Model `{model['name']}` ({model['model_type']}, {model['num_layers']} layers, hidden "
             f"{model['hidden_size']}); batches of {shapes['batch_size']} x {shapes['seq_len']} tokens packed from "
-            f"the built-in `instruct` task (loss on responses only); {shapes['warmup']} warm-up and "
+            f"the built-in `instruct` task (loss on responses only"
+            + (f", raised to {100 * shapes['loss_share']:.0f}% of positions" if shapes.get("loss_share") else "")
+            + f"); {shapes['warmup']} warm-up and "
             f"{shapes['iters']} timed iterations per configuration, precision {shapes['precision']}, "
             f"each configuration in a fresh process.")
 
