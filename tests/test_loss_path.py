@@ -43,6 +43,15 @@ def gradients(method, micro_batches: list[dict]) -> tuple[float, dict]:
     return total, grads
 
 
+def assert_same_loss_and_gradients(fast, plain, data: list[dict]) -> None:
+    loss_fast, grads_fast = gradients(fast, data)
+    loss_plain, grads_plain = gradients(plain, data)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
+    assert set(grads_fast) == set(grads_plain)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def both_paths(tmp_path, method: str, model: str, **changes):
     cfg = tiny_config(tmp_path / "run", method, model, lora__dropout=0.0, **changes)
     task = load_task_data(cfg.data)
@@ -58,13 +67,7 @@ def both_paths(tmp_path, method: str, model: str, **changes):
 @pytest.mark.parametrize("every_position", [False, True], ids=["sparse-loss", "every-position"])
 def test_fast_path_equals_plain_path_for_causal_lm(tmp_path, method, model, every_position):
     cfg, kind, fast, plain = both_paths(tmp_path, method, model)
-    data = batches(fast, cfg, kind, every_position)
-    loss_fast, grads_fast = gradients(fast, data)
-    loss_plain, grads_plain = gradients(plain, data)
-    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
-    assert set(grads_fast) == set(grads_plain)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-5, atol=1e-7)
+    assert_same_loss_and_gradients(fast, plain, batches(fast, cfg, kind, every_position))
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -72,22 +75,14 @@ def test_fast_path_equals_plain_path_for_classification(tmp_path, method):
     cfg, kind, fast, plain = both_paths(tmp_path, method, "tiny", data__name="authorship", data__num_train=8,
                                         data__num_val=4)
     data = batches(fast, cfg, kind, False)
-    loss_fast, grads_fast = gradients(fast, data)
-    loss_plain, grads_plain = gradients(plain, data)
-    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-5, atol=1e-7)
+    assert_same_loss_and_gradients(fast, plain, data)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fast_path_with_gradient_checkpointing(tmp_path, method):
     cfg, kind, fast, plain = both_paths(tmp_path, method, "tiny", train__gradient_checkpointing=True)
     data = batches(fast, cfg, kind, False)
-    loss_fast, grads_fast = gradients(fast, data)
-    loss_plain, grads_plain = gradients(plain, data)
-    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-5, atol=1e-7)
+    assert_same_loss_and_gradients(fast, plain, data)
 
 
 def test_a_batch_without_loss_positions_gives_zero_loss_and_zero_gradients(tmp_path):
