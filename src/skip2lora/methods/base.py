@@ -195,18 +195,23 @@ class FinetuneMethod(nn.Module):
         return get_base() if callable(get_base) else self.model
 
     def _decoder(self) -> nn.Module:
-        from .skip2lora.trunk import find_decoder
+        # Found once: the fast path asks for it every step.
+        if "_found_decoder" not in self.__dict__:
+            from .skip2lora.trunk import find_decoder
 
-        return find_decoder(self.hf_model())
+            self.__dict__["_found_decoder"] = find_decoder(self.hf_model())
+        return self.__dict__["_found_decoder"]
 
     def _final_hidden(self, batch: dict) -> torch.Tensor:
         return self._decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
     def output_head(self):
-        """The model's own output computation from its final hidden state (output_head.OutputHead)."""
-        from .output_head import find_output_head
+        """The model's own output computation from its final hidden state (output_head.OutputHead), found once."""
+        if "_found_output_head" not in self.__dict__:
+            from .output_head import find_output_head
 
-        return find_output_head(self.hf_model(), self._decoder())
+            self.__dict__["_found_output_head"] = find_output_head(self.hf_model(), self._decoder())
+        return self.__dict__["_found_output_head"]
 
     def _fast_class_logits(self, batch: dict) -> torch.Tensor:
         hidden = self._final_hidden(batch)

@@ -90,28 +90,27 @@ def _timestamp(value: str, path: Path, line_number: int) -> float:
         raise UserError(f"{path}:{line_number}: timestamp '{value}' is not a number") from None
 
 
+def _dat_rows(path: Path, minimum: int, layout: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a MovieLens-1M `::` file; a short line is one UserError naming it."""
+    rows = []
+    for number, line in enumerate(_read_text(path), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("::")
+        if len(fields) < minimum:
+            raise UserError(f"{path}:{number}: {len(fields)} '::'-separated fields, expected "
+                            f"{layout.count('::') + 1} ({layout})")
+        rows.append((number, fields))
+    return rows
+
+
 def read_ml1m(folder: Path) -> tuple[list[Interaction], dict[str, str]]:
     """ratings.dat (UserID::MovieID::Rating::Timestamp) and movies.dat (MovieID::Title::Genres)."""
     ratings_path, movies_path = Path(folder) / "ratings.dat", Path(folder) / "movies.dat"
-    interactions = []
-    for number, line in enumerate(_read_text(ratings_path), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("::")
-        if len(fields) < 4:
-            raise UserError(f"{ratings_path}:{number}: {len(fields)} '::'-separated fields, expected 4 "
-                            "(UserID::MovieID::Rating::Timestamp)")
-        stamp = _timestamp(fields[3], ratings_path, number)
-        interactions.append(Interaction(fields[0].strip(), fields[1].strip(), stamp))
-    titles = {}
-    for number, line in enumerate(_read_text(movies_path), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("::")
-        if len(fields) < 2:
-            raise UserError(f"{movies_path}:{number}: {len(fields)} '::'-separated fields, expected 3 "
-                            "(MovieID::Title::Genres)")
-        titles[fields[0].strip()] = fields[1].strip()
+    interactions = [Interaction(fields[0].strip(), fields[1].strip(), _timestamp(fields[3], ratings_path, number))
+                    for number, fields in _dat_rows(ratings_path, 4, "UserID::MovieID::Rating::Timestamp")]
+    titles = {fields[0].strip(): fields[1].strip()
+              for _, fields in _dat_rows(movies_path, 2, "MovieID::Title::Genres")}
     return interactions, titles
 
 
