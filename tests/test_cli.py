@@ -45,6 +45,7 @@ def test_finetune_from_yaml_with_overrides(tmp_path, capsys):
     assert run["config"]["skip2lora"]["block_indices"] == [1, 3]
     assert run["config"]["train"]["lr"] == 0.01
     assert run["config"]["train"]["max_steps"] == 2
+    assert run["loss_path"] == "fast"  # Skip2-LoRA's head runs only where the loss is
     assert "done:" in stdout
 
 

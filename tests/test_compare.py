@@ -33,7 +33,7 @@ def csv_text(evals, train_loss_offset: float = 0.1) -> str:
 
 def write_run(root: Path, name: str, evals, *, method: str = "lora", seed: int = 0, model: str = "tiny-a",
               dataset: str = "sst2", memory_mb: float = 1000.0, versions: list[str] | None = None,
-              experiment: dict | None = None, trainable: int = 1000) -> Path:
+              experiment: dict | None = None, trainable: int = 1000, loss_path: str | None = None) -> Path:
     """A finished run folder as `skip2lora finetune` writes it (run.json + CSV versions)."""
     run_dir = root / name
     for index, text in enumerate(versions or [csv_text(evals)]):
@@ -56,6 +56,8 @@ def write_run(root: Path, name: str, evals, *, method: str = "lora", seed: int =
                        "trainable_ratio": trainable / (100_000 + trainable)},
         "metrics_csv": str(run_dir / "logs/csv/version_0/metrics.csv"), "summary": summary,
     }
+    if loss_path is not None:
+        run["loss_path"] = loss_path
     (run_dir / "run.json").write_text(json.dumps(run))
     if experiment is not None:
         (run_dir / "experiment.json").write_text(json.dumps(experiment))
@@ -161,6 +163,18 @@ def test_report_plots_and_json_are_written_with_the_csv_numbers(tmp_path):
                  "(1.2000 ± 0.0000 vs 1.3000 ± 0.0000: +8.3%, beyond spread)",
                  "|mean_a - mean_b| > std_a + std_b"]:
         assert text in report, text
+
+
+def test_the_head_path_of_each_variant_is_read_from_run_json_or_its_era(tmp_path):
+    root = tmp_path / "exp"
+    write_run(root, "lora-old", LORA_EVALS[0])  # before run.json recorded it: LoRA computed full logits
+    write_run(root, "skip", SKIP_EVALS[0], method="skip2lora")  # Skip2-LoRA's head always ran at loss positions
+    write_run(root, "full-new", LORA_EVALS[1], method="full", loss_path="fast", seed=1)
+    payload = compare_runs([root], quiet=True)
+    paths = {v["method"]: v["loss_path"] for v in payload["sets"][0]["variants"]}
+    assert paths == {"lora": "full", "skip2lora": "fast", "full": "fast"}
+    report = Path(payload["files"]["report"]).read_text()
+    assert "| variant | method | head path |" in report and "| lora | full |" in report
 
 
 def test_folder_without_runs_is_a_user_error(tmp_path):

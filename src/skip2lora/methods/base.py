@@ -257,6 +257,10 @@ class FinetuneMethod(nn.Module):
         self.loss_path = "fast"
         return True
 
+    def head_path(self) -> str:
+        """Where the output head runs in training: 'fast' (loss positions only, chunked) or 'full' (every position)."""
+        return self.loss_path
+
     def _keep_full_path(self, reason: str) -> bool:
         warn(f"{type(self.hf_model()).__name__}: {reason}; training uses the full-logits path (train.loss_path full)")
         self.loss_path = "full"

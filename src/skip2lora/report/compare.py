@@ -278,7 +278,7 @@ def analyze_variant(name: str, runs: Sequence[RunRecord], target: dict, equal_ti
     at_equal = {metric: mean_std(None if equal_time_s is None else value_at_time(run.eval_rows, metric, equal_time_s)
                                  for run in runs).to_dict() for metric in ("val_loss", "val_acc")}
     return {
-        "name": name, "method": runs[0].method, "seeds": [run.seed for run in runs],
+        "name": name, "method": runs[0].method, "loss_path": runs[0].loss_path, "seeds": [run.seed for run in runs],
         "stats": {key: mean_std(extract(run) for run in runs) for key, extract in RUN_METRICS.items()},
         "time_breakdown_s": time_breakdown(runs),
         "ttt": mean_std(ttt_values), "ttt_values": ttt_values,

@@ -76,11 +76,14 @@ def stat_and_delta(variant: dict, key: str) -> list[str]:
 
 
 def parameter_table(cset: dict) -> Table:
-    rows = [[variant_label(v), v["method"], str(len(v["runs"])),
+    rows = [[variant_label(v), v["method"], v.get("loss_path", "full"), str(len(v["runs"])),
              fmt_stat(v["metrics"]["trainable_params"], "trainable_params"),
              fmt_ratio(v["metrics"]["trainable_ratio"]["mean"])] for v in cset["variants"]]
-    return Table("Parameter efficiency", ["variant", "method", "runs", "trainable params", "% of the model"], rows,
-                 note="% of the model = trainable / all parameters of the fine-tuned model", text_columns=2)
+    return Table("Parameter efficiency", ["variant", "method", "head path", "runs", "trainable params",
+                                          "% of the model"], rows,
+                 note="% of the model = trainable / all parameters of the fine-tuned model; head path: 'fast' = the "
+                      "output head and loss only at the positions that carry loss, 'full' = logits at every position "
+                      "(as PEFT users run it)", text_columns=3)
 
 
 def speed_table(cset: dict) -> Table:

@@ -41,6 +41,8 @@ class RunRecord:
     experiment: Optional[str] = None
     baseline: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
+    loss_path: str = "full"
+    """Where the output head ran in training: 'fast' (loss positions only) or 'full' (every position)."""
 
     @property
     def has_accuracy(self) -> bool:
@@ -112,6 +114,15 @@ def variant_name(method: str, config: dict, summary: dict) -> str:
     return method
 
 
+def run_loss_path(run: dict, method: str) -> str:
+    """The head path a run trained with. Runs from before run.json recorded it: Skip2-LoRA's head always ran at
+    the loss positions only; every other method computed full logits (the fast path did not exist yet)."""
+    recorded = run.get("loss_path")
+    if recorded:
+        return str(recorded)
+    return "fast" if method == "skip2lora" else "full"
+
+
 def dataset_name(config: dict) -> str:
     data = config.get("data") or {}
     name = str(data.get("name") or "unknown")
@@ -167,7 +178,7 @@ def load_run(path: Path) -> RunRecord:
         dataset=dataset, method=method, summary=summary, parameters=run.get("parameters") or {},
         environment=run.get("environment") or {}, model_info=model_info, eval_rows=eval_rows,
         train_rows=train_rows, experiment=labels.get("experiment"), baseline=labels.get("baseline"),
-        warnings=warnings,
+        warnings=warnings, loss_path=run_loss_path(run, method),
     )
 
 

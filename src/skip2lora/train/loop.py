@@ -404,6 +404,7 @@ def run_record(run: Run, steps: int) -> dict:
         "method": method.name,
         "config": to_plain_dict(run.cfg),
         "precision": run.precision,
+        "loss_path": method.head_path(),
         "environment": run.environment,
         "model": model_info_dict(run.info),
         "parameters": method.parameter_counts().as_dict(),

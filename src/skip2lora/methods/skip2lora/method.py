@@ -367,6 +367,9 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.adapter_config().write(directory)
         self.tokenizer.save_pretrained(str(directory))
 
+    def head_path(self) -> str:
+        return "fast"  # the frozen head always runs only at the loss positions, chunked (head_loss)
+
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
                   "forward_parts_s": self.forward_parts_s(), "shared_prefix_tokens": self.shared_prefix_tokens,
