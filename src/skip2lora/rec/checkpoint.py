@@ -13,9 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from ..outdir import RunDir, read_json_file
 from .config import RecDataConfig, RecEvalConfig, SASRecConfig, config_to_dict
+from .distill_embedding import EmbeddingDistillation, attach_embedding_distillation, embedding_distillation_of
 from .sasrec import SASRec
 
 REC_JSON, ITEMS_JSON, WEIGHTS = "rec.json", "items.json", "model.safetensors"
@@ -37,6 +40,9 @@ def save_checkpoint(run_dir: RunDir, model: SASRec, dataset, cfg, epoch: int, va
     info = {"kind": "rec", "method": "sasrec", "epoch": epoch, "validation": validation, "n_items": model.n_items,
             "max_seq_len": model.max_seq_len, "model": config_to_dict(model.cfg), "data": config_to_dict(cfg.data),
             "eval": config_to_dict(cfg.eval), "seed": cfg.seed}
+    distilled = embedding_distillation_of(model)
+    if distilled is not None:  # its projection and LLM table are in the state dict; this rebuilds the module
+        info["embedding_distillation"] = distilled.describe()
 
     def fill(folder: Path) -> None:
         save_file(state, str(folder / WEIGHTS))
@@ -60,7 +66,34 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
     if not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder} has no {WEIGHTS}: the checkpoint is incomplete")
     model = SASRec(int(info["n_items"]), int(info["max_seq_len"]), SASRecConfig(**info["model"]))
+    if info.get("embedding_distillation"):
+        ed = info["embedding_distillation"]
+        table = torch.zeros(model.n_items + 1, int(ed["llm_dim"]))  # filled by load_state_dict
+        attach_embedding_distillation(model, EmbeddingDistillation(table, model.cfg.hidden, float(ed["ed_weight"])))
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     model.eval()
     item_ids = read_json_file(folder / ITEMS_JSON, ITEMS_JSON)["item_ids"]
     return LoadedCheckpoint(model, info, RecDataConfig(**info["data"]), RecEvalConfig(**info["eval"]), item_ids)
+
+
+def check_checkpoint_items(loaded: LoadedCheckpoint, dataset, where: Path) -> None:
+    """The checkpoint must score the dataset's items: the same count, then the same raw ids."""
+    if loaded.model.n_items != dataset.n_items:
+        raise UserError(f"checkpoint {where} scores {loaded.model.n_items} items, the {dataset.name} data has "
+                        f"{dataset.n_items}: use a checkpoint trained on this data")
+    if dataset.item_ids != loaded.item_ids:
+        raise UserError(f"the {dataset.name} data now has other items than checkpoint {where} was trained on: point "
+                        "--data_path at the files the checkpoint was trained on")
+
+
+def checkpoint_dataset(folder: Path):
+    """The dataset a checkpoint was trained on (from its rec.json), refused unless its items are the checkpoint's
+    items in the same order: a model or teacher over another catalogue would score the wrong items."""
+    from .data import load_dataset
+
+    loaded = load_checkpoint(folder)
+    dataset = load_dataset(loaded.data)
+    if dataset.item_ids != loaded.item_ids:
+        raise UserError(f"{folder} was trained on {len(loaded.item_ids)} items, its dataset {dataset.name} now has "
+                        f"{dataset.n_items} (or other ids): retrain the student on this data")
+    return dataset

@@ -1,4 +1,4 @@
-"""`skip2lora rec COMMAND`: student, evaluate, baselines, stats, report.
+"""`skip2lora rec COMMAND`: student, distill, evaluate, baselines, stats, report.
 
 Every bad input raises UserError (one line); the main command table prints it and exits 2.
 Until `rec` is wired there, `python -m skip2lora.rec.cli COMMAND ...` does the same.
@@ -21,6 +21,7 @@ USAGE = """usage: skip2lora rec COMMAND [CONFIG.yaml] [--options]
 
 commands:
   student    train the SASRec student (leave-one-out, full ranking, selection on validation NDCG@K)
+  distill    the same student distilled from saved teacher outputs (DLLM2Rec): --distill.teacher_outputs DIR
   evaluate   full-ranking metrics of a trained student: --checkpoint OUT/best
   baselines  random and most-popular rankers through the same evaluation: --out FILE.json
   stats      print (and save with --out) the split statistics of a dataset
@@ -82,15 +83,18 @@ def student_parser():
     return parser
 
 
-def student_config(values: dict):
-    from .config import RecDataConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
+def student_config(values: dict, config_class=None):
+    """Parsed values -> RecStudentConfig (or `config_class`, e.g. RecDistilledStudentConfig), sections built."""
+    from .config import RecDataConfig, RecDistillConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
 
     values = dict(values)
     values.pop("config", None)
-    sections = {"data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig, "eval": RecEvalConfig}
+    sections = {"data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig, "eval": RecEvalConfig,
+                "distill": RecDistillConfig}
     for key, cls in sections.items():
-        values[key] = cls(**values[key])
-    return RecStudentConfig(**values)
+        if key in values:
+            values[key] = cls(**values[key])
+    return (config_class or RecStudentConfig)(**values)
 
 
 def cmd_student(argv: list[str]) -> int:
@@ -100,11 +104,32 @@ def cmd_student(argv: list[str]) -> int:
     return 0
 
 
+def distill_parser():
+    from jsonargparse import ActionConfigFile
+
+    from .config import RecDistilledStudentConfig
+
+    parser = _parser("skip2lora rec distill", "Train the SASRec student with DLLM2Rec-style distillation from "
+                     "saved teacher outputs (ranking and/or embedding distillation), selected on validation.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    parser.add_class_arguments(RecDistilledStudentConfig, nested_key=None)
+    return parser
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from .config import RecDistilledStudentConfig
+    from .train import run_student
+
+    values = parse(distill_parser(), argv, config_positional=True).as_dict()
+    run_student(student_config(values, RecDistilledStudentConfig))
+    return 0
+
+
 def cmd_evaluate(argv: list[str]) -> int:
     import torch
 
     from ..env import resolve_device, synchronize
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_checkpoint_items, load_checkpoint
     from .data import load_dataset
     from .metrics import evaluate_ranking
     from .train import check_cutoffs, set_threads
@@ -127,9 +152,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         loaded.data.path = Path(args.data_path)
     eval_cfg = loaded.eval if args.mask_history is None else replace(loaded.eval, mask_history=args.mask_history)
     dataset = load_dataset(loaded.data)
-    if dataset.item_ids != loaded.item_ids:
-        raise UserError(f"the {loaded.data.name} data now has other items than at training time: point "
-                        "--data_path at the files the checkpoint was trained on")
+    check_checkpoint_items(loaded, dataset, args.checkpoint)
     check_cutoffs(eval_cfg.ks, dataset.n_items)
     split = dataset.split(args.split)
     model = loaded.model.to(device)
@@ -220,8 +243,8 @@ def command_line(command: str, argv: list[str]) -> str:
     return shlex.join(["skip2lora", "rec", command, *argv])
 
 
-COMMANDS = {"student": cmd_student, "evaluate": cmd_evaluate, "baselines": cmd_baselines, "stats": cmd_stats,
-            "report": cmd_report}
+COMMANDS = {"student": cmd_student, "distill": cmd_distill, "evaluate": cmd_evaluate, "baselines": cmd_baselines,
+            "stats": cmd_stats, "report": cmd_report}
 
 
 def main_rec(argv: list[str]) -> int:

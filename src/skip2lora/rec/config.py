@@ -168,3 +168,89 @@ def config_to_dict(cfg: object) -> dict:
         return value
 
     return plain(asdict(cfg))
+
+
+@dataclass
+class RecOutputsConfig:
+    """How the teacher's outputs for every training sample are written (rec/outputs.py)."""
+
+    k: int = 10
+    """Top-k candidates kept per sample (DLLM2Rec: 10); must not exceed the catalogue."""
+    inference_batch_size: int = 64
+    """Samples the teacher scores at once."""
+    shard_size: int = 4096
+    """Samples per safetensors shard: the unit kept when an interrupted write resumes."""
+    full_scores: bool = False
+    """Also keep every item's score (float16, clamped to its range): samples x items x 2 bytes."""
+    use_cache: bool = True
+    """The teacher's KV cache during generation (recorded with the outputs; the teacher applies it)."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "inference_batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--outputs.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RecDistillConfig:
+    """DLLM2Rec-style distillation of teacher outputs into the student (defaults from its official main.py)."""
+
+    teacher_outputs: Optional[Path] = None
+    """Folder written by the teacher-output writer (index.json + shards); required."""
+    rd: bool = True
+    """Ranking distillation over the teacher's top-k."""
+    ed: bool = True
+    """Embedding distillation: ed_weight x Linear(LLM item embedding) added to the student's input item embeddings."""
+    lam: float = 0.8
+    """Weight of the ranking-distillation loss (DLLM2Rec --lam)."""
+    ed_weight: float = 0.2
+    """Scale of the projected LLM item embedding (DLLM2Rec --ed_weight)."""
+    k: int = 10
+    """Teacher candidates distilled per sample (at most the k the outputs hold)."""
+    gamma_position: float = 0.3
+    """Mix weight of the position weights e^(-rank / position_lambda)."""
+    gamma_confidence: float = 0.5
+    """Mix weight of the confidence weights exp(-distance / temperature)."""
+    gamma_consistency: float = 0.1
+    """Mix weight of the consistency weights (1 where the student's current top-k holds the candidate)."""
+    position_lambda: float = 1.0
+    """Decay of the position weights (DLLM2Rec: 1)."""
+    temperature: float = 1.0
+    """Temperature of the confidence weights (distance = top-1 teacher score minus the candidate's)."""
+    shuffle_between_users: bool = False
+    """Control: every sample gets another user's teacher ranking (a seeded permutation of rows)."""
+
+    def __post_init__(self) -> None:
+        if self.teacher_outputs is not None:
+            self.teacher_outputs = Path(self.teacher_outputs)
+        if not (self.rd or self.ed):
+            raise UserError("--distill.rd and --distill.ed are both false: enable one, or train with `rec student`")
+        if self.k < 1:
+            raise UserError(f"--distill.k must be >= 1, got {self.k}")
+        if self.shuffle_between_users and not self.rd:
+            raise UserError("--distill.shuffle_between_users shuffles the teacher's rankings: it needs "
+                            "--distill.rd true")
+        for name in ("lam", "ed_weight", "gamma_position", "gamma_confidence", "gamma_consistency"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--distill.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gamma_position + self.gamma_confidence + self.gamma_consistency <= 0:
+            raise UserError("--distill.gamma_position, gamma_confidence and gamma_consistency are all 0: "
+                            "give one a positive weight")
+        for name in ("position_lambda", "temperature"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--distill.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RecDistilledStudentConfig(RecStudentConfig):
+    """The SASRec student trained with DLLM2Rec-style distillation from saved teacher outputs."""
+
+    out_dir: Path = Path("out/rec/distilled")
+    """Run folder (run.json, best/, logs/)."""
+    distill: RecDistillConfig = field(default_factory=RecDistillConfig)
+    """Which teacher outputs, which losses and their weights."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distill.teacher_outputs is None:
+            raise UserError("distillation needs --distill.teacher_outputs DIR (a folder of teacher outputs)")

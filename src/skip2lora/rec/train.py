@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,8 +20,9 @@ from ..errors import UserError
 from ..outdir import RunClaim, RunDir
 from .baselines import protocol
 from .checkpoint import save_checkpoint
-from .config import RecStudentConfig, config_to_dict
+from .config import RecDistilledStudentConfig, RecStudentConfig, config_to_dict
 from .data import EvalSplit, RecDataset, TrainWindows, format_stats, load_dataset
+from .distill_train import setup_distillation
 from .metrics import evaluate_ranking
 from .sasrec import SASRec
 
@@ -32,7 +34,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                window_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # window_index (which training windows these are) is for step modules that look rows up (distillation).
         return self.model.loss(inputs, targets)
 
 
@@ -99,7 +103,8 @@ def train_epoch(fabric, step_module, optimizer, windows: TrainWindows, batch_siz
     steps = 0
     for start in range(0, len(windows), batch_size):
         index = order[start:start + batch_size]
-        loss = step_module(windows.inputs[index].to(fabric.device), windows.targets[index].to(fabric.device))
+        loss = step_module(windows.inputs[index].to(fabric.device), windows.targets[index].to(fabric.device),
+                           index.to(fabric.device))
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,11 +119,12 @@ def metric_columns(k: int) -> list[str]:
 
 
 def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: EvalSplit, cfg: RecStudentConfig,
-        claim: RunClaim, device: torch.device) -> dict:
-    """Epochs until `train.epochs`, patience or the time limit; best/ holds the best-validation weights."""
+        claim: RunClaim, device: torch.device, loss_module: Optional[nn.Module] = None) -> dict:
+    """Epochs until `train.epochs`, patience or the time limit; best/ holds the best-validation weights.
+    `loss_module` (default LossModule(model)) computes a step's loss from (inputs, targets, window_index)."""
     run_dir = claim.run_dir
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    step_module, optimizer = fabric.setup(LossModule(model), optimizer)
+    step_module, optimizer = fabric.setup(loss_module or LossModule(model), optimizer)
     logger = claim.start_logger(columns=metric_columns(cfg.eval.k), tensorboard=cfg.tensorboard, step_key="epoch")
     generator = torch.Generator().manual_seed(cfg.seed)
     key = f"ndcg@{cfg.eval.k}"
@@ -212,8 +218,11 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
     fabric = Fabric(accelerator=device.type, devices=1, precision=cfg.precision)
     fabric.seed_everything(cfg.seed, verbose=False)
     model = SASRec(dataset.n_items, cfg.data.max_seq_len, cfg.model)
+    loss_module, distillation = None, None
+    if isinstance(cfg, RecDistilledStudentConfig):  # teacher outputs read and aligned here, timed on their own
+        loss_module, distillation = setup_distillation(cfg, model, dataset, windows)
     reset_peak_memory(device)
-    fitted = fit(fabric, model, dataset, windows, val, cfg, claim, device)
+    fitted = fit(fabric, model, dataset, windows, val, cfg, claim, device, loss_module)
     fit_memory = memory_facts(device)
 
     reset_peak_memory(device)
@@ -232,7 +241,11 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
         "parameters": sum(p.numel() for p in model.parameters()), "train_windows": len(windows),
         "train_targets": int((windows.targets > 0).sum()),
     }
-    payload = {"status": "completed", "kind": "rec", "method": "sasrec", "seed": cfg.seed,
+    if distillation is not None:
+        summary["distillation"] = distillation
+        timing["teacher_outputs_load_s"] = distillation["load_s"]
+    method = distillation["variant"] if distillation is not None else "sasrec"
+    payload = {"status": "completed", "kind": "rec", "method": method, "seed": cfg.seed,
                "config": config_to_dict(cfg), "environment": {**environment_info(device), "threads": threads,
                                                                "precision": cfg.precision},
                "split": dataset.stats, "timing": timing, "summary": summary}
