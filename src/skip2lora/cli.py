@@ -36,6 +36,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "finetune": Command("skip2lora.cli:finetune_main",
                         "fine-tune a model (lora | qlora | full | skip2lora) from a YAML config and flags", raw=True),
+    "blocks": Command("skip2lora.cli:blocks_main",
+                      "which blocks Skip2-LoRA should tap: probe every block on cached features, choose a few",
+                      raw=True),
     "generate": Command("skip2lora.inference:generate_command",
                         "generate text with a fine-tuned checkpoint (base + adapters, KV cache)"),
     "predict": Command("skip2lora.inference:predict_command", "classify texts with a fine-tuned classifier"),
@@ -73,13 +76,31 @@ def usage() -> str:
 
 
 # -- argument handling ------------------------------------------------------------------------------
-def expand_aliases(argv: list[str]) -> list[str]:
+def expand_aliases(argv: list[str], aliases: Optional[dict[str, str]] = None) -> list[str]:
     """The seed documents' short flags (--max_steps, --skip2lora_block_indices, ...) for their nested names."""
+    aliases = FLAG_ALIASES if aliases is None else aliases
     out = []
     for token in argv:
         flag, sep, value = token.partition("=")
-        out.append(FLAG_ALIASES[flag] + sep + value if flag in FLAG_ALIASES else token)
+        out.append(aliases[flag] + sep + value if flag in aliases else token)
     return out
+
+
+def pop_option(argv: list[str], flag: str) -> tuple[Optional[str], list[str]]:
+    """Take `--flag VALUE` or `--flag=VALUE` out of argv: (the value or None, the rest)."""
+    rest, value, position = [], None, 0
+    while position < len(argv):
+        name, sep, inline = argv[position].partition("=")
+        if name != flag:
+            rest.append(argv[position])
+        elif sep:
+            value = inline
+        elif position + 1 < len(argv):
+            value, position = argv[position + 1], position + 1
+        else:
+            raise UserError(f"{flag} needs a value")
+        position += 1
+    return value, rest
 
 
 def config_file_first(argv: list[str]) -> list[str]:
@@ -199,6 +220,49 @@ def finetune_main(argv: list[str]) -> int:
 
     namespace = parse(finetune_parser(), config_file_first(expand_aliases(argv)))
     run_finetune(build_finetune_config(namespace.as_dict()))
+    return 0
+
+
+# `skip2lora blocks` reads a finetune config; its own options are short names for the selection settings.
+BLOCKS_ALIASES = {
+    "--max_blocks": "--skip2lora.select_max_blocks",
+    "--probe_samples": "--skip2lora.select_probe_samples",
+    "--probe_steps": "--skip2lora.select_probe_steps",
+    "--min_gain": "--skip2lora.select_min_gain",
+}
+BLOCKS_USAGE = """usage: skip2lora blocks CONFIG.yaml [--out_dir DIR] [--max_blocks K] [--probe_samples N] [--probe_steps S]
+                       [--min_gain G] [any `skip2lora finetune` option]
+
+Survey every block's features on a sample of the training data (through the Skip-Cache: with
+--skip2lora.cache disk a later fine-tuning reuses them), probe each block (classification: a ridge
+classifier's cross-validated accuracy; generation: the validation loss of a rank-r skip adapter trained
+on cached features), choose up to K blocks greedily, and write blocks.json, blocks.md, blocks.png and
+block_indices.yaml. `skip2lora finetune --skip2lora.block_indices auto` runs the same search first.
+
+options:
+  --out_dir DIR        where the table, plot and snippet go (default out/blocks)
+  --max_blocks K       choose at most K blocks (skip2lora.select_max_blocks, default 4)
+  --probe_samples N    training samples surveyed and probed (skip2lora.select_probe_samples, default 256)
+  --probe_steps S      generation: optimizer steps per probe adapter (skip2lora.select_probe_steps, default 200)
+  --min_gain G         add a block only if the probe gains more than G (skip2lora.select_min_gain, default 0.01)
+  every other option is a finetune setting: model, data.*, skip2lora.* (see `skip2lora finetune --help`)"""
+
+
+def blocks_main(argv: list[str]) -> int:
+    """`skip2lora blocks`: a finetune config plus the selection's own options."""
+    from pathlib import Path
+
+    from .blocks.command import DEFAULT_OUT_DIR, run_block_search
+
+    if any(token in ("-h", "--help") for token in argv):
+        print(BLOCKS_USAGE)
+        return 0
+    out_dir, rest = pop_option(argv, "--out_dir")
+    namespace = parse(finetune_parser(), config_file_first(expand_aliases(rest, {**FLAG_ALIASES, **BLOCKS_ALIASES})))
+    values = namespace.as_dict()
+    values["method"] = "skip2lora"  # any finetune config names model and data; the survey is Skip2-LoRA's
+    values["skip2lora"] = {**(values.get("skip2lora") or {}), "block_indices": "auto"}
+    run_block_search(build_finetune_config(values), Path(out_dir) if out_dir else DEFAULT_OUT_DIR)
     return 0
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from .errors import UserError
 
 DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays",
-                 "japanese")
+                 "japanese", "rec-teacher")
 
 
 def _at_least(section: str, name: str, value: Optional[float], minimum: float, unset_ok: bool = False) -> None:
@@ -42,7 +42,8 @@ class DataConfig:
     """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
     modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
     (--data.path file or folder), japanese (generated Japanese technical text, language modelling; size from
-    num_train / num_val)."""
+    num_train / num_val), rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best
+    folder of a `rec student` run, whose dataset and item titles it reads)."""
     path: Optional[Path] = None
     """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256
@@ -59,6 +60,11 @@ class DataConfig:
     """Words per block when a plain-text corpus is cut into samples."""
     seed: int = 42
     """Seed of the train/validation split and of generated data."""
+    candidates: int = 20
+    """rec-teacher: items offered in each prompt, the target and candidates - 1 random negatives (fixed per sample
+    and seed)."""
+    history_items: int = 10
+    """rec-teacher: most recent history items a prompt shows; the oldest are dropped first to fit max_seq_length."""
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
@@ -71,6 +77,8 @@ class DataConfig:
         _at_least("data", "num_train", self.num_train, 1, unset_ok=True)
         _at_least("data", "num_val", self.num_val, 0, unset_ok=True)
         _at_least("data", "block_size", self.block_size, 1)
+        _at_least("data", "candidates", self.candidates, 2)
+        _at_least("data", "history_items", self.history_items, 0)
 
 
 @dataclass
@@ -193,8 +201,10 @@ class LoRAConfig:
 class Skip2LoRAConfig:
     """Skip2-LoRA adapters from intermediate blocks straight to the last layer, and the Skip-Cache."""
 
-    block_indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    """Blocks whose outputs feed an adapter (negative counts from the end)."""
+    block_indices: Union[list[int], Literal["auto"]] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    """Blocks whose outputs feed an adapter (negative counts from the end), or auto: chosen from the training
+    data before training by the probes of `skip2lora blocks` (the select_* settings; its time counts as
+    training time, and run.json and adapter_config.json record the blocks chosen)."""
     r: int = 16
     """Adapter rank."""
     alpha: int = 32
@@ -224,12 +234,29 @@ class Skip2LoRAConfig:
     """In that pass, run a prompt prefix every sample shares once and reuse its keys and values."""
     quantize_trunk: bool = False
     """Load the frozen trunk in 4-bit NF4 (bitsandbytes)."""
+    select_max_blocks: int = 4
+    """Block selection (auto, `skip2lora blocks`): choose at most this many blocks."""
+    select_probe_samples: int = 256
+    """Block selection: training samples whose features every block's probe is judged on."""
+    select_probe_steps: int = 200
+    """Block selection, generation: optimizer steps of each probe adapter on cached features."""
+    select_min_gain: float = 0.01
+    """Block selection: a further block is added only if it raises the probe score by more than this
+    (classification: cross-validated accuracy; generation: validation loss in nats)."""
 
     def __post_init__(self) -> None:
-        if not self.block_indices:
-            raise UserError("skip2lora.block_indices is empty: list at least one block")
-        if len(set(self.block_indices)) != len(self.block_indices):
+        if isinstance(self.block_indices, str):
+            if self.block_indices != "auto":
+                raise UserError(f"skip2lora.block_indices must be a list of block numbers or auto (got "
+                                f"{self.block_indices!r})")
+        elif not self.block_indices:
+            raise UserError("skip2lora.block_indices is empty: list at least one block, or use auto")
+        elif len(set(self.block_indices)) != len(self.block_indices):
             raise UserError(f"skip2lora.block_indices {list(self.block_indices)} contain duplicates: list each once")
+        _at_least("skip2lora", "select_max_blocks", self.select_max_blocks, 1)
+        _at_least("skip2lora", "select_probe_samples", self.select_probe_samples, 10)
+        _at_least("skip2lora", "select_probe_steps", self.select_probe_steps, 1)
+        _at_least("skip2lora", "select_min_gain", self.select_min_gain, 0)
         _at_least("skip2lora", "r", self.r, 1)
         _positive("skip2lora", "alpha", self.alpha, unset_ok=False)
         if not 0.0 <= self.dropout < 1.0:
@@ -241,13 +268,48 @@ class Skip2LoRAConfig:
 
 
 @dataclass
+class ILoRAConfig:
+    """The iLoRA recommendation teacher: a mixture of LoRA experts mixed per sample by a gate that reads a frozen
+    SASRec's user representation (one gate for all layers)."""
+
+    experts: int = 4
+    """LoRA experts; they split the rank r evenly (iLoRA: 4 experts of rank 2)."""
+    r: int = 8
+    """Total rank of the mixture (each expert has rank r / experts)."""
+    alpha: float = 32
+    """Scale numerator: each expert's update is multiplied by alpha / r and its gate weight."""
+    dropout: float = 0.1
+    """Dropout on the experts' input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt; unset: the attention's query, key, value and output projections."""
+    sasrec_checkpoint: Optional[Path] = None
+    """OUT/best of the `rec student` run whose frozen SASRec drives the gate (unset: data.path)."""
+    quantize_base: bool = False
+    """Load the base model in 4-bit NF4 (QLoRA; needs bitsandbytes)."""
+
+    def __post_init__(self) -> None:
+        _at_least("ilora", "experts", self.experts, 1)
+        _at_least("ilora", "r", self.r, 1)
+        if self.r % self.experts:
+            raise UserError(f"ilora.r ({self.r}) must be a multiple of ilora.experts ({self.experts}): each expert "
+                            "gets rank r / experts")
+        _positive("ilora", "alpha", self.alpha, unset_ok=False)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"ilora.dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise UserError("ilora.target_modules is empty: list module names, or leave it unset for q, k, v, o")
+        if self.sasrec_checkpoint is not None:
+            self.sasrec_checkpoint = Path(self.sasrec_checkpoint)
+
+
+@dataclass
 class FinetuneConfig:
     """Everything one fine-tuning run needs."""
 
     model: str = "smollm2-135m"
     """A built-in name (smollm2-135m, gemma3-270m, tiny, tiny-gpt2, random-llama-1b), a local Hugging Face
     directory or a .gguf file."""
-    method: Literal["lora", "qlora", "full", "skip2lora"] = "lora"
+    method: Literal["lora", "qlora", "full", "skip2lora", "ilora"] = "lora"
     """Fine-tuning method."""
     out_dir: Path = Path("out/finetune")
     """Run folder: run.json, final/, best/, checkpoints/, logs/."""
@@ -272,6 +334,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     skip2lora: Skip2LoRAConfig = field(default_factory=Skip2LoRAConfig)
+    ilora: ILoRAConfig = field(default_factory=ILoRAConfig)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -283,6 +346,9 @@ class FinetuneConfig:
             self.device = "cuda"
         _at_least("", "devices", self.devices, 1)
         _at_least("", "num_nodes", self.num_nodes, 1)
+        if self.skip2lora.block_indices == "auto" and self.method != "skip2lora":
+            raise UserError(f"skip2lora.block_indices auto chooses Skip2-LoRA's blocks, but method is {self.method}: "
+                            "use --method skip2lora, or leave block_indices as a list")
         self.check_out_dir_spares_inputs()
 
     def check_out_dir_spares_inputs(self) -> None:
@@ -300,7 +366,7 @@ class FinetuneConfig:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,
-                             "skip2lora": Skip2LoRAConfig}
+                             "skip2lora": Skip2LoRAConfig, "ilora": ILoRAConfig}
 
 # Short flags the seed documents use, mapped to their place in the nested config.
 FLAG_ALIASES = {
@@ -323,7 +389,7 @@ def finetune_parser():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
-                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora.")
+                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora | ilora.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
     # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
     parser.add_class_arguments(FinetuneConfig, nested_key=None, instantiate=False)

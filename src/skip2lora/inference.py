@@ -24,13 +24,13 @@ def read_adapter_config(checkpoint: Path) -> Optional[dict]:
 
 
 def checkpoint_kind(checkpoint: Path) -> str:
-    """'skip2lora', 'lora' (PEFT adapter) or 'full' (complete HF checkpoint)."""
+    """'skip2lora', 'ilora' (the recommendation teacher), 'lora' (PEFT adapter) or 'full' (complete HF checkpoint)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} does not exist: point --checkpoint at OUT/final of a run")
     adapter = read_adapter_config(checkpoint)
     if adapter is not None:
-        return "skip2lora" if adapter.get("method") == "skip2lora" else "lora"
+        return adapter["method"] if adapter.get("method") in ("skip2lora", "ilora") else "lora"
     if (checkpoint / "config.json").exists():
         return "full"
     raise UserError(f"{checkpoint} holds neither adapter_config.json nor config.json: point --checkpoint at OUT/final of a run")
@@ -44,6 +44,10 @@ def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optio
         from .methods.skip2lora.method import load_skip2lora
 
         return load_skip2lora(checkpoint, device, base_model)
+    if kind == "ilora":
+        from .rec.teacher import load_ilora
+
+        return load_ilora(checkpoint, device, base_model)
     if kind == "lora":
         from peft import PeftModel
 
@@ -111,6 +115,9 @@ def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device, overwrite:
         )
     if kind == "full":
         raise UserError(f"{checkpoint} is already a full checkpoint: nothing to merge")
+    if kind == "ilora":
+        raise UserError("an iLoRA teacher mixes its experts per sample (its gate reads the user's history), so they "
+                        "cannot be merged into the base weights: load it with rec.teacher.load_ilora")
     base = (read_adapter_config(Path(checkpoint)) or {}).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{checkpoint}/adapter_config.json names no base model: the checkpoint is damaged")

@@ -17,7 +17,7 @@ from .tokenize import IGNORE_INDEX, TokenizedSample, collate, epoch_order, token
 
 def _sources() -> dict[str, Callable[[DataConfig], TaskData]]:
     # Imported on demand: a run on the instruction task never loads the Shakespeare parser.
-    from .sources import files, instruct, japanese, shakespeare
+    from .sources import files, instruct, japanese, rec_teacher, shakespeare
 
     return {
         "instruct": instruct.load_instruct,
@@ -28,6 +28,7 @@ def _sources() -> dict[str, Callable[[DataConfig], TaskData]]:
         "spelling": shakespeare.load_spelling,
         "plays": shakespeare.load_plays,
         "japanese": japanese.load_japanese,
+        "rec-teacher": rec_teacher.load_rec_teacher,
     }
 
 

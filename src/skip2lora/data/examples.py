@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from typing import Hashable, Literal, Optional, Sequence, TypeVar
+from typing import Callable, Hashable, Literal, Optional, Sequence, TypeVar
 
 from ..config import DataConfig
 from ..errors import UserError
@@ -41,6 +41,9 @@ class TaskData:
     label_names: Optional[list[str]]
     has_exact_answers: bool
     description: str
+    tokenize: Optional[Callable[..., list]] = None
+    """For a source whose prompts need the tokenizer (the recommendation teacher's token budget): its own
+    `(examples, tokenizer, data config, kind) -> TokenizedSamples`; unset: data.tokenize.tokenize_examples."""
 
 
 def make_example(

@@ -26,6 +26,8 @@ class TokenizedSample:
     class_label: Optional[int] = None
     content_hash: str = field(default="", compare=False)
     """Hash of the token ids, computed once here: the Skip-Cache's key for this sample."""
+    item_history: Optional[list[int]] = None
+    """Recommendation prompts: the user's item ids before the target, oldest first (the teacher's gate reads them)."""
 
     def __post_init__(self) -> None:
         if not self.content_hash:
@@ -122,7 +124,8 @@ def _classification_sample(example: Example, encoder: _Encoder, cfg: DataConfig)
 
 def collate(samples: list[TokenizedSample], pad_id: int) -> dict:
     """A right-padded batch: input_ids, attention_mask, labels (-100 on padding), sample_ids and,
-    for classification, class_labels."""
+    for classification, class_labels; for recommendation prompts, item_history (left-padded with item 0, the
+    newest item last, as SASRec reads it)."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     width = max(len(s.input_ids) for s in samples)
@@ -150,6 +153,15 @@ def collate(samples: list[TokenizedSample], pad_id: int) -> dict:
             raise ValueError("a batch mixes samples with and without class labels")
         batch["class_labels"] = torch.tensor([s.class_label for s in samples], dtype=torch.long)
         batch["num_loss_positions"] = len(samples)
+    with_history = [s.item_history is not None for s in samples]
+    if any(with_history):
+        if not all(with_history):
+            raise ValueError("a batch mixes samples with and without an item history")
+        history = torch.zeros((len(samples), max(1, max(len(s.item_history) for s in samples))), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            if sample.item_history:
+                history[row, -len(sample.item_history):] = torch.tensor(sample.item_history, dtype=torch.long)
+        batch["item_history"] = history
     return batch
 
 

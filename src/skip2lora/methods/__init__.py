@@ -10,6 +10,7 @@ from ..models import ModelInfo, load_base_model
 from . import full, lora  # noqa: F401 - importing a method module registers it
 from .base import METHOD_REGISTRY, FinetuneMethod, ParameterCounts, register_method
 from .skip2lora import method as _skip2lora  # noqa: F401
+from ..rec import teacher as _ilora  # noqa: F401,E402 - the recommendation teacher (iLoRA) registers itself
 
 
 def build_method(

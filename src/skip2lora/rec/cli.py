@@ -25,6 +25,7 @@ commands:
   evaluate   full-ranking metrics of a trained student: --checkpoint OUT/best
   baselines  random and most-popular rankers through the same evaluation: --out FILE.json
   stats      print (and save with --out) the split statistics of a dataset
+  teacher-eval  a saved iLoRA teacher: HR@1 among its candidates, valid ratio, catalogue HR/NDCG@K
   report     render docs/rec.md from run folders and result JSON: RUNS... --out docs/rec.md
 
 `skip2lora rec COMMAND --help` lists a command's options."""
@@ -243,8 +244,38 @@ def command_line(command: str, argv: list[str]) -> str:
     return shlex.join(["skip2lora", "rec", command, *argv])
 
 
+def cmd_teacher_eval(argv: list[str]) -> int:
+    from ..env import resolve_device
+    from ..paths import atomic_write_json
+    from .teacher_eval import evaluate_teacher
+    from .train import set_threads
+
+    parser = _parser("skip2lora rec teacher-eval", "A saved iLoRA teacher: HR@1 among its candidates and the valid "
+                     "ratio (greedy generation), full-catalogue HR/NDCG@K of its grounded scores, and their cost.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="OUT/final (or OUT/best) of an ilora run")
+    parser.add_argument("--split", type=str, default="validation", help="validation or test")
+    parser.add_argument("--max_users", type=Optional[int], default=None, help="first N users (CPU-sized runs)")
+    parser.add_argument("--protocol_users", type=Optional[int], default=None,
+                        help="users for the generation protocol (default: max_users; 0 skips it)")
+    parser.add_argument("--ks", type=list[int], default=[1, 5, 10, 20], help="cut-offs of the catalogue metrics")
+    parser.add_argument("--mask_history", type=bool, default=False, help="score the user's earlier items -inf")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per forward / generate call")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = every core)")
+    parser.add_argument("--out", type=Optional[Path], default=None, help="also write the result to this JSON file")
+    args = parse(parser, argv)
+    set_threads(args.threads)
+    result = evaluate_teacher(args.checkpoint, args.split, args.ks, args.mask_history, args.max_users,
+                              args.protocol_users, args.batch_size, resolve_device(args.device))
+    result["generated_by"] = command_line("teacher-eval", argv)
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        atomic_write_json(Path(args.out), result)
+    return 0
+
+
 COMMANDS = {"student": cmd_student, "distill": cmd_distill, "evaluate": cmd_evaluate, "baselines": cmd_baselines,
-            "stats": cmd_stats, "report": cmd_report}
+            "stats": cmd_stats, "report": cmd_report, "teacher-eval": cmd_teacher_eval}
 
 
 def main_rec(argv: list[str]) -> int:

@@ -39,6 +39,10 @@ def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
     if four_bit and world > 1:
         raise UserError(f"4-bit weights ({'qlora' if cfg.method == 'qlora' else 'skip2lora.quantize_trunk'}) run on one "
                         f"device only, not {world}: use --devices 1 --num_nodes 1, or --method lora")
+    if cfg.method == "skip2lora" and cfg.skip2lora.block_indices == "auto" and world > 1:
+        # Each rank sees its own share of the data, so each could choose other blocks than the rest.
+        raise UserError(f"skip2lora.block_indices auto chooses blocks in one process, not {world}: run `skip2lora "
+                        "blocks CONFIG.yaml` first and pass the block_indices it prints")
     per_step = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "

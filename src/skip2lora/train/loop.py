@@ -170,8 +170,9 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     method, info = build_method(cfg, task.kind, len(task.label_names or []) or None, device, precision_dtype(precision))
     if resume_from is not None:  # before the (possibly long) cache build: a resume with other settings is refused
         ckpt.check_settings(resume_from, ckpt.resume_settings(cfg, method))
-    all_train = tokenize_examples(task.train, method.tokenizer, cfg.data, task.kind)
-    val_samples = tokenize_examples(task.val, method.tokenizer, cfg.data, task.kind)
+    tokenize = task.tokenize or tokenize_examples  # a source may tokenise its own prompts (rec-teacher)
+    all_train = tokenize(task.train, method.tokenizer, cfg.data, task.kind)
+    val_samples = tokenize(task.val, method.tokenizer, cfg.data, task.kind)
     if cfg.eval.max_samples:
         val_samples = val_samples[: cfg.eval.max_samples]
     train_samples = [all_train[i] for i in rank_partition(len(all_train), cfg.seed, rank, world)]

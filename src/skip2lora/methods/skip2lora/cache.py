@@ -2,9 +2,11 @@
 
 Only the positions that carry loss are kept (one per sample for classification, the response tokens
 for generation). Keys are content-addressed: the run key hashes the base weights, the tokenizer, the
-block list, the dtype and max_seq_length and names the store; within it a sample's key is the hash of
-its token ids (`TokenizedSample.content_hash`, computed once at tokenisation). Any change
-gives a miss, never stale features. On disk, shards are safetensors files written atomically with a
+dtype and max_seq_length and names the store; within it a sample's key is the hash of its token ids
+(`TokenizedSample.content_hash`, computed once at tokenisation). Any change gives a miss, never stale
+features. Each entry records which blocks its features hold, so one store serves every block choice:
+a lookup hits when the entry holds every block the caller needs (features surveyed for all blocks by
+`skip2lora blocks` serve a later run on any subset) and returns those rows only. On disk, shards are safetensors files written atomically with a
 checksum; a damaged shard is reported in one warning line, dropped, and its samples are rebuilt.
 """
 
@@ -16,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,7 +28,7 @@ from ... import paths
 from ...errors import UserError, os_user_error, warn
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries record their blocks (the run key no longer names them)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,8 +48,8 @@ def run_key(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha1()
+def _checksum(tensors: dict[str, torch.Tensor], blocks_json: str = "") -> str:
+    digest = hashlib.sha1(blocks_json.encode())
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
@@ -65,6 +67,7 @@ class SkipCache:
         directory: Optional[Path] = None,
         budget_mb: Optional[float] = None,
         shard_samples: int = 256,
+        block_indices: Optional[Sequence[int]] = None,
     ) -> None:
         if mode not in ("memory", "disk"):
             raise ValueError(f"cache mode must be memory or disk, got {mode}")
@@ -82,6 +85,11 @@ class SkipCache:
         self._pending: dict[str, CachedFeatures] = {}
         self._index: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        # Per key: the blocks its features hold, in row order (None: unrecorded, served as stored).
+        self._blocks_of: dict[str, Optional[tuple[int, ...]]] = {}
+        self._sizes: dict[str, int] = {}
+        self.block_indices: Optional[list[int]] = None if block_indices is None else list(block_indices)
+        """The blocks a lookup returns, in this order; set it again to serve another block choice."""
         self.shard_samples = shard_samples
         self.directory: Optional[Path] = None
         if mode == "disk":
@@ -99,9 +107,13 @@ class SkipCache:
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, key: str) -> Optional[CachedFeatures]:
-        found = self._memory.get(key) or self._pending.get(key)
-        if found is None and key in self._index:
-            found = self._read_from_shard(key)
+        """The sample's features for `block_indices`, or None (a miss) when it is not stored for all of them."""
+        found = None
+        if key in self:
+            found = self._memory.get(key) or self._pending.get(key)
+            if found is None:
+                found = self._read_from_shard(key)
+            found = self._narrowed(found, self._blocks_of.get(key))
         if found is None:
             self.misses += 1
         else:
@@ -109,14 +121,43 @@ class SkipCache:
         return found
 
     def __contains__(self, key: str) -> bool:
-        return key in self._memory or key in self._pending or key in self._index
+        """Whether the sample is stored with every block a lookup needs."""
+        if key not in self._memory and key not in self._pending and key not in self._index:
+            return False
+        stored = self._blocks_of.get(key)
+        return stored is None or self.block_indices is None or set(self.block_indices) <= set(stored)
+
+    def _narrowed(self, features: CachedFeatures, stored: Optional[tuple[int, ...]]) -> CachedFeatures:
+        """The rows of the needed blocks, in their order (the stored tensor itself when it is exactly those)."""
+        if stored is None or self.block_indices is None or list(stored) == self.block_indices:
+            return features
+        rows = torch.tensor([stored.index(b) for b in self.block_indices])
+        return CachedFeatures(features.blocks.index_select(0, rows), features.final, features.targets)
+
+    def use_blocks(self, block_indices: Sequence[int]) -> None:
+        """Serve these blocks from now on. In RAM, every entry keeps only their rows: nothing else will read the
+        others (a disk store keeps them all, for later runs on other blocks)."""
+        self.block_indices = list(block_indices)
+        if self.mode != "memory":
+            return
+        for key, features in self._memory.items():
+            if key in self:
+                self._memory[key] = self._narrowed(features, self._blocks_of.get(key))
+                self._blocks_of[key] = tuple(self.block_indices)
+                size = self._memory[key].nbytes()
+                self.bytes += size - self._sizes[key]
+                self._sizes[key] = size
 
     def __len__(self) -> int:
-        return len(self._memory) + len(self._pending) + len(self._index)
+        return len(self._sizes)  # every stored sample once, wherever it lives
 
     # -- writes ----------------------------------------------------------------------------
-    def put(self, key: str, features: CachedFeatures) -> bool:
-        """Store a sample's features; False once the size budget is reached (the sample stays uncached)."""
+    def put(self, key: str, features: CachedFeatures, block_indices: Optional[Sequence[int]] = None) -> bool:
+        """Store a sample's features, whose block rows are `block_indices` (default: this cache's own);
+        False once the size budget is reached (the sample stays uncached)."""
+        blocks = block_indices if block_indices is not None else self.block_indices
+        if blocks is not None and len(blocks) != features.blocks.size(0):
+            raise ValueError(f"features hold {features.blocks.size(0)} blocks, not the {len(blocks)} named")
         stored = CachedFeatures(
             features.blocks.detach().to("cpu", self.dtype).contiguous(),
             features.final.detach().to("cpu", self.dtype).contiguous(),
@@ -130,7 +171,9 @@ class SkipCache:
                      "later samples run the trunk every step; raise skip2lora.cache_budget_mb or use "
                      "--skip2lora.cache disk")
             return False
-        self.bytes += size
+        self.bytes += size - self._sizes.get(key, 0)  # a sample stored again (with other blocks) replaces itself
+        self._sizes[key] = size
+        self._blocks_of[key] = None if blocks is None else tuple(int(b) for b in blocks)
         if self.mode == "memory":
             self._memory[key] = stored
         else:
@@ -148,7 +191,9 @@ class SkipCache:
             tensors[f"{key}.blocks"] = feats.blocks
             tensors[f"{key}.final"] = feats.final
             tensors[f"{key}.targets"] = feats.targets
-        metadata = {"keys": json.dumps(list(self._pending)), "checksum": _checksum(tensors)}
+        blocks_json = json.dumps({key: self._blocks_of.get(key) for key in self._pending})
+        metadata = {"keys": json.dumps(list(self._pending)), "blocks": blocks_json,
+                    "checksum": _checksum(tensors, blocks_json)}
         shard = self.directory / f"shard-{os.getpid()}-{len(list(self.directory.glob('shard-*'))):06d}.safetensors"
         try:
             paths.atomic_write_bytes(shard, save(tensors, metadata=metadata))
@@ -165,18 +210,26 @@ class SkipCache:
                 with safe_open(str(shard), "pt") as handle:
                     metadata = handle.metadata() or {}
                     keys = json.loads(metadata["keys"])
+                    blocks_json = metadata["blocks"]
                     tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-                if _checksum(tensors) != metadata["checksum"]:
+                if _checksum(tensors, blocks_json) != metadata["checksum"]:
                     raise ValueError("checksum mismatch")
             except Exception as exc:  # any damage: truncated file, bad header, flipped bytes
                 reason = " ".join(str(exc).split())[:120] or type(exc).__name__
                 warn(f"skip-cache shard {shard} is damaged ({reason}); it is removed and its samples rebuilt")
                 shard.unlink(missing_ok=True)
                 continue
+            blocks_of = json.loads(blocks_json)
             for key in keys:
+                stored = None if blocks_of.get(key) is None else tuple(blocks_of[key])
+                if key in self._index and len(self._blocks_of.get(key) or ()) > len(stored or ()):
+                    continue  # stored twice: keep the copy that holds more blocks
                 self._index[key] = shard
-                self.bytes += sum(tensors[f"{key}.{part}"].numel() * tensors[f"{key}.{part}"].element_size()
-                                  for part in ("blocks", "final", "targets"))
+                self._blocks_of[key] = stored
+                size = sum(tensors[f"{key}.{part}"].numel() * tensors[f"{key}.{part}"].element_size()
+                           for part in ("blocks", "final", "targets"))
+                self.bytes += size - self._sizes.get(key, 0)  # a later shard's copy replaces an earlier one
+                self._sizes[key] = size
 
     def _read_from_shard(self, key: str) -> Optional[CachedFeatures]:
         shard = self._index[key]

@@ -27,6 +27,8 @@ from ...paths import cache_root
 from ..base import FinetuneMethod, register_method
 from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
+from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
+from .block_selection import BlockSelection, probe_sample, selection_from_probe
 from .cache import CachedFeatures, SkipCache
 from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
 from ..head_loss import head_ce_sum
@@ -58,6 +60,9 @@ def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Ten
 @register_method("skip2lora")
 class Skip2LoRAMethod(FinetuneMethod):
 
+    probe_lr: float = 1e-3
+    """Learning rate of the generation block probes; create() sets the run's own train.lr."""
+
     def __init__(self, model: nn.Module, tokenizer, kind: str, cfg: Skip2LoRAConfig, info: ModelInfo,
                  num_labels: Optional[int] = None, seed: int = 0,
                  max_seq_length: Optional[int] = None) -> None:
@@ -67,25 +72,21 @@ class Skip2LoRAMethod(FinetuneMethod):
             param.requires_grad_(False)
         self.cfg = cfg
         self.info = info
-        self.block_indices = validate_layer_indices(cfg.block_indices, info.num_layers)
+        self.seed = seed
+        # auto: every block is hooked until prepare() has chosen some (select_blocks, then use_blocks).
+        self.blocks_pending = cfg.block_indices == "auto"
+        wanted = list(range(info.num_layers)) if self.blocks_pending else cfg.block_indices
+        self.block_indices = validate_layer_indices(wanted, info.num_layers)
         self.trunk = CausalLMTrunk(model, self.block_indices)
         if kind == "generation":  # a classifier's head is new: only generation must match the model's logits
             check_reproduces_model(model, self.trunk.features, self.trunk.head, info.vocab_size)
-        device = next(model.parameters()).device
+        if kind == "classification" and not num_labels:
+            raise UserError("classification with skip2lora needs the number of labels")
         self.output_mode = "logits" if (cfg.output == "logits" and kind == "generation") else "hidden"
-        out_features = info.vocab_size if self.output_mode == "logits" else info.hidden_size
-        torch.manual_seed(seed)
-        self.adapters = SkipAdapterBank(
-            self.block_indices, info.hidden_size, out_features, cfg.r, cfg.alpha, cfg.dropout, cfg.input_norm
-        ).to(device)
-        self.class_head: Optional[nn.Linear] = None
-        if kind == "classification":
-            if not num_labels:
-                raise UserError("classification with skip2lora needs the number of labels")
-            self.class_head = nn.Linear(info.hidden_size, num_labels).to(device)
-            nn.init.normal_(self.class_head.weight, std=0.02)
-            nn.init.zeros_(self.class_head.bias)
         self.num_labels = num_labels
+        self.class_head: Optional[nn.Linear] = None
+        self._build_trainable()
+        self.selection: Optional[BlockSelection] = None
         self.pooling = cfg.pooling if kind == "classification" else "last"
         self.max_seq_length = max_seq_length
         self.cache: Optional[SkipCache] = None
@@ -93,12 +94,28 @@ class Skip2LoRAMethod(FinetuneMethod):
             self.cache = SkipCache(
                 cfg.cache, self.cache_fingerprint(), cfg.cache_dtype,
                 directory=cfg.cache_dir or (cache_root() / "skip-cache"), budget_mb=cfg.cache_budget_mb,
+                block_indices=self.block_indices,
             )
         self.trunk_time_s = 0.0
         self.parts_s: dict[str, float] = {}
         self.shared_prefix_tokens = 0
         self.prebuild: Optional[dict] = None
         self._prefix_reuse_ok: Optional[bool] = None
+
+    def _build_trainable(self) -> None:
+        """Fresh adapters for the current blocks (and a fresh class head), seeded as at construction: blocks
+        chosen by auto start from exactly the weights a run that listed them would."""
+        device = next(self.model.parameters()).device
+        info, cfg = self.info, self.cfg
+        out_features = info.vocab_size if self.output_mode == "logits" else info.hidden_size
+        torch.manual_seed(self.seed)
+        self.adapters = SkipAdapterBank(
+            self.block_indices, info.hidden_size, out_features, cfg.r, cfg.alpha, cfg.dropout, cfg.input_norm
+        ).to(device)
+        if self.kind == "classification":
+            self.class_head = nn.Linear(info.hidden_size, self.num_labels).to(device)
+            nn.init.normal_(self.class_head.weight, std=0.02)
+            nn.init.zeros_(self.class_head.bias)
 
     # -- identity of the features, for the cache key ------------------------------------------
     def cache_fingerprint(self) -> dict:
@@ -113,7 +130,7 @@ class Skip2LoRAMethod(FinetuneMethod):
             "weights": self.info.weights_fingerprint,
             "model_dtype": str(next(self.model.parameters()).dtype),
             "tokenizer": hashlib.sha1(tokenizer_hash.encode()).hexdigest()[:16] + f":{len(vocab)}",
-            "blocks": self.block_indices,
+            # No block list: every entry records its own blocks, so one store serves every block choice.
             "kind": self.kind,
             "pooling": self.pooling,
             "max_seq_length": self.max_seq_length,
@@ -129,13 +146,18 @@ class Skip2LoRAMethod(FinetuneMethod):
                num_labels: Optional[int]) -> "Skip2LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
                      max_seq_length=cfg.data.max_seq_length)
-        cfg.skip2lora.block_indices = list(method.block_indices)  # run.json records them resolved (-1 -> N-1)
+        method.probe_lr = cfg.train.lr  # block probes (generation) train at the run's own learning rate
+        if not method.blocks_pending:
+            cfg.skip2lora.block_indices = list(method.block_indices)  # run.json records them resolved (-1 -> N-1)
         return method
 
     def trainable_settings(self) -> dict:
-        return {"task": self.kind, "skip2lora.block_indices": self.block_indices, "skip2lora.r": self.cfg.r,
-                "skip2lora.alpha": self.cfg.alpha, "skip2lora.input_norm": self.cfg.input_norm,
-                "skip2lora.output": self.output_mode, "skip2lora.pooling": self.pooling}
+        settings = {"task": self.kind, "skip2lora.block_indices": self.block_indices, "skip2lora.r": self.cfg.r,
+                    "skip2lora.alpha": self.cfg.alpha, "skip2lora.input_norm": self.cfg.input_norm,
+                    "skip2lora.output": self.output_mode, "skip2lora.pooling": self.pooling}
+        if self.blocks_pending:  # chosen in prepare(), after a resume's check: the tensor names are checked then
+            del settings["skip2lora.block_indices"]
+        return settings
 
     # -- what trains -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Skip2LoRAMethod":
@@ -173,28 +195,20 @@ class Skip2LoRAMethod(FinetuneMethod):
         return result
 
     def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
-        """Prebuild the cache: one no-grad pass over every sample, longest first, in large batches."""
+        """With block_indices auto, choose the blocks first (select_blocks: its features land in the cache).
+        Then prebuild the cache: one no-grad pass over every sample not in it, longest first, in large batches."""
+        if self.blocks_pending:
+            self.selection = self.select_blocks(train_samples, device)
+            self.use_blocks(self.selection.chosen)
         if self.cache is None or not self.cfg.cache_prebuild:
             return
-        from ...data import collate
-        from tqdm.auto import tqdm
-
         started = time.perf_counter()
         # Training samples only: validation features are cached on first sight during evaluation, whose
         # cost is not training time for any method.
         pending = [s for s in train_samples if s.content_hash not in self.cache]
-        pending.sort(key=lambda s: len(s.input_ids), reverse=True)  # similar lengths together: little padding
-        prefix = self._shared_prefix(pending, device)
-        size = max(1, self.cfg.cache_build_batch_size)
-        for start in tqdm(range(0, len(pending), size), desc="skip-cache", leave=False, disable=len(pending) < 4 * size):
-            chunk = pending[start:start + size]
-            batch = collate(chunk, self.tokenizer.pad_token_id)
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            for sample, feats in zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix)):
-                if not self.cache.put(sample.content_hash, feats):
-                    break
-            if self.cache.full:
-                break
+        for sample, feats in self._computed(pending, device):
+            if not self.cache.put(sample.content_hash, feats):
+                break  # the budget is reached: the rest run the trunk each step
         self.cache.flush()
         elapsed = time.perf_counter() - started
         self.cache.build_time_s += elapsed
@@ -202,6 +216,81 @@ class Skip2LoRAMethod(FinetuneMethod):
         tokens = sum(len(s.input_ids) for s in pending)
         self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
                          "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+
+    def _computed(self, samples: list, device: torch.device) -> Iterator[tuple[Any, CachedFeatures]]:
+        """(sample, its trunk features) for every sample: longest first in batches of cache_build_batch_size
+        (similar lengths together: little padding), a prompt prefix they all share run once."""
+        from ...data import collate
+        from tqdm.auto import tqdm
+
+        ordered = sorted(samples, key=lambda s: len(s.input_ids), reverse=True)
+        prefix = self._shared_prefix(ordered, device)
+        size = max(1, self.cfg.cache_build_batch_size)
+        for start in tqdm(range(0, len(ordered), size), desc="skip-cache", leave=False, disable=len(ordered) < 4 * size):
+            chunk = ordered[start:start + size]
+            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            yield from zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix))
+
+    # -- choosing the blocks (block_indices auto, `skip2lora blocks`) ------------------------------
+    def select_blocks(self, train_samples: list, device: torch.device) -> BlockSelection:
+        """Survey every block's features on a sample of the training data (through the Skip-Cache), probe
+        each block, and choose a few greedily (block_selection.py). The method keeps every block hooked."""
+        if not self.blocks_pending:
+            raise RuntimeError("select_blocks needs a method built with block_indices auto")
+        cfg, started = self.cfg, time.perf_counter()
+        if cfg.select_max_blocks > self.info.num_layers:
+            raise UserError(f"skip2lora.select_max_blocks {cfg.select_max_blocks} exceeds the {self.info.num_layers} "
+                            f"blocks of {self.info.name}: choose at most {self.info.num_layers}")
+        picked = probe_sample(len(train_samples), cfg.select_probe_samples, self.seed)
+        if len(picked) < 10:
+            raise UserError(f"block selection needs at least 10 training samples, got {len(picked)}: add training "
+                            "data or list skip2lora.block_indices")
+        per_sample = self._surveyed([train_samples[i] for i in picked], device)
+        features = SurveyedFeatures.from_samples(per_sample, self.block_indices, device)
+        return selection_from_probe(
+            self._block_probe(features), features, self.kind, cfg.select_max_blocks, cfg.select_min_gain,
+            train_samples=len(train_samples), value_bytes=self.cache.dtype.itemsize if self.cache else 4,
+            survey_s=time.perf_counter() - started)
+
+    def _surveyed(self, samples: list, device: torch.device) -> list[CachedFeatures]:
+        """Every block's features of these samples: read from the Skip-Cache where stored, else computed (as
+        the prebuild does) and stored there, so a later run on any subset of the blocks prebuilds none."""
+        started = time.perf_counter()
+        found = {s.content_hash: self.cache.get(s.content_hash) for s in samples} if self.cache else {}
+        missing = [s for s in samples if found.get(s.content_hash) is None]
+        for sample, feats in self._computed(missing, device):
+            found[sample.content_hash] = feats
+            if self.cache is not None and not self.cache.full:
+                self.cache.put(sample.content_hash, feats)
+        if self.cache is not None:
+            self.cache.flush()
+            self.cache.build_time_s += time.perf_counter() - started
+        return [found[s.content_hash] for s in samples]
+
+    def _block_probe(self, features: SurveyedFeatures):
+        if self.kind == "classification":
+            return RidgeProbe(features, self.num_labels, row_norm=self.cfg.input_norm, seed=self.seed)
+        out_features = self.info.vocab_size if self.output_mode == "logits" else self.info.hidden_size
+
+        def make_adapters(blocks):
+            return SkipAdapterBank(blocks, self.info.hidden_size, out_features, self.cfg.r, self.cfg.alpha, 0.0,
+                                   self.cfg.input_norm).to(features.final.device)
+
+        return AdapterProbe(features, self._loss_sum, make_adapters, self.cfg.select_probe_steps, self.probe_lr,
+                            self.cfg.select_max_blocks, seed=self.seed)
+
+    def use_blocks(self, block_indices: list[int]) -> None:
+        """Tap these blocks from now on: hooks, fresh adapters (seeded as a run that listed them), cache lookups,
+        and the config that run.json and adapter_config.json record."""
+        self.block_indices = validate_layer_indices(block_indices, self.info.num_layers)
+        self.trunk.remove()
+        self.trunk = CausalLMTrunk(self.model, self.block_indices)
+        self._build_trainable()
+        if self.cache is not None:
+            self.cache.use_blocks(self.block_indices)
+        self.cfg.block_indices = list(self.block_indices)
+        self.blocks_pending = False
 
     def _mean_pooled(self, blocks: dict, final: torch.Tensor, batch: dict) -> list[CachedFeatures]:
         """Per sample, one feature row per block (and final): the mean over its real tokens."""
@@ -284,14 +373,19 @@ class Skip2LoRAMethod(FinetuneMethod):
         if self.kind == "classification":
             logits = self.class_head(feats.final + correction)
             loss = F.cross_entropy(logits.float(), feats.targets, reduction="sum")
-        elif self.output_mode == "logits":
-            with torch.no_grad():
-                base_logits = self.trunk.head(feats.final)
-            loss = F.cross_entropy(base_logits + correction, feats.targets, reduction="sum")
         else:
-            loss = head_ce_sum(feats.final + correction, self.trunk.head, feats.targets)
+            loss = self._loss_sum(feats.final, correction, feats.targets)
         self._lap("head_loss", mark, device)
         return loss, count
+
+    def _loss_sum(self, final: torch.Tensor, correction: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Generation: summed cross-entropy of the frozen head given the adapters' correction (None: none)."""
+        if self.output_mode == "logits":
+            with torch.no_grad():
+                base_logits = self.trunk.head(final)
+            logits = base_logits if correction is None else base_logits + correction
+            return F.cross_entropy(logits, targets, reduction="sum")
+        return head_ce_sum(final if correction is None else final + correction, self.trunk.head, targets)
 
     def _lap(self, name: str, mark: float, device: torch.device) -> float:
         """Accumulate the forward's parts (features = cache lookups + trunk on misses) when timing is on."""
@@ -373,7 +467,8 @@ class Skip2LoRAMethod(FinetuneMethod):
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
                   "forward_parts_s": self.forward_parts_s(), "shared_prefix_tokens": self.shared_prefix_tokens,
-                  "cache_prebuild": self.prebuild}
+                  "cache_prebuild": self.prebuild,
+                  "block_selection": self.selection.as_dict() if self.selection is not None else None}
         extras.update(self.cache_stats() or {})
         return extras
 

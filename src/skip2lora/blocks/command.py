@@ -1,0 +1,68 @@
+"""`skip2lora blocks CONFIG.yaml`: survey every block on a sample of the training data, probe, choose, report.
+
+It loads the model and data exactly as `skip2lora finetune` would (same device, precision and cache key),
+so the features it surveys land in the configured Skip-Cache and a later fine-tuning with a disk cache
+reuses them. The search itself is the method's (`Skip2LoRAMethod.select_blocks`); this module times it,
+prints the table and writes blocks.json, blocks.md, blocks.png and block_indices.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..config import FinetuneConfig, to_plain_dict
+from ..data import load_task_data, tokenize_examples
+from ..env import precision_dtype, resolve_device, resolve_precision
+from ..methods import build_method
+from ..report.tables import render_text
+from ..train.loop import seed_everything
+from .report import selection_table, snippet, write_block_report
+
+DEFAULT_OUT_DIR = Path("out/blocks")
+
+
+def cache_note(cfg: FinetuneConfig) -> str:
+    """What a later fine-tuning can reuse of the surveyed features."""
+    mode = cfg.skip2lora.cache
+    if mode == "disk":
+        return ("the surveyed features are in the disk Skip-Cache: a fine-tuning with the same model, data settings "
+                "and skip2lora.cache disk (same cache_dir) reuses them for any of these blocks")
+    return (f"skip2lora.cache is {mode}: the surveyed features end with this command; use --skip2lora.cache disk "
+            "so a later fine-tuning reuses them")
+
+
+def run_block_search(cfg: FinetuneConfig, out_dir: Path = DEFAULT_OUT_DIR) -> dict:
+    """Choose Skip2-LoRA's blocks for this config's model and data; returns the payload of blocks.json."""
+    started = time.perf_counter()
+    cfg.method = "skip2lora"
+    cfg.skip2lora.block_indices = "auto"
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    task = load_task_data(cfg.data)
+    method, info = build_method(cfg, task.kind, len(task.label_names or []) or None, device,
+                                precision_dtype(precision))
+    train_samples = tokenize_examples(task.train, method.tokenizer, cfg.data, task.kind)
+    loaded = time.perf_counter()
+    selection = method.select_blocks(train_samples, device)
+    wall = time.perf_counter() - started
+    payload = {
+        "command": " ".join(["skip2lora", "blocks", *sys.argv[2:]]) if sys.argv[1:2] == ["blocks"] else None,
+        "model": info.name, "num_blocks": info.num_layers, "data": cfg.data.name, "task": task.kind,
+        "device": str(device), "precision": precision,
+        "config": to_plain_dict(cfg),
+        "cache": {**(method.cache_stats() or {"cache_mode": "none"}), "note": cache_note(cfg)},
+        "selection": selection.as_dict(),
+        "timing_s": {"load": loaded - started, **selection.timing_s, "wall": wall},
+        "snippet": snippet(selection.chosen),
+    }
+    written = write_block_report(out_dir, payload)
+    print(render_text(selection_table(payload)))
+    print(f"\n[skip2lora] blocks: chose {selection.chosen} in {wall:.1f}s (model and data {loaded - started:.1f}s, "
+          f"survey of {selection.num_samples} samples {selection.timing_s['survey']:.1f}s, probes "
+          f"{selection.timing_s['probes']:.1f}s); {cache_note(cfg)}")
+    print("\n" + payload["snippet"].rstrip())
+    print(f"\n[skip2lora] wrote {', '.join(str(p) for p in written.values())}")
+    return payload
