@@ -389,7 +389,8 @@ def finetune_parser():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
-                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora | ilora.")
+                            description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora "
+                                        "| ilora (the recommendation teacher).")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
     # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
     parser.add_class_arguments(FinetuneConfig, nested_key=None, instantiate=False)

@@ -226,7 +226,8 @@ def test_qlora_without_bitsandbytes_is_one_line(make_config, sasrec_best, monkey
     from skip2lora.methods import build_method
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     cfg = make_config("ilora", data__name="rec-teacher", data__path=sasrec_best)
     cfg.ilora.quantize_base = True
     with pytest.raises(UserError, match="needs bitsandbytes") as caught:
@@ -257,6 +258,12 @@ def test_teacher_fine_tunes_through_the_one_loop_and_scores_the_catalogue(make_c
     assert {"adapter_config.json", "adapter_model.safetensors", "sasrec", "task.json"} <= {p.name for p in
                                                                                            final.iterdir()}
 
+    from skip2lora.inference import checkpoint_kind, load_for_inference, merge_lora
+
+    assert checkpoint_kind(final) == "ilora"
+    assert isinstance(load_for_inference(final, torch.device("cpu")), ILoRATeacher)
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_lora(final, cfg.out_dir / "merged", torch.device("cpu"))
     teacher = load_ilora(final, torch.device("cpu"))
     settings = PromptSettings(**teacher.prompt_settings)
     assert settings == SETTINGS

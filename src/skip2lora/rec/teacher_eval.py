@@ -3,7 +3,7 @@
 The interface rec/outputs.py and distillation use (shapes in the dataset's item index space, item i at
 index i, index 0 = padding, as SASRec.full_sort_scores gives them):
 
-    scorer = TeacherScorer(method, dataset, settings, device, batch_size=16)
+    scorer = TeacherScorer(method, dataset, settings, device, batch_size=16, use_cache=True)
     scorer.catalogue_scores(samples: Sequence[RecSample]) -> Tensor[B, n_items + 1]  float32, column 0 = -inf
     scorer.item_embeddings() -> Tensor[n_items + 1, d]                              float32, row 0 = zeros
     scorer.prompt_states(samples) -> Tensor[B, d]                                   the prompt's last hidden state
@@ -38,9 +38,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..data.tokenize import IGNORE_INDEX, TokenizedSample, collate
-from ..train.evaluate import left_padded_prompts, to_device
 from ..env import synchronize
 from ..errors import UserError
+from ..train.evaluate import left_padded_prompts, to_device
 from .data import EvalSplit, RecDataset, RecSample
 from .metrics import evaluate_ranking
 from .prompts import PromptSettings, RecPromptBuilder, matched_candidates, split_samples
@@ -50,11 +50,12 @@ class TeacherScorer:
     """A trained teacher as a ranker over the whole catalogue and as iLoRA's candidate chooser."""
 
     def __init__(self, method: Any, dataset: RecDataset, settings: PromptSettings, device: torch.device | str = "cpu",
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, use_cache: bool = True) -> None:
         if batch_size < 1:
             raise UserError(f"the teacher's inference batch size must be >= 1, got {batch_size}")
         self.method, self.dataset, self.settings = method, dataset, settings
         self.device, self.batch_size = torch.device(device), batch_size
+        self.use_cache = use_cache  # the KV cache in generation (catalogue scores need no generation)
         self.builder = RecPromptBuilder(dataset, method.tokenizer, settings)
         self._item_table: Optional[torch.Tensor] = None
         self._item_offsets: Optional[torch.Tensor] = None
@@ -156,8 +157,7 @@ class TeacherScorer:
 
     # -- iLoRA's protocol --------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_answers(self, samples: Sequence[RecSample], max_new_tokens: Optional[int] = None,
-                         use_cache: bool = True) -> list[str]:
+    def generate_answers(self, samples: Sequence[RecSample], max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy answers (decoded text) to each sample's prompt."""
         self.method.eval()
         tokenizer = self.method.tokenizer
@@ -172,7 +172,7 @@ class TeacherScorer:
             candidates = [i for s in chunk for i in self.builder.prompt(s).candidates]
             new_tokens = max_new_tokens or max(len(self.builder.title_ids(i)) for i in candidates) + 4
             extra = {"item_history": collate(rows, pad)["item_history"].to(self.device)} if takes_history else {}
-            with _cache_switch(self.method, use_cache):
+            with _cache_switch(self.method, self.use_cache):
                 out = self.method.generate(ids.to(self.device), mask.to(self.device), new_tokens, **extra)
             answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out]
         synchronize(self.device)

@@ -28,6 +28,8 @@ def load_rec_teacher(cfg: DataConfig) -> TaskData:
 
     if cfg.path is None:
         raise UserError("data.name rec-teacher needs --data.path: the OUT/best folder of a `rec student` run")
+    if not (cfg.path / "rec.json").is_file():
+        raise UserError(f"data.path {cfg.path} holds no rec.json: point --data.path at OUT/best of a `rec student` run")
     dataset = checkpoint_dataset(cfg.path)
     settings = PromptSettings.from_data_config(cfg)
     settings.check(dataset)
