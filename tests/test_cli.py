@@ -93,6 +93,15 @@ def test_bad_input_gives_one_line_and_nonzero_exit(case, tmp_path, capsys):
     assert not (out / "final").exists()
 
 
+def test_without_an_evaluation_before_training_there_is_no_initial_loss(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["finetune", *TINY_FLAGS, "--out_dir", str(out), "--max_steps", "2",
+                          "--eval.initial", "false"], capsys)
+    assert code == 0
+    summary = json.loads((out / "run.json").read_text())["summary"]
+    assert summary["initial_val_loss"] is None and summary["final_val_loss"] is not None
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert run_cli(["finetune", *TINY_FLAGS, "--out_dir", out, "--max_steps", "1"], capsys)[0] == 0

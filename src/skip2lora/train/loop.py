@@ -228,7 +228,7 @@ def run_eval(run: Run, step: int) -> dict:
         run.logger.log({"step": step, "epoch": progress.epoch, **result, "elapsed_s": progress.train_time_s,
                         "peak_memory_mb": peak_memory_mb(run.device)})
     progress.last_eval = result
-    if progress.initial_eval is None:
+    if progress.initial_eval is None and step == 0:  # "initial" = before any training, not merely the first one
         progress.initial_eval = result
     elif is_better(result, progress.best_eval):
         progress.best_eval, progress.best_step = result, step
@@ -419,8 +419,9 @@ def format_summary(summary: dict) -> str:
     if summary.get("steps_per_s"):
         parts.append(f"{summary['steps_per_s']:.2f} steps/s, {summary['tokens_per_s']:.0f} tokens/s")
     parts.append(f"peak memory {summary['peak_memory_mb']:.0f} MB")
-    if summary.get("final_val_loss") is not None:
-        parts.append(f"val_loss {summary['initial_val_loss']:.4f} -> {summary['final_val_loss']:.4f}")
-    if summary.get("final_val_acc") is not None and summary.get("initial_val_acc") is not None:
-        parts.append(f"val_acc {summary['initial_val_acc']:.3f} -> {summary['final_val_acc']:.3f}")
+    for name, digits in (("val_loss", 4), ("val_acc", 3)):
+        final, initial = summary.get(f"final_{name}"), summary.get(f"initial_{name}")
+        if final is not None:
+            before = "" if initial is None else f"{initial:.{digits}f} -> "  # no evaluation before training
+            parts.append(f"{name} {before}{final:.{digits}f}")
     return ", ".join(parts)

@@ -62,6 +62,9 @@ def run_record(run: PlannedRun, group: Group, state: str) -> dict:
         return {**record, "status": "failed", "error": str(exc)}
     summary, counts = payload.get("summary") or {}, payload.get("parameters") or {}
     train = (payload.get("config") or {}).get("train") or {}
+    # Runs without an evaluation before training recorded their only (final) evaluation as "initial" too.
+    initial_loss = summary.get("initial_val_loss") if ((payload.get("config") or {}).get("eval") or {}).get(
+        "initial", True) else None
     environment = payload.get("environment") or {}
     on_gpu = str(environment.get("device", "cpu")).startswith("cuda")
     record.update({
@@ -77,9 +80,9 @@ def run_record(run: PlannedRun, group: Group, state: str) -> dict:
         "tokens_per_s": summary.get("tokens_per_s"),
         "steps": summary.get("steps"),
         "planned_steps": planned_steps(train, group.num_train),
-        "initial_val_loss": summary.get("initial_val_loss"),
+        "initial_val_loss": initial_loss,
         "final_val_loss": summary.get("final_val_loss"),
-        "initial_val_ppl": perplexity(summary.get("initial_val_loss")),
+        "initial_val_ppl": perplexity(initial_loss),
         "final_val_ppl": perplexity(summary.get("final_val_loss")),
         "final_bytes": directory_bytes(RunDir(run.out_dir).final),
         "weights_bytes": directory_bytes(RunDir(run.out_dir).final, WEIGHT_FILES),
