@@ -124,3 +124,29 @@ def test_bad_data_inputs_are_one_line(tmp_path):
 def test_popularity_counts_training_items_only(tiny):
     counts = tiny.item_popularity()
     assert counts.tolist() == [0, 1, 1, 1, 1, 1]  # user 3 trains on [2], user 7 on [4, 1, 3, 5]
+
+
+def test_the_cpu_subset_is_taken_before_the_split_and_deterministic(tmp_path):
+    # 6 users (ids 1..6), user u rates items u+1..u+7 at times 1..7; user 6 also rates item 1 at time 7 (a tie).
+    sequences = {u: [(u + t, t) for t in range(1, 8)] for u in range(1, 7)}
+    sequences[6].append((1, 7))  # a tie at the newest time: item id breaks it, as in the sequences
+    write_ml1m(tmp_path, sequences, 13)
+    data = load_dataset(RecDataConfig(name="ml-1m", path=tmp_path, max_seq_len=4, max_users=3, recent_interactions=4))
+    assert data.user_ids == ["1", "3", "5"]  # evenly spaced in user-id order: users[0], users[2], users[4]
+    assert [len(s) for s in data.sequences] == [4, 4, 4]
+    assert [data.item_ids[i - 1] for i in data.sequences[0]] == ["5", "6", "7", "8"]  # user 1's newest four
+    assert data.item_ids == sorted({str(u + t) for u in (1, 3, 5) for t in range(4, 8)}, key=int)  # only kept items
+    assert data.stats["subset"] == {"max_users": 3, "recent_interactions": 4, "users_before": 6,
+                                    "interactions_before": 43}
+    assert (data.stats["users"], data.stats["interactions"]) == (3, 12)
+    assert [s.sample_id for s in data.training_samples()] == ["u1:1", "u3:1", "u5:1"]
+    again = load_dataset(RecDataConfig(name="ml-1m", path=tmp_path, max_seq_len=4, max_users=3, recent_interactions=4))
+    assert again.sequences == data.sequences and again.item_ids == data.item_ids
+    tied = load_dataset(RecDataConfig(name="ml-1m", path=tmp_path, max_users=6, recent_interactions=3))
+    assert [tied.item_ids[i - 1] for i in tied.sequences[5]] == ["12", "1", "13"]  # time 7: item 1 before 13
+    assert load_dataset(RecDataConfig(name="ml-1m", path=tmp_path)).stats["subset"] is None
+    for bad, message in (({"max_users": 0}, "max_users must be >= 1"),
+                         ({"recent_interactions": 2}, r"recent_interactions \(2\) must be >= --data.min_inter")):
+        with pytest.raises(UserError, match=message) as caught:
+            RecDataConfig(name="ml-1m", path=tmp_path, **bad)
+        assert "\n" not in str(caught.value)

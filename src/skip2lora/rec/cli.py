@@ -1,4 +1,4 @@
-"""`skip2lora rec COMMAND`: student, distill, evaluate, baselines, stats, report.
+"""`skip2lora rec COMMAND`: student, distill, evaluate, baselines, stats, teacher-eval, pipeline, report.
 
 Every bad input raises UserError (one line); the main command table prints it and exits 2.
 Until `rec` is wired there, `python -m skip2lora.rec.cli COMMAND ...` does the same.
@@ -26,6 +26,8 @@ commands:
   baselines  random and most-popular rankers through the same evaluation: --out FILE.json
   stats      print (and save with --out) the split statistics of a dataset
   teacher-eval  a saved iLoRA teacher: HR@1 among its candidates, valid ratio, catalogue HR/NDCG@K
+  pipeline   student -> iLoRA teacher -> teacher evaluation -> teacher outputs -> distilled students and
+             controls over the seeds, one resumable folder with every phase timed: CONFIG.yaml
   report     render docs/rec.md from run folders and result JSON: RUNS... --out docs/rec.md
 
 `skip2lora rec COMMAND --help` lists a command's options."""
@@ -274,8 +276,32 @@ def cmd_teacher_eval(argv: list[str]) -> int:
     return 0
 
 
+def pipeline_parser():
+    from jsonargparse import ActionConfigFile, set_parsing_settings
+
+    from .pipeline_config import RecPipelineConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the teacher's fields show their docs
+    parser = _parser("skip2lora rec pipeline", "SASRec student -> iLoRA teacher (finetune) -> teacher evaluation "
+                     "-> teacher outputs -> distilled students and controls, over the seeds, into one folder; "
+                     "resumable, every phase timed (OUT/pipeline.json).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    parser.add_class_arguments(RecPipelineConfig, nested_key=None)
+    return parser
+
+
+def cmd_pipeline(argv: list[str]) -> int:
+    from .pipeline import run_pipeline
+    from .pipeline_config import pipeline_config
+
+    cfg = pipeline_config(parse(pipeline_parser(), argv, config_positional=True).as_dict())
+    record = run_pipeline(cfg, command_line("pipeline", argv))
+    print(f"pipeline {record['status']}: {cfg.out_dir / 'pipeline.json'}")
+    return 0
+
+
 COMMANDS = {"student": cmd_student, "distill": cmd_distill, "evaluate": cmd_evaluate, "baselines": cmd_baselines,
-            "stats": cmd_stats, "report": cmd_report, "teacher-eval": cmd_teacher_eval}
+            "stats": cmd_stats, "report": cmd_report, "teacher-eval": cmd_teacher_eval, "pipeline": cmd_pipeline}
 
 
 def main_rec(argv: list[str]) -> int:

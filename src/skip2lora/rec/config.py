@@ -25,6 +25,11 @@ class RecDataConfig:
     """Most recent items a model sees as history (older items are cut off)."""
     min_interactions: int = 3
     """Users with fewer interactions are dropped (3 = one train item, a validation and a test target)."""
+    max_users: Optional[int] = None
+    """A CPU-sized subset: keep this many users, evenly spaced in user-id order, before the split (None = all)."""
+    recent_interactions: Optional[int] = None
+    """A CPU-sized subset: keep each user's newest N interactions, before the split (None = all; at least
+    min_interactions). Every training prefix is a teacher sample, so this bounds the teacher's work per user."""
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -38,6 +43,11 @@ class RecDataConfig:
         if self.min_interactions < 3:
             raise UserError(f"--data.min_interactions must be >= 3 (a leave-one-out split needs 3), got "
                             f"{self.min_interactions}")
+        if self.max_users is not None and self.max_users < 1:
+            raise UserError(f"--data.max_users must be >= 1 (or null for every user), got {self.max_users}")
+        if self.recent_interactions is not None and self.recent_interactions < self.min_interactions:
+            raise UserError(f"--data.recent_interactions ({self.recent_interactions}) must be >= "
+                            f"--data.min_interactions ({self.min_interactions}), or null for every interaction")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -165,7 +165,8 @@ class RecDataset:
     """Every kept user's chronological item sequence, remapped ids and titles, and the split views."""
 
     def __init__(self, interactions: list[Interaction], titles: dict[str, str], name: str, max_seq_len: int,
-                 min_interactions: int = 3) -> None:
+                 min_interactions: int = 3, max_users: Optional[int] = None,
+                 recent_interactions: Optional[int] = None) -> None:
         self.name, self.max_seq_len = name, max_seq_len
         by_user: dict[str, list[Interaction]] = {}
         for row in interactions:
@@ -174,16 +175,20 @@ class RecDataset:
         if not kept:
             raise UserError(f"{name}: no user has >= {min_interactions} interactions, so the split is empty: "
                             "check the ratings file or lower --data.min_interactions")
-        raw_items = sorted({row.item for rows in kept.values() for row in rows}, key=_numeric_key)
+        subset = subset_users(kept, max_users, recent_interactions)
+        raw_items = sorted({row.item for rows in subset.values() for row in rows}, key=_numeric_key)
         self.item_ids: list[str] = raw_items                      # item i (1..N) is raw id item_ids[i-1]
         index = {raw: i + 1 for i, raw in enumerate(raw_items)}
         self.titles: list[str] = ["<pad>"] + [titles.get(raw, "") for raw in raw_items]
-        self.user_ids: list[str] = sorted(kept, key=_numeric_key)
+        self.user_ids: list[str] = sorted(subset, key=_numeric_key)
         # Chronological, ties broken by (remapped = raw-order) item id.
         self.sequences: list[list[int]] = [
-            [i for _, i in sorted((row.timestamp, index[row.item]) for row in kept[u])] for u in self.user_ids
+            [i for _, i in sorted((row.timestamp, index[row.item]) for row in subset[u])] for u in self.user_ids
         ]
         self.stats = self._stats(len(by_user) - len(kept), sum(len(r) for u, r in by_user.items() if u not in kept))
+        self.stats["subset"] = None if subset is kept else {
+            "max_users": max_users, "recent_interactions": recent_interactions, "users_before": len(kept),
+            "interactions_before": sum(len(rows) for rows in kept.values())}
 
     @property
     def n_items(self) -> int:
@@ -269,9 +274,26 @@ class RecDataset:
         return counts
 
 
+def subset_users(kept: dict[str, list[Interaction]], max_users: Optional[int],
+                 recent_interactions: Optional[int]) -> dict[str, list[Interaction]]:
+    """The CPU-sized subset, before the split: `max_users` users evenly spaced in user-id order (no RNG, so
+    every phase of a pipeline sees the same users), each cut to their `recent_interactions` newest
+    interactions (ties broken by item id, as the sequences are). `kept` itself when neither is set."""
+    if max_users is None and recent_interactions is None:
+        return kept
+    users = sorted(kept, key=_numeric_key)
+    if max_users is not None and max_users < len(users):
+        users = [users[i * len(users) // max_users] for i in range(max_users)]
+    if recent_interactions is None:
+        return {u: kept[u] for u in users}
+    newest_last = lambda rows: sorted(rows, key=lambda r: (r.timestamp, _numeric_key(r.item)))  # noqa: E731
+    return {u: newest_last(kept[u])[-recent_interactions:] for u in users}
+
+
 def load_dataset(cfg: RecDataConfig) -> RecDataset:
     interactions, titles = read_interactions(cfg)
-    return RecDataset(interactions, titles, cfg.name, cfg.max_seq_len, cfg.min_interactions)
+    return RecDataset(interactions, titles, cfg.name, cfg.max_seq_len, cfg.min_interactions, cfg.max_users,
+                      cfg.recent_interactions)
 
 
 def format_stats(stats: dict) -> str:

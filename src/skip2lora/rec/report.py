@@ -1,4 +1,6 @@
-"""docs/rec.md from run folders and result JSON: protocol, metrics over seeds, anchors, baselines, timings.
+"""docs/rec.md from run folders, pipeline folders and result JSON: protocol, metrics over seeds, anchors,
+baselines, timings; for pipelines (`rec pipeline`) also distillation vs controls, the teacher and every phase's
+cost (report_pipeline.py).
 
 Reports only read what runs wrote. The published anchors below are other projects' numbers, labelled
 as such in the output with their protocols; nothing here is a figure of ours typed by hand.
@@ -13,6 +15,8 @@ from ..errors import UserError
 from ..outdir import RunDir, read_json_file
 from ..paths import atomic_write_bytes, atomic_write_json
 from ..report.stats import mean_std
+from .report_common import dataset_label, fmt, subset_line
+from .report_pipeline import is_pipeline_folder, load_pipeline, pipeline_sections
 
 # Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
 ANCHORS = [
@@ -22,22 +26,20 @@ ANCHORS = [
      "protocol": "UniRec: full ranking, leave-one-out; validation split"},
 ]
 TARGETS = {"hr@10": 0.11, "ndcg@10": 0.055, "train_s": 180.0, "test_eval_s": 1.0}
-METHOD_ORDER = {"sasrec": 0, "most-popular": 1, "random": 2}
+METHOD_ORDER = {"sasrec": 0, "sasrec+rd+ed": 1, "sasrec+rd+ed-shuffled": 2, "sasrec+ed": 3, "sasrec+rd": 4,
+                "most-popular": 5, "random": 6}
 
 
-def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
-    """Mean ± sample std (the project's one mean_std); the mean alone for one value."""
-    stat = mean_std(values)
-    if stat.mean is None:
-        return "–"
-    return f"{stat.mean:.{digits}f}" if stat.std is None else f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
-
-
-def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
-    """(every run, the runs read from run folders): folders, run.json files or rec-results JSON files."""
-    runs, from_folders = [], []
+def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(every run, the runs read from folders, the pipelines): run folders, pipeline folders, run.json files or
+    rec-results JSON files (which may carry pipelines saved by --save)."""
+    runs, from_folders, pipelines = [], [], []
     for path in paths:
-        if path.is_dir():
+        if is_pipeline_folder(path):
+            pipeline, found = load_pipeline(path)
+            pipelines.append(pipeline)
+            from_folder = True
+        elif path.is_dir():
             run = dict(RunDir(path).read_run_json(), name=path.name)
             found, from_folder = [run], True
         else:
@@ -46,6 +48,7 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
             if not isinstance(found, list):
                 raise UserError(f"{path}: 'runs' must be a list of run records")
             found = [dict(r, name=r.get("name") or path.stem) for r in found]
+            pipelines.extend(payload.get("pipelines", []) if payload.get("kind") == "rec-results" else [])
             from_folder = False
         for run in found:
             if run.get("kind") != "rec" or run.get("status") != "completed":
@@ -55,13 +58,14 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
         if from_folder:
             from_folders.extend(found)
     if not runs:
-        raise UserError("no runs to report: pass run folders or result JSON files")
-    return runs, from_folders
+        raise UserError("no runs to report: pass run folders, pipeline folders or result JSON files")
+    return runs, from_folders, pipelines
 
 
 def group_key(run: dict) -> tuple:
+    """Runs averaged together: one method on one dataset (and subset) under one protocol."""
     p = run["summary"]["protocol"]
-    return (run["method"], run["split"]["dataset"], p["mask_history"], p["max_seq_len"])
+    return (run["method"], dataset_label(run["split"]), p["mask_history"], p["max_seq_len"])
 
 
 def groups(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -101,6 +105,7 @@ def protocol_lines(student: dict) -> list[str]:
         f"sparsity {s['sparsity']:.4f}; {s['dropped_users']} users dropped for fewer than "
         f"{cfg['data']['min_interactions']} interactions. Sequence length median {s['seq_len_median']}, max "
         f"{s['seq_len_max']}.",
+        *filter(None, [subset_line(s)]),
         f"- **Split**: {s['split']}; items ordered by {s['order']}. Histories are the last {p['max_seq_len']} items, "
         "left-padded; the test history includes the validation target.",
         f"- **Ranking**: {p['ranking']} (no sampled negatives; the padding item is never ranked); history masking: "
@@ -170,7 +175,10 @@ def _idle_estimate(students: list[dict]) -> str:
             f"+ validation would take {estimate:.1f} s — an estimate, not a measurement")
 
 
-def target_lines(students: list[dict]) -> list[str]:
+def target_lines(all_students: list[dict]) -> list[str]:
+    students = [r for r in all_students if not r["split"].get("subset")]
+    if not students:
+        return ["- not judged: every student ran on a subset of the data; the targets are for the whole dataset."]
     hr = mean_std([r["summary"]["test"]["hr@10"] for r in students]).mean
     ndcg = mean_std([r["summary"]["test"]["ndcg@10"] for r in students]).mean
     train = max(r["timing"]["train_s"] for r in students)
@@ -187,15 +195,18 @@ def target_lines(students: list[dict]) -> list[str]:
     ]
 
 
-def render(runs: list[dict], command: str, regenerate: Optional[str]) -> str:
+def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines: Sequence[dict] = ()) -> str:
     students = [r for r in runs if r["method"] == "sasrec"]
     if not students:
         raise UserError("no SASRec student run among the inputs: pass the run folders of `skip2lora rec student`")
     first = students[0]
     ks = first["summary"]["protocol"]["ks"]
     grouped = groups(runs)
-    out = [f"# Sequential recommendation: the SASRec student on {first['split']['dataset']}", "",
-           f"Generated by `{command}` from {len(runs)} run records; do not edit by hand."]
+    title = (f"the SASRec student, the iLoRA teacher and distillation on {dataset_label(first['split'])}" if pipelines
+             else f"the SASRec student on {first['split']['dataset']}")
+    records = f" and {len(pipelines)} pipeline record{'s' if len(pipelines) > 1 else ''}" if pipelines else ""
+    out = [f"# Sequential recommendation: {title}", "",
+           f"Generated by `{command}` from {len(runs)} run records{records}; do not edit by hand."]
     if regenerate:
         out.append(f"Regenerate from the saved records with `{regenerate}`.")
     out += ["", "## Protocol", *protocol_lines(first), "",
@@ -212,17 +223,21 @@ def render(runs: list[dict], command: str, regenerate: Optional[str]) -> str:
             "mean in run.json (`timing.epoch_time_s`); fit CPU s is this process's CPU time, which also grows when "
             "threads wait for busy cores. Epoch counts and metrics do not depend on load (no wall-clock limit unless "
             "`stopped` says time_limit).", "", *run_table(students), ""]
+    for pipeline in pipelines:
+        out += pipeline_sections(pipeline, runs, titled=len(pipelines) > 1)
     return "\n".join(out)
 
 
 def write_report(paths: Sequence[Path], out: Path, save: Optional[Path], command: str) -> Path:
-    runs, from_folders = load_runs(paths)
+    runs, from_folders, pipelines = load_runs(paths)
     regenerate = None
     if save is not None:
         if not from_folders:
             raise UserError("--save copies the runs read from run folders, but every input was a JSON file")
-        atomic_write_json(Path(save), {"kind": "rec-results", "generated_by": command, "runs": from_folders})
+        saved = [p for p in pipelines if p["name"] in {r.get("pipeline") for r in from_folders}]
+        atomic_write_json(Path(save), {"kind": "rec-results", "generated_by": command, "runs": from_folders,
+                                       **({"pipelines": saved} if saved else {})})
         others = [str(p) for p in paths if not p.is_dir()]
         regenerate = " ".join(["skip2lora rec report", str(save), *others, "--out", str(out)])
-    atomic_write_bytes(Path(out), render(runs, command, regenerate).encode())
+    atomic_write_bytes(Path(out), render(runs, command, regenerate, pipelines).encode())
     return Path(out)

@@ -1,0 +1,218 @@
+"""`skip2lora rec pipeline` end to end on the tiny model and synthetic data: every phase in one folder and timed,
+a re-run skips finished phases, an interrupted pipeline resumes where it stopped, a changed setting is refused
+in one line, and `rec report` renders baseline vs distilled vs controls, the teacher and the phase timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rec_fixtures import synthetic_sequences, write_ml1m
+
+from skip2lora.errors import UserError
+from skip2lora.outdir import RunDir
+from skip2lora.paths import remove_path
+from skip2lora.rec import pipeline as rec_pipeline
+from skip2lora.rec.cli import main_rec, parse, pipeline_parser
+from skip2lora.rec.pipeline_config import pipeline_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
+TINY = CONFIGS / "pipeline-tiny.yaml"
+PHASES = ["student/seed-1", "student/seed-2", "teacher", "teacher-eval", "teacher-outputs",
+          *[f"distill/{v}/seed-{s}" for v in ("rd-ed", "rd", "ed", "rd-ed-shuffled") for s in (1, 2)]]
+
+
+def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
+    """The tiny config on synthetic data (12 of its 40 users): seconds on one core."""
+    return ["pipeline", str(TINY), "--out_dir", str(out), "--threads", "1", "--data.name", "ml-1m",
+            "--data.path", str(data), "--data.max_users", "12", "--data.recent_interactions", "null", *extra]
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_ml1m(tmp_path_factory.mktemp("ml1m"), synthetic_sequences(), 30)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir) -> Path:
+    """One finished pipeline the tests below read (and re-run)."""
+    out = tmp_path_factory.mktemp("pipelines") / "tiny"
+    assert main_rec(tiny_argv(out, data_dir)) == 0
+    return out
+
+
+def read_record(folder: Path) -> dict:
+    return json.loads((folder / "pipeline.json").read_text())
+
+
+def test_every_phase_runs_into_one_folder_and_is_timed(finished):
+    record = read_record(finished)
+    assert record["status"] == "completed" and record["plan"] == PHASES
+    assert set(record["phases"]) == set(PHASES)
+    for name, entry in record["phases"].items():
+        assert entry["status"] == "completed" and entry["seconds"] > 0 and entry["peak_memory_mb"] > 0, name
+    student = record["phases"]["student/seed-1"]
+    assert student["method"] == "sasrec" and student["epochs_run"] == 2
+    assert {"fit_s", "epoch_s_mean", "epoch_s_min", "test_eval_s"} <= set(student)
+    teacher = record["phases"]["teacher"]
+    assert teacher["method"] == "ilora" and teacher["steps"] == 3 and teacher["train_s"] > 0
+    assert teacher["samples_seen"] == 24 and not teacher["resumed"]
+    evaluation = record["phases"]["teacher-eval"]["result"]
+    assert evaluation["catalogue"]["users"] == 6 and evaluation["candidates"]["samples"] == 3
+    outputs = record["phases"]["teacher-outputs"]
+    index = json.loads((finished / "teacher-outputs" / "index.json").read_text())
+    assert index["complete"] and outputs["samples"] == index["settings"]["samples"] > 0
+    assert outputs["generation_s"] > 0 and outputs["generation_s_per_sample"] > 0
+    for variant, method in (("rd-ed", "sasrec+rd+ed"), ("rd", "sasrec+rd"), ("ed", "sasrec+ed"),
+                            ("rd-ed-shuffled", "sasrec+rd+ed-shuffled")):
+        run = RunDir(finished / "distill" / variant / "seed-2").read_run_json()
+        assert run["method"] == method and run["seed"] == 2
+        assert run["summary"]["distillation"]["teacher_outputs"] == str(finished / "teacher-outputs")
+        assert record["phases"][f"distill/{variant}/seed-2"]["teacher_outputs_load_s"] >= 0
+    # The teacher's gate and prompts read the first seed's student; every phase saw the same 12-user subset.
+    teacher_run = RunDir(finished / "teacher").read_run_json()
+    assert teacher_run["config"]["data"]["path"] == str(finished / "student" / "seed-1" / "best")
+    assert (finished / "teacher" / "final" / "adapter_config.json").is_file()
+    assert RunDir(finished / "student" / "seed-2").read_run_json()["split"]["users"] == 12
+    assert index["settings"]["teacher"]["checkpoint"] == "teacher/final"
+
+
+def test_a_rerun_skips_every_finished_phase(finished, data_dir, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished phase ran again")
+
+    for name in ("run_student", "train_teacher", "evaluate_teacher_phase", "write_outputs_phase"):
+        monkeypatch.setattr(rec_pipeline, name, must_not_run)
+    before = read_record(finished)
+    capsys.readouterr()
+    assert main_rec(tiny_argv(finished, data_dir)) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == len(PHASES)
+    after = read_record(finished)
+    assert after["phases"] == before["phases"] and len(after["starts"]) == len(before["starts"]) + 1
+
+
+@pytest.mark.parametrize("extra, named", [(["--teacher.train.max_steps", "4"], "teacher.train.max_steps=3, not 4"),
+                                          (["--seeds", "[1]"], "seeds=[1, 2], not [1]"),
+                                          (["--distill.lam", "0.5"], "distill.lam=0.8, not 0.5"),
+                                          (["--data.max_users", "11"], "data.max_users=12, not 11")])
+def test_a_changed_setting_is_refused_in_one_line(finished, data_dir, extra, named):
+    before = (finished / "pipeline.json").read_bytes()
+    with pytest.raises(UserError) as caught:
+        main_rec(tiny_argv(finished, data_dir, *extra))
+    assert named in one_line(caught) and "rerun it with its own settings" in str(caught.value)
+    assert (finished / "pipeline.json").read_bytes() == before
+
+
+def test_an_interrupted_pipeline_resumes_where_it_stopped(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "interrupted"
+    argv = tiny_argv(out, data_dir, "--variants", "[rd+ed]")
+    real_outputs = rec_pipeline.write_outputs_phase
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec_pipeline, "write_outputs_phase", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main_rec(argv)
+    record = read_record(out)
+    assert record["status"] == "running"
+    assert set(record["phases"]) == {"student/seed-1", "student/seed-2", "teacher", "teacher-eval"}
+    with pytest.raises(UserError, match="not finished \\(4 of 7 phases\\)") as caught:
+        main_rec(["report", str(out), "--out", str(tmp_path / "r.md")])
+    one_line(caught)
+    assert not (tmp_path / "r.md").exists()
+
+    # Also as if the teacher had been killed after its last checkpoint, before final/ and run.json: it resumes.
+    for name in ("run.json", "final"):
+        remove_path(out / "teacher" / name)
+    del record["phases"]["teacher"]
+    (out / "pipeline.json").write_text(json.dumps(record))
+
+    students: list[str] = []
+    real_run_student = rec_pipeline.run_student
+    monkeypatch.setattr(rec_pipeline, "write_outputs_phase", real_outputs)
+    monkeypatch.setattr(rec_pipeline, "run_student",
+                        lambda cfg: students.append(cfg.out_dir.relative_to(out).as_posix()) or real_run_student(cfg))
+    assert main_rec(argv) == 0
+    assert students == ["distill/rd-ed/seed-1", "distill/rd-ed/seed-2"]  # the finished students did not run again
+    record = read_record(out)
+    assert record["status"] == "completed" and len(record["phases"]) == 7
+    assert record["phases"]["teacher"]["resumed"] and record["phases"]["teacher"]["steps"] == 3
+    assert {e["start"] for e in record["phases"].values()} == {1, 2}
+
+
+def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
+    report, saved = tmp_path / "rec.md", tmp_path / "saved.json"
+    assert main_rec(["report", str(finished), "--out", str(report), "--save", str(saved)]) == 0
+    text = report.read_text()
+    assert "the iLoRA teacher and distillation on ml-1m subset: 12 of 40 users" in text
+    assert "## Distillation: baseline vs distilled student vs controls" in text
+    for role in ("| sasrec | baseline |", "| sasrec+rd+ed | distilled student |",
+                 "| sasrec+rd+ed-shuffled | control: teacher shuffled between users |",
+                 "| sasrec+ed | control: embedding distillation only |",
+                 "| sasrec+rd | control: ranking distillation only |"):
+        assert role in text
+    assert "beyond the seed-to-seed spread when" in text and "the real teacher vs a teacher shuffled" in text
+    # The baseline's cells are its runs' test metrics, mean ± std over the two seeds.
+    from skip2lora.rec.report_common import fmt
+
+    ndcg = [RunDir(finished / "student" / f"seed-{s}").read_run_json()["summary"]["test"]["ndcg@10"] for s in (1, 2)]
+    assert fmt(ndcg) in text.split("| sasrec | baseline | 2 |")[1].split("\n")[0]
+    assert "## The teacher's own metrics" in text and "HR@1 (of valid)" in text
+    assert "| ilora on tiny | test | 6 | 3 | 5 |" in text
+    assert "## Phase timings of the pipeline" in text
+    for phase in ("teacher fine-tuning", "teacher evaluation", "teacher outputs (every training sample)",
+                  "distilled student sasrec+rd+ed, per seed", "all phases (sum)"):
+        assert f"| {phase} |" in text
+    assert "not judged: every student ran on a subset" in text
+    # The saved records regenerate the same document.
+    again = tmp_path / "again.md"
+    assert main_rec(["report", str(saved), "--out", str(again)]) == 0
+    strip = lambda t: [line for line in t.splitlines() if not line.startswith(("Generated", "Regenerate"))]  # noqa
+    assert strip(again.read_text()) == strip(text)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teacher.method", "lora"], "teacher.method ilora"),
+    (["--variants", "[rd, best]"], "--variants must list each of"),
+    (["--distill.rd", "false"], "come from --variants"),
+    (["--distill.teacher_outputs", "/tmp/x"], "distill.teacher_outputs is set by the pipeline"),
+    (["--teacher.train.micro_batch_size", "3"], "teacher settings: train.global_batch_size (8) must be a multiple"),
+    (["--seeds", "[]"], "--seeds must list at least one seed"),
+    (["--teacher.devices", "2"], "trains its teacher in one process"),
+    (["--data.recent_interactions", "2"], "recent_interactions (2) must be >= --data.min_interactions (3)"),
+])
+def test_bad_pipeline_settings_are_one_line_and_write_nothing(tmp_path, data_dir, extra, message):
+    out = tmp_path / "never"
+    with pytest.raises(UserError) as caught:
+        main_rec(tiny_argv(out, data_dir, *extra))
+    assert message in one_line(caught)
+    assert not out.exists()
+
+
+def test_a_folder_holding_something_else_is_refused(tmp_path, data_dir):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds notes.txt but no pipeline.json") as caught:
+        main_rec(tiny_argv(tmp_path / "busy", data_dir))
+    one_line(caught)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("name", ["ilora-ml100k.yaml", "ilora-ml100k-cpu.yaml", "pipeline-tiny.yaml"])
+def test_shipped_pipeline_configs_parse(name):
+    cfg = pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)], config_positional=True).as_dict())
+    assert cfg.teacher.method == "ilora" and cfg.data.name == "ml-100k"
+    assert cfg.variants == ["rd+ed", "rd", "ed", "rd+ed-shuffled"]
+    if name == "ilora-ml100k-cpu.yaml":  # the CPU run states its subset
+        assert cfg.data.max_users and cfg.data.recent_interactions and cfg.teacher.model == "smollm2-135m"
+        assert cfg.teacher.train.max_steps <= 300
+    if name == "ilora-ml100k.yaml":
+        assert cfg.data.max_users is None and cfg.data.recent_interactions is None and len(cfg.seeds) == 3
