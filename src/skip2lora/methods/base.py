@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 METHOD_REGISTRY: dict[str, type["FinetuneMethod"]] = {}
 
 
+def copy_checked(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """Copy saved tensors into live parameters, refusing (one line, naming `fix`) a tensor of another shape."""
+    with torch.no_grad():
+        for name, param in params.items():
+            if state[name].shape != param.shape:
+                raise UserError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, this run expects "
+                                f"{tuple(param.shape)}: {fix}")
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
 def register_method(name: str) -> Callable[[type], type]:
     """Class decorator: make a method buildable by its config name (`--method NAME`)."""
 
@@ -143,12 +153,7 @@ class FinetuneMethod(nn.Module):
         if missing:
             raise UserError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
                             "it was written by another method or configuration")
-        with torch.no_grad():
-            for name, param in params.items():
-                if state[name].shape != param.shape:
-                    raise UserError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, this run "
-                                    f"expects {tuple(param.shape)}: resume with the settings it was trained with")
-                param.copy_(state[name].to(param.device, param.dtype))
+        copy_checked(params, state, "checkpoint", "resume with the settings it was trained with")
 
     def trainable_settings(self) -> dict:
         """What the trainable tensors depend on besides method, model and data, by config name: a resume

@@ -30,8 +30,9 @@ from torch import nn
 
 from ..config import FinetuneConfig, ILoRAConfig
 from ..errors import UserError
-from ..methods.base import FinetuneMethod, probe_batch, register_method
+from ..methods.base import FinetuneMethod, copy_checked, probe_batch, register_method
 from ..models import ModelInfo
+from ..outdir import read_json_file
 from .checkpoint import ITEMS_JSON, REC_JSON, WEIGHTS, load_checkpoint
 from .moe_lora import ExpertGate, add_moe_lora, attention_projections, moe_lora_layers
 from .sasrec import SASRec
@@ -191,12 +192,7 @@ class ILoRATeacher(FinetuneMethod):
             missing = sorted(set(own) - set(state)) or sorted(set(state) - set(own))
             raise UserError(f"{source} does not match this teacher ({missing[0]} differs): it was saved for another "
                             "base model or settings")
-        with torch.no_grad():
-            for name, param in own.items():
-                if state[name].shape != param.shape:
-                    raise UserError(f"{source}: {name} has shape {tuple(state[name].shape)}, the teacher expects "
-                                    f"{tuple(param.shape)}")
-                param.copy_(state[name].to(param.device, param.dtype))
+        copy_checked(own, state, str(source), "it was saved for another base model or settings")
 
     def adapter_config(self) -> dict:
         cfg = self.ilora
@@ -224,12 +220,9 @@ class ILoRATeacher(FinetuneMethod):
 
 def read_teacher_config(folder: Path) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no {ADAPTER_CONFIG}: point at OUT/final of an ilora run") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    if not path.is_file():
+        raise UserError(f"{folder} has no {ADAPTER_CONFIG}: point at OUT/final of an ilora run")
+    config = read_json_file(path, "teacher config")
     if config.get("method") != "ilora":
         raise UserError(f"{path} is not an iLoRA teacher (method {config.get('method')!r})")
     return config

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from ...config import Skip2LoRAConfig
 from ...errors import UserError
+from ...outdir import read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,12 +49,9 @@ class Skip2LoRAAdapterConfig:
     @classmethod
     def read(cls, directory: Path) -> "Skip2LoRAAdapterConfig":
         path = Path(directory) / ADAPTER_CONFIG
-        try:
-            payload = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{directory} has no {ADAPTER_CONFIG}: point at OUT/final of a Skip2-LoRA run") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from exc
+        if not path.is_file():
+            raise UserError(f"{directory} has no {ADAPTER_CONFIG}: point at OUT/final of a Skip2-LoRA run")
+        payload = read_json_file(path, "adapter config")
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in payload.items() if k in known})
