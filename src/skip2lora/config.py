@@ -117,6 +117,14 @@ class TrainConfig:
     time_phases: Optional[bool] = None
     """Time forward, backward and optimizer separately (waits for the device at each phase boundary; unset:
     on for CPU, where waiting is free, off on GPUs)."""
+    num_workers: int = 0
+    """Data-loader worker processes that collate the coming steps' micro-batches while the current step trains
+    (0: the loop collates each step's batches itself). The batches are the same either way."""
+    compile: bool = False
+    """torch.compile the base model's decoder stack in place before training (every later call of it, evaluation
+    included; the first steps pay the compile time). Not with skip2lora, whose trunk hooks its blocks."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend (inductor; eager only traces the graph, a cheap check that compiling works)."""
 
     def __post_init__(self) -> None:
         _at_least("train", "micro_batch_size", self.micro_batch_size, 1)
@@ -142,6 +150,9 @@ class TrainConfig:
         _positive("train", "max_grad_norm", self.max_grad_norm)
         _at_least("train", "log_interval", self.log_interval, 1)
         _at_least("train", "save_interval", self.save_interval, 1, unset_ok=True)
+        _at_least("train", "num_workers", self.num_workers, 0)
+        if not self.compile_backend:
+            raise UserError("train.compile_backend is empty: name a torch.compile backend (inductor)")
 
     @property
     def accumulation(self) -> int:
@@ -349,6 +360,11 @@ class FinetuneConfig:
         if self.skip2lora.block_indices == "auto" and self.method != "skip2lora":
             raise UserError(f"skip2lora.block_indices auto chooses Skip2-LoRA's blocks, but method is {self.method}: "
                             "use --method skip2lora, or leave block_indices as a list")
+        if self.train.compile and self.method == "skip2lora":
+            # Its trunk captures block outputs with hooks and reads the Skip-Cache: compiling the decoder would
+            # trace neither honestly, so it is refused rather than silently half-applied.
+            raise UserError("train.compile is not available with method skip2lora (its trunk hooks the blocks and "
+                            "reads the Skip-Cache): leave train.compile off")
         self.check_out_dir_spares_inputs()
 
     def check_out_dir_spares_inputs(self) -> None:

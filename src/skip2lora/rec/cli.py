@@ -1,4 +1,5 @@
-"""`skip2lora rec COMMAND`: student, distill, evaluate, baselines, stats, teacher-eval, pipeline, report.
+"""`skip2lora rec COMMAND`: student, distill, evaluate, baselines, stats, teacher-eval, pipeline, report,
+speed, speed-report.
 
 Every bad input raises UserError (one line); the main command table prints it and exits 2.
 Until `rec` is wired there, `python -m skip2lora.rec.cli COMMAND ...` does the same.
@@ -29,6 +30,9 @@ commands:
   pipeline   student -> iLoRA teacher -> teacher evaluation -> teacher outputs -> distilled students and
              controls over the seeds, one resumable folder with every phase timed: CONFIG.yaml
   report     render docs/rec.md from run folders and result JSON: RUNS... --out docs/rec.md
+  speed      the teacher's speed knobs, each against its baseline in one run (fp32/bf16, inference batch,
+             KV cache, loader workers, torch.compile, QLoRA, accumulation, iLoRA vs Skip2-LoRA): CONFIG.yaml
+  speed-report  render the speed table from speed.json files: JSON... --out docs/rec_speed.md
 
 `skip2lora rec COMMAND --help` lists a command's options."""
 
@@ -300,8 +304,47 @@ def cmd_pipeline(argv: list[str]) -> int:
     return 0
 
 
+def speed_parser():
+    from jsonargparse import ActionConfigFile, set_parsing_settings
+
+    from .speed_config import RecSpeedConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the teacher's fields show their docs
+    parser = _parser("skip2lora rec speed", "The teacher's speed knobs, each against its baseline in one run on the "
+                     "same data: warm-up steps untimed, timed steps as mean ± std, each measurement in its own "
+                     "process (OUT/speed.json).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    parser.add_class_arguments(RecSpeedConfig, nested_key=None)
+    return parser
+
+
+def cmd_speed(argv: list[str]) -> int:
+    from .speed import SPEED_JSON, run_speed
+    from .speed_config import speed_config
+    from .speed_report import render_section
+
+    cfg = speed_config(parse(speed_parser(), argv, config_positional=True).as_dict())
+    record = run_speed(cfg, command_line("speed", argv))
+    print(render_section(record))
+    print(f"wrote {cfg.out_dir / SPEED_JSON}")
+    return 0
+
+
+def cmd_speed_report(argv: list[str]) -> int:
+    from .speed_report import write_speed_report
+
+    parser = _parser("skip2lora rec speed-report", "Render the teacher speed table from `rec speed` results.")
+    parser.add_argument("inputs", type=str, nargs="+", help="speed.json files or the folders of `rec speed` runs")
+    parser.add_argument("--out", type=Path, default=Path("docs/rec_speed.md"), help="Markdown file to write")
+    args = parse(parser, argv)
+    write_speed_report([Path(p) for p in args.inputs], Path(args.out), command_line("speed-report", argv))
+    print(f"wrote {args.out}")
+    return 0
+
+
 COMMANDS = {"student": cmd_student, "distill": cmd_distill, "evaluate": cmd_evaluate, "baselines": cmd_baselines,
-            "stats": cmd_stats, "report": cmd_report, "teacher-eval": cmd_teacher_eval, "pipeline": cmd_pipeline}
+            "stats": cmd_stats, "report": cmd_report, "teacher-eval": cmd_teacher_eval, "pipeline": cmd_pipeline,
+            "speed": cmd_speed, "speed-report": cmd_speed_report}
 
 
 def main_rec(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -182,6 +182,8 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     prepare_started = time.perf_counter()
     method.prepare(train_samples, val_samples[rank::world], device)  # each rank builds the cache of its share
     prepare_time = time.perf_counter() - prepare_started
+    if cfg.train.compile:
+        compile_decoder(method, cfg.train.compile_backend)
 
     accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
     stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed, rank, world)
@@ -210,6 +212,14 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     return Run(cfg, fabric, run_dir, device, precision, task, method, module, info, train_samples, val_samples,
                optimizer, scheduler, stream, total_steps, progress, start_step, logger, environment, time_phases,
                accumulation, claim)
+
+
+def compile_decoder(method: FinetuneMethod, backend: str) -> None:
+    """torch.compile the base model's decoder stack in place (train.compile): its parameters keep their names, so
+    checkpoints and saved adapters are unchanged. Compilation itself happens lazily, in the first steps."""
+    from ..methods.skip2lora.trunk import find_decoder
+
+    find_decoder(method.hf_model()).compile(backend=backend)
 
 
 def fabric_precision(fabric: Any) -> str:
@@ -248,16 +258,64 @@ def save_result(run: Run, directory) -> None:
         "description": task.description})
 
 
-def next_micro_batches(run: Run, step: int, current_epoch: Optional[int]) -> tuple[list[dict], Optional[int]]:
-    """The micro-batches of optimizer step `step` (1-based), telling the method when an epoch starts."""
-    batches = []
-    accumulation = run.accumulation
+def step_micro_batches(samples: list[TokenizedSample], stream: MicroBatchStream, accumulation: int, pad_id: int,
+                       step: int) -> list[tuple[int, dict]]:
+    """(epoch, collated micro-batch on the CPU) for each micro-batch of optimizer step `step` (1-based)."""
+    out = []
     for micro in range(accumulation):
-        epoch, indices = run.stream.indices((step - 1) * accumulation + micro)
+        epoch, indices = stream.indices((step - 1) * accumulation + micro)
+        out.append((epoch, collate([samples[i] for i in indices], pad_id)))
+    return out
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i = step_micro_batches of step first_step + i, for a DataLoader whose workers collate the coming
+    steps while the current one trains (train.num_workers). A pure function of the step, as the stream is, so
+    the batches are the ones the loop would build itself."""
+
+    def __init__(self, samples: list[TokenizedSample], stream: MicroBatchStream, accumulation: int, pad_id: int,
+                 first_step: int, last_step: int) -> None:
+        self.samples, self.stream, self.accumulation, self.pad_id = samples, stream, accumulation, pad_id
+        self.first_step, self.last_step = first_step, last_step
+
+    def __len__(self) -> int:
+        return max(0, self.last_step - self.first_step + 1)
+
+    def __getitem__(self, index: int) -> list[tuple[int, dict]]:
+        return step_micro_batches(self.samples, self.stream, self.accumulation, self.pad_id, self.first_step + index)
+
+
+def _as_collated(item: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    return item  # StepBatches collates itself; a module-level function, so workers can be spawned too
+
+
+def prefetched_steps(run: Run) -> Optional[Iterator[list[tuple[int, dict]]]]:
+    """The steps' micro-batches from train.num_workers loader workers, in step order; None without workers."""
+    workers = run.cfg.train.num_workers
+    if not workers:
+        return None
+    steps = StepBatches(run.train_samples, run.stream, run.accumulation, run.method.tokenizer.pad_token_id,
+                        run.start_step + 1, run.total_steps)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                         collate_fn=_as_collated, pin_memory=run.device.type == "cuda")
+    return iter(loader)
+
+
+def next_micro_batches(run: Run, step: int, current_epoch: Optional[int],
+                       prefetched: Optional[Iterator[list[tuple[int, dict]]]] = None
+                       ) -> tuple[list[dict], Optional[int]]:
+    """The micro-batches of optimizer step `step` (1-based), collated here or taken from the loader workers,
+    telling the method when an epoch starts."""
+    if prefetched is not None:
+        collated = next(prefetched)
+    else:
+        collated = step_micro_batches(run.train_samples, run.stream, run.accumulation,
+                                      run.method.tokenizer.pad_token_id, step)
+    batches = []
+    for epoch, batch in collated:
         if epoch != current_epoch:
             current_epoch = run.progress.epoch = epoch
             run.method.on_epoch_start(epoch)
-        batch = collate([run.train_samples[i] for i in indices], run.method.tokenizer.pad_token_id)
         batches.append(to_device(batch, run.device))
     return batches, current_epoch
 
@@ -272,6 +330,7 @@ def fit(run: Run, show_progress: bool = True) -> int:
                disable=not show_progress or not run.is_writer, dynamic_ncols=True)
     current_epoch, step = None, run.start_step
     tokens_since_log = 0
+    prefetched = prefetched_steps(run)
     for step in range(run.start_step + 1, run.total_steps + 1):
         method.train()
         if run.world_size > 1:
@@ -279,7 +338,7 @@ def fit(run: Run, show_progress: bool = True) -> int:
             # run needs no rank's RNG state, only the step number (one process restores its RNG instead).
             torch.manual_seed(hash_seed(cfg.seed, step, run.fabric.global_rank))
         started = time.perf_counter()
-        batches, current_epoch = next_micro_batches(run, step, current_epoch)
+        batches, current_epoch = next_micro_batches(run, step, current_epoch, prefetched)
         learning_rate = run.scheduler.get_last_lr()[0]
         result = train_step(run.module, run.optimizer, batches, max_grad_norm=cfg.train.max_grad_norm,
                             scheduler=run.scheduler, timing=run.time_phases, device=run.device, fabric=run.fabric)
@@ -316,6 +375,7 @@ def fit(run: Run, show_progress: bool = True) -> int:
             bar.write(f"[skip2lora] time budget of {cfg.train.max_time_s:.0f}s reached at step {step}")
             break
     bar.close()
+    del prefetched  # a run stopped early by its time budget ends its loader workers here
     return step
 
 
@@ -352,8 +412,10 @@ def finish(run: Run, steps: int) -> dict:
     return payload
 
 
-def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
-    """Fine-tune as configured; returns the run record (also written to OUT/run.json)."""
+def run_finetune(cfg: FinetuneConfig, show_progress: bool = True,
+                 after_setup: Optional[Callable[[Run], None]] = None) -> dict:
+    """Fine-tune as configured; returns the run record (also written to OUT/run.json). `after_setup(run)` runs once
+    the model and data are ready, before the first step (the speed table starts its memory window there)."""
     run = setup(cfg)
     method, info = run.method, run.info
     counts = method.parameter_counts()
@@ -365,6 +427,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
     try:
+        if after_setup is not None:
+            after_setup(run)
         payload = finish(run, fit(run, show_progress))
     except BaseException as exc:
         if run.logger is not None:
