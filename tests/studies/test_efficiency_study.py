@@ -141,7 +141,7 @@ def test_grid_holds_the_seed_configurations_and_maps_onto_the_runner():
     experiment = runner_spec(spec)
     assert len(experiment["tasks"]) == 2 * 2 * 3 and list(experiment["variants"]) == list(spec.configurations)
     task = experiment["tasks"]["japanese.gemma3-270m.n5000"]
-    assert task["model"] == "gemma3-270m" and task["data"]["num_train"] == 250
-    assert experiment["common"]["train"]["max_time_s"] == 900 and experiment["common"]["train"]["epochs"] == 1
+    assert task["model"] == "gemma3-270m" and task["data"]["num_train"] == round(5000 * spec.size_scale)
+    assert experiment["common"]["train"]["max_time_s"] == spec.budget["max_time_s"] and experiment["common"]["train"]["epochs"] == 1
     with pytest.raises(UserError, match="unknown configuration"):
         load_efficiency_spec(ROOT / "configs" / "efficiency" / "default.yaml", ["nope"])

@@ -136,7 +136,8 @@ def write_outputs(spec: EfficiencySpec, planned: list[PlannedRun], claim_names: 
     json_path = spec.out_dir / STUDY_JSON
     payload = {
         "study": spec.name, "description": spec.description,
-        "command": f"skip2lora efficiency-report {spec.source}" if spec.source else "skip2lora efficiency-report",
+        "command": (f"skip2lora efficiency-report {spec.source}" if spec.source else "skip2lora efficiency-report")
+        + (f" --claims {' '.join(claim_names)}" if claim_names else ""),
         "json": str(json_path), "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {"models": spec.models, "tasks": spec.tasks, "sizes": spec.sizes, "size_scale": spec.size_scale,
                      "num_val": spec.num_val, "seeds": spec.seeds, "budget": spec.budget, "common": spec.common,
