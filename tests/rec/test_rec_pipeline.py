@@ -216,3 +216,16 @@ def test_shipped_pipeline_configs_parse(name):
         assert cfg.teacher.train.max_steps <= 300
     if name == "ilora-ml100k.yaml":
         assert cfg.data.max_users is None and cfg.data.recent_interactions is None and len(cfg.seeds) == 3
+
+
+def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
+    """docs/rec.md's records: the whole-dataset students and the pipeline's subset students get one timing table
+    each, never one average over both."""
+    from skip2lora.rec.report import load_runs, render
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
+    runs, _, pipelines = load_runs([docs / "student-ml100k.json", docs / "pipeline-ml100k-cpu.json"])
+    text = render(runs, "skip2lora rec report ...", None, pipelines)
+    timings = text.split("## Phase timings of the student")[1].split("## Student runs")[0]
+    assert "### ml-100k (3 runs)" in timings and "### ml-100k subset: 60 of 943 users" in timings
+    assert "test evaluation (943 users, full ranking)" in timings and "test evaluation (60 users" in timings

@@ -166,6 +166,19 @@ def timing_table(runs: list[dict]) -> list[str]:
     return lines + [f"| {name} | {secs} | {mem} |" for name, secs, mem in rows]
 
 
+def timing_tables(students: list[dict]) -> list[str]:
+    """One timing table per dataset (a subset's runs are never averaged with the whole dataset's)."""
+    by_data: dict[str, list[dict]] = {}
+    for run in students:
+        by_data.setdefault(dataset_label(run["split"]), []).append(run)
+    if len(by_data) == 1:
+        return timing_table(students)
+    lines: list[str] = []
+    for label, runs in by_data.items():
+        lines += [f"### {label} ({len(runs)} runs)", "", *timing_table(runs), ""]
+    return lines[:-1]
+
+
 def _idle_estimate(students: list[dict]) -> str:
     """The slowest fit re-timed at its own fastest epoch: an estimate for cores nobody else uses, labelled so."""
     run = max(students, key=lambda r: r["timing"]["fit_s"])
@@ -217,7 +230,7 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
             *metric_table(grouped, "validation", ks, anchors=True), "",
             "## Targets", *target_lines(students), "",
             "## Phase timings of the student (mean ± sample std over runs)",
-            f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_table(students), "",
+            f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_tables(students), "",
             "## Student runs",
             "Wall-clock times depend on what else the machine ran (its cores are shared): compare an epoch's min and "
             "mean in run.json (`timing.epoch_time_s`); fit CPU s is this process's CPU time, which also grows when "
