@@ -6,8 +6,9 @@ dtype and max_seq_length and names the store; within it a sample's key is the ha
 (`TokenizedSample.content_hash`, computed once at tokenisation). Any change gives a miss, never stale
 features. Each entry records which blocks its features hold, so one store serves every block choice:
 a lookup hits when the entry holds every block the caller needs (features surveyed for all blocks by
-`skip2lora blocks` serve a later run on any subset) and returns those rows only. On disk, shards are safetensors files written atomically with a
-checksum; a damaged shard is reported in one warning line, dropped, and its samples are rebuilt.
+`skip2lora blocks` serve a later run on any subset) and returns those rows only. On disk, shards are
+safetensors files written atomically with a checksum; a damaged shard is reported in one warning line,
+dropped, and its samples are rebuilt.
 """
 
 from __future__ import annotations
