@@ -180,7 +180,8 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--teacher.method", "lora"], "teacher.method ilora"),
+    (["--teacher.method", "lora"], "set teacher.method ilora or skip2lora (got lora)"),
+    (["--teacher.method", "skip2lora", "--teacher.skip2lora.output", "logits"], "set teacher.skip2lora.output hidden"),
     (["--variants", "[rd, best]"], "--variants must list each of"),
     (["--distill.rd", "false"], "come from --variants"),
     (["--distill.teacher_outputs", "/tmp/x"], "distill.teacher_outputs is set by the pipeline"),
@@ -195,6 +196,30 @@ def test_bad_pipeline_settings_are_one_line_and_write_nothing(tmp_path, data_dir
         main_rec(tiny_argv(out, data_dir, *extra))
     assert message in one_line(caught)
     assert not out.exists()
+
+
+def test_the_pipeline_runs_end_to_end_with_a_skip2lora_teacher(tmp_path, data_dir):
+    """teacher.method skip2lora: skip adapters into the head with the Skip-Cache, scored and distilled like iLoRA's
+    teacher; pipeline.json, the outputs and the report name the method."""
+    out = tmp_path / "skip2lora"
+    assert main_rec(tiny_argv(out, data_dir, "--variants", "[rd+ed]", "--teacher.method", "skip2lora",
+                              "--teacher.skip2lora.block_indices", "[0, 1, 2, 3]", "--teacher.skip2lora.r", "4",
+                              "--teacher.skip2lora.alpha", "8", "--teacher.skip2lora.cache", "memory")) == 0
+    record = read_record(out)
+    assert record["status"] == "completed" and len(record["phases"]) == 7
+    assert record["settings"]["teacher"]["method"] == "skip2lora"
+    assert record["phases"]["teacher"]["method"] == "skip2lora" and record["phases"]["teacher"]["steps"] == 3
+    evaluation = record["phases"]["teacher-eval"]["result"]
+    assert evaluation["method"] == "skip2lora" and evaluation["catalogue"]["users"] == 6
+    assert evaluation["candidates"]["samples"] == 3
+    index = json.loads((out / "teacher-outputs" / "index.json").read_text())
+    assert index["complete"] and index["settings"]["teacher"]["method"] == "skip2lora"
+    assert RunDir(out / "distill" / "rd-ed" / "seed-1").read_run_json()["method"] == "sasrec+rd+ed"
+    report = tmp_path / "rec.md"
+    assert main_rec(["report", str(out), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "the Skip2-LoRA teacher and distillation" in text and "| skip2lora on tiny | test | 6 | 3 | 5 |" in text
+    assert "`finetune --method skip2lora` on tiny: skip adapters from blocks [0, 1, 2, 3]" in text
 
 
 def test_a_folder_holding_something_else_is_refused(tmp_path, data_dir):
@@ -216,6 +241,18 @@ def test_shipped_pipeline_configs_parse(name):
         assert cfg.teacher.train.max_steps <= 300
     if name == "ilora-ml100k.yaml":
         assert cfg.data.max_users is None and cfg.data.recent_interactions is None and len(cfg.seeds) == 3
+
+
+def test_the_shipped_skip2lora_teacher_config_parses():
+    """ilora-ml100k-cpu-skip2lora.yaml: the CPU pipeline with a Skip2-LoRA teacher on the same subset and budget."""
+    load = lambda name: pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)],  # noqa: E731
+                                              config_positional=True).as_dict())
+    cfg, ilora = load("ilora-ml100k-cpu-skip2lora.yaml"), load("ilora-ml100k-cpu.yaml")
+    assert cfg.teacher.method == "skip2lora" and cfg.teacher.skip2lora.output == "hidden"
+    assert cfg.teacher.skip2lora.block_indices == [0, 1, 2, 3, 4, 5] and cfg.teacher.skip2lora.cache == "memory"
+    assert cfg.out_dir == Path("out/rec/pipeline-ml100k-cpu-skip2lora")
+    assert (cfg.data, cfg.seeds, cfg.teacher.model, cfg.teacher.train, cfg.teacher.data, cfg.variants) == \
+        (ilora.data, ilora.seeds, ilora.teacher.model, ilora.teacher.train, ilora.teacher.data, ilora.variants)
 
 
 def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():

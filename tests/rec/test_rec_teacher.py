@@ -344,3 +344,34 @@ def test_skip2lora_teacher_variant_trains_and_scores_the_catalogue(make_config, 
     assert not torch.allclose(torch.stack(plain), torch.stack(own), atol=1e-3)  # the correction is in the states
     scores = scorer.catalogue_scores(samples)
     assert scores.shape == (5, dataset.n_items + 1) and torch.isinf(scores[:, 0]).all()
+
+    # The saved variant scores through evaluate_teacher like the iLoRA teacher: its prompt settings and dataset come
+    # from the run's config (run.json beside final/).
+    from skip2lora.rec.teacher_eval import evaluate_teacher
+    from skip2lora.rec.teacher_load import load_teacher
+
+    loaded, settings, dataset_folder = load_teacher(cfg.out_dir / "final", "cpu")
+    assert PromptSettings(**settings) == SETTINGS and dataset_folder == sasrec_best
+    assert loaded.output_mode == "hidden"
+    result = evaluate_teacher(cfg.out_dir / "final", "validation", [1, 10], max_users=4, protocol_users=2,
+                              batch_size=2)
+    assert result["method"] == "skip2lora" and result["catalogue"]["users"] == 4
+    assert 0.0 <= result["catalogue"]["ndcg@10"] <= result["catalogue"]["hr@10"] <= 1.0
+    protocol = result["candidates"]
+    assert protocol["samples"] == 2 and protocol["candidates"] == 5 and 0.0 <= protocol["valid_ratio"] <= 1.0
+    assert {"hr@1", "hr@1_all", "grounded_hr@1"} <= set(protocol) and result["cost"]["prompt_forward_s_per_sample"] > 0
+
+
+def test_a_checkpoint_not_trained_on_rec_teacher_is_refused_in_one_line(make_config):
+    from skip2lora.rec.teacher_eval import evaluate_teacher
+    from skip2lora.train.loop import run_finetune
+
+    cfg = make_config("skip2lora", train__max_steps=1, eval__interval=1, eval__accuracy_samples=0)
+    run_finetune(cfg, show_progress=False)
+    with pytest.raises(UserError, match="is not a recommendation teacher: its run trained on data.name "
+                                        "'instruct', not rec-teacher") as caught:
+        evaluate_teacher(cfg.out_dir / "final", max_users=2)
+    assert "\n" not in str(caught.value)
+    (cfg.out_dir / "run.json").unlink()
+    with pytest.raises(UserError, match="has no run.json beside it"):
+        evaluate_teacher(cfg.out_dir / "final", max_users=2)

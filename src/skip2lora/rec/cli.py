@@ -26,8 +26,8 @@ commands:
   evaluate   full-ranking metrics of a trained student: --checkpoint OUT/best
   baselines  random and most-popular rankers through the same evaluation: --out FILE.json
   stats      print (and save with --out) the split statistics of a dataset
-  teacher-eval  a saved iLoRA teacher: HR@1 among its candidates, valid ratio, catalogue HR/NDCG@K
-  pipeline   student -> iLoRA teacher -> teacher evaluation -> teacher outputs -> distilled students and
+  teacher-eval  a saved iLoRA or Skip2-LoRA teacher: HR@1 among its candidates, valid ratio, catalogue HR/NDCG@K
+  pipeline   student -> iLoRA (or Skip2-LoRA) teacher -> teacher evaluation -> teacher outputs -> distilled students and
              controls over the seeds, one resumable folder with every phase timed: CONFIG.yaml
   report     render docs/rec.md from run folders and result JSON: RUNS... --out docs/rec.md
   speed      the teacher's speed knobs, each against its baseline in one run (fp32/bf16, inference batch,
@@ -256,9 +256,11 @@ def cmd_teacher_eval(argv: list[str]) -> int:
     from .teacher_eval import evaluate_teacher
     from .train import set_threads
 
-    parser = _parser("skip2lora rec teacher-eval", "A saved iLoRA teacher: HR@1 among its candidates and the valid "
-                     "ratio (greedy generation), full-catalogue HR/NDCG@K of its grounded scores, and their cost.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="OUT/final (or OUT/best) of an ilora run")
+    parser = _parser("skip2lora rec teacher-eval", "A saved iLoRA or Skip2-LoRA teacher: HR@1 among its candidates "
+                     "and the valid ratio (greedy generation), full-catalogue HR/NDCG@K of its grounded scores, and "
+                     "their cost.")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="OUT/final (or OUT/best) of an ilora or skip2lora run on data.name rec-teacher")
     parser.add_argument("--split", type=str, default="validation", help="validation or test")
     parser.add_argument("--max_users", type=Optional[int], default=None, help="first N users (CPU-sized runs)")
     parser.add_argument("--protocol_users", type=Optional[int], default=None,

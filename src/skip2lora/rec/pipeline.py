@@ -3,8 +3,8 @@
 ```
 OUT/pipeline.json                 settings, plan, and every finished phase with its timings (pipeline_state.py)
 OUT/student/seed-S/               the SASRec student of each seed (`rec student`)
-OUT/teacher/                      the iLoRA teacher, fine-tuned on the one loop (`finetune --method ilora`),
-                                  its gate reading the first seed's student
+OUT/teacher/                      the teacher, fine-tuned on the one loop (`finetune --method ilora`, its gate
+                                  reading the first seed's student; or `--method skip2lora`, teacher.method)
 OUT/teacher-eval/result.json      the teacher's HR@1 / valid ratio (generation) and catalogue HR/NDCG@K
 OUT/teacher-outputs/              top-k, scores, confidences and LLM item embeddings for every training sample
 OUT/distill/VARIANT/seed-S/       the distilled students (rd-ed) and the controls (rd-ed-shuffled, ed, rd)
@@ -152,25 +152,26 @@ def evaluate_teacher_phase(cfg: RecPipelineConfig, device: torch.device, log: Lo
 
 def teacher_identity(final: Path) -> dict:
     """What made the outputs: recorded with them, so a retrained teacher never resumes another's shards."""
-    from .teacher import ADAPTER_WEIGHTS, read_teacher_config
+    from ..inference import checkpoint_kind, read_adapter_config
+    from .teacher import ADAPTER_WEIGHTS
 
-    config = read_teacher_config(final)
+    config = read_adapter_config(final) or {}
     digest = hashlib.sha256((final / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
-    return {"method": "ilora", "checkpoint": f"{TEACHER_DIR}/{final.name}", "base_model": config.get("base_model_name"),
-            "adapter_sha256": digest}
+    return {"method": checkpoint_kind(final), "checkpoint": f"{TEACHER_DIR}/{final.name}",
+            "base_model": config.get("base_model_name"), "adapter_sha256": digest}
 
 
 def write_outputs_phase(cfg: RecPipelineConfig, device: torch.device, log: Log) -> dict:
     from .checkpoint import checkpoint_dataset
     from .outputs import write_teacher_outputs
     from .prompts import PromptSettings
-    from .teacher import SASREC_DIR, load_ilora
     from .teacher_eval import TeacherScorer
+    from .teacher_load import load_teacher
 
     final = teacher_checkpoint(cfg)
-    teacher = load_ilora(final, device)
-    dataset = checkpoint_dataset(final / SASREC_DIR)
-    scorer = TeacherScorer(teacher, dataset, PromptSettings(**teacher.prompt_settings), device,
+    teacher, settings, dataset_folder = load_teacher(final, device)
+    dataset = checkpoint_dataset(dataset_folder)
+    scorer = TeacherScorer(teacher, dataset, PromptSettings(**settings), device,
                            cfg.outputs.inference_batch_size, cfg.outputs.use_cache)
     index = write_teacher_outputs(cfg.out_dir / OUTPUTS_DIR, dataset, scorer.catalogue_scores, cfg.outputs,
                                   teacher=teacher_identity(final), item_embeddings=scorer.item_embeddings, log=log)
@@ -200,7 +201,7 @@ def preload_libraries() -> None:
     import lightning.fabric  # noqa: F401
 
     from ..train import loop  # noqa: F401
-    from . import outputs, teacher, teacher_eval  # noqa: F401
+    from . import outputs, teacher, teacher_eval, teacher_load  # noqa: F401
 
 
 def run_pipeline(cfg: RecPipelineConfig, command: str = "skip2lora rec pipeline", log: Log = print) -> dict:

@@ -24,6 +24,9 @@ VARIANTS = {"rd+ed": (True, True, False), "rd": (True, False, False), "ed": (Fal
 VARIANT_ROLES = {"rd+ed": "distilled student", "rd+ed-shuffled": "control: teacher shuffled between users",
                  "ed": "control: embedding distillation only", "rd": "control: ranking distillation only"}
 
+# Teachers the pipeline trains (teacher.method): iLoRA (the seed's) and Skip2-LoRA (issue 14's variant).
+TEACHER_METHODS = ("ilora", "skip2lora")
+
 # Run folders inside the pipeline folder; the phase names are these relative paths.
 STUDENT_DIR, TEACHER_DIR, TEACHER_EVAL_DIR = "student", "teacher", "teacher-eval"
 OUTPUTS_DIR, DISTILL_DIR = "teacher-outputs", "distill"
@@ -59,7 +62,8 @@ class TeacherEvalConfig:
 
 @dataclass
 class RecPipelineConfig:
-    """SASRec student -> iLoRA teacher -> teacher evaluation -> teacher outputs -> distilled students, one folder."""
+    """SASRec student -> iLoRA (or Skip2-LoRA) teacher -> teacher evaluation -> teacher outputs -> distilled
+    students, one folder."""
 
     out_dir: Path = Path("out/rec/pipeline")
     """The pipeline folder: pipeline.json and one sub-folder per phase."""
@@ -82,8 +86,8 @@ class RecPipelineConfig:
     eval: RecEvalConfig = field(default_factory=RecEvalConfig)
     """Ranking protocol of students and teacher."""
     teacher: FinetuneConfig = field(default_factory=default_teacher)
-    """The teacher, a `skip2lora finetune` config (method ilora, one process); out_dir, device, data.name, data.path,
-    resume and overwrite are set by the pipeline."""
+    """The teacher, a `skip2lora finetune` config (method ilora, or skip2lora; one process); out_dir, device,
+    data.name, data.path, resume and overwrite are set by the pipeline."""
     teacher_eval: TeacherEvalConfig = field(default_factory=TeacherEvalConfig)
     """The teacher's own evaluation."""
     outputs: RecOutputsConfig = field(default_factory=RecOutputsConfig)
@@ -104,14 +108,17 @@ class RecPipelineConfig:
             raise UserError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
         if self.threads < 0:
             raise UserError(f"--threads must be >= 0, got {self.threads}")
-        if self.teacher.method != "ilora":
-            raise UserError(f"the pipeline's teacher is an iLoRA teacher: set teacher.method ilora (got "
-                            f"{self.teacher.method})")
+        if self.teacher.method not in TEACHER_METHODS:
+            raise UserError(f"the pipeline's teacher is an iLoRA or a Skip2-LoRA teacher: set teacher.method ilora "
+                            f"or skip2lora (got {self.teacher.method})")
+        if self.teacher.method == "skip2lora" and self.teacher.skip2lora.output != "hidden":
+            raise UserError("a Skip2-LoRA teacher's catalogue scores read its corrected hidden state: set "
+                            "teacher.skip2lora.output hidden")
         if self.teacher.devices != 1 or self.teacher.num_nodes != 1:
             # The phases run in this process; Fabric would start the other ranks by re-running this command.
             raise UserError("the pipeline trains its teacher in one process: set teacher.devices 1 and "
                             "teacher.num_nodes 1 (train a multi-process teacher with `skip2lora finetune`)")
-        if self.teacher.ilora.sasrec_checkpoint is not None:
+        if self.teacher.method == "ilora" and self.teacher.ilora.sasrec_checkpoint is not None:
             raise UserError("teacher.ilora.sasrec_checkpoint is set by the pipeline (the first seed's student): "
                             "remove it from the config")
         if self.distill.teacher_outputs is not None:

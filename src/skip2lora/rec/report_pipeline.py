@@ -93,7 +93,7 @@ def teacher_table(pipeline: dict) -> Table:
     result = phases["teacher-eval"]["result"]
     catalogue, candidates = result["catalogue"], result.get("candidates") or {}
     get = lambda key: f"{candidates[key]:.4f}" if key in candidates else "–"  # noqa: E731
-    row = [f"ilora on {settings['model']}", result["split"], str(catalogue["users"]),
+    row = [f"{settings.get('method', 'ilora')} on {settings['model']}", result["split"], str(catalogue["users"]),
            str(candidates.get("samples", "–")), str(settings["data"]["candidates"]), get("hr@1"), get("hr@1_all"),
            get("valid_ratio"), get("grounded_hr@1"), f"{catalogue['hr@10']:.4f}", f"{catalogue['ndcg@10']:.4f}"]
     headers = ["teacher", "split", "users (catalogue)", "users (generation)", "candidates", "HR@1 (of valid)",
@@ -101,12 +101,25 @@ def teacher_table(pipeline: dict) -> Table:
     return Table("Teacher", headers, [row], text_columns=2)
 
 
+def teacher_adapters(settings: dict) -> str:
+    """The teacher's trainable part in words, from its recorded finetune settings (ilora or skip2lora)."""
+    method = settings.get("method", "ilora")
+    if method == "skip2lora":
+        skip = settings["skip2lora"]
+        return (f"skip adapters from blocks {skip['block_indices']} into the output "
+                f"head (rank {skip['r']}, alpha {skip['alpha']}, dropout {skip['dropout']}, output {skip['output']}), "
+                f"Skip-Cache {skip['cache']}")
+    ilora = settings["ilora"]
+    return (f"{ilora['experts']} experts sharing rank {ilora['r']} (alpha "
+            f"{ilora['alpha']}, dropout {ilora['dropout']})")
+
+
 def teacher_lines(pipeline: dict) -> list[str]:
     t, settings = pipeline["phases"]["teacher"], pipeline["settings"]["teacher"]
-    ilora, data = settings["ilora"], settings["data"]
+    data = settings["data"]
     loss = lambda value: "–" if value is None else f"{value:.4f}"  # noqa: E731
-    return [f"- Fine-tuned with `finetune --method ilora` on {t['model']}: {ilora['experts']} experts sharing rank "
-            f"{ilora['r']} (alpha {ilora['alpha']}, dropout {ilora['dropout']}), {t['steps']} steps of "
+    return [f"- Fine-tuned with `finetune --method {settings.get('method', 'ilora')}` on {t['model']}: "
+            f"{teacher_adapters(settings)}, {t['steps']} steps of "
             f"{settings['train']['global_batch_size']} prompts ({t['samples_seen']} samples seen), precision "
             f"{t['precision']}; train loss {loss(t['first_train_loss'])} -> {loss(t['final_train_loss'])}, best "
             f"validation loss {loss(t['best_val_loss'])}. Prompts: {data['history_items']} history titles, "

@@ -246,26 +246,23 @@ def per_sample_cost(timing: dict) -> dict:
             "item_embeddings_s": timing["item_embeddings_s"]}
 
 
-
-
 def evaluate_teacher(checkpoint: Path, split: str = "validation", ks: Sequence[int] = (1, 5, 10, 20),
                      mask_history: bool = False, max_users: Optional[int] = None,
                      protocol_users: Optional[int] = None, batch_size: int = 8,
                      device: torch.device | str = "cpu") -> dict:
-    """A saved iLoRA teacher on a split: full-catalogue metrics of its grounded scores on the first `max_users`
-    users, iLoRA's candidate protocol on the first `protocol_users` (default max_users; 0 skips it), and the
-    cost of each per sample."""
+    """A saved teacher (iLoRA, Skip2-LoRA or LoRA, trained on data.name rec-teacher; rec.teacher_load) on a
+    split: full-catalogue metrics of its grounded scores on the first `max_users` users, iLoRA's candidate
+    protocol on the first `protocol_users` (default max_users; 0 skips it), and the cost of each per sample."""
+    from ..inference import checkpoint_kind
     from .checkpoint import checkpoint_dataset
-    from .teacher import SASREC_DIR, load_ilora
+    from .teacher_load import load_teacher
 
     if split not in ("validation", "test"):
         raise UserError(f"--split must be validation or test, got '{split}'")
-    teacher = load_ilora(checkpoint, torch.device(device))
-    if not teacher.prompt_settings:
-        raise UserError(f"{checkpoint} records no prompt settings: it was not trained on data.name rec-teacher")
-    dataset = checkpoint_dataset(Path(checkpoint) / SASREC_DIR)
-    scorer = TeacherScorer(teacher, dataset, PromptSettings(**teacher.prompt_settings), device, batch_size)
-    result = {"checkpoint": str(checkpoint), "split": split,
+    teacher, settings, dataset_folder = load_teacher(checkpoint, torch.device(device))
+    dataset = checkpoint_dataset(dataset_folder)
+    scorer = TeacherScorer(teacher, dataset, PromptSettings(**settings), device, batch_size)
+    result = {"checkpoint": str(checkpoint), "method": checkpoint_kind(Path(checkpoint)), "split": split,
               "catalogue": catalogue_metrics(scorer, split, ks, mask_history, max_users)}
     protocol_users = max_users if protocol_users is None else protocol_users
     if protocol_users != 0:
