@@ -282,18 +282,23 @@ def cmd_teacher_eval(argv: list[str]) -> int:
     return 0
 
 
-def pipeline_parser():
+def config_class_parser(prog: str, description: str, cls: type):
+    """A parser of one config dataclass (every field, its docstring as help) plus --config FILE."""
     from jsonargparse import ActionConfigFile, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the teacher's fields show their docs
+    parser = _parser(prog, description)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
+    parser.add_class_arguments(cls, nested_key=None)
+    return parser
+
+
+def pipeline_parser():
     from .pipeline_config import RecPipelineConfig
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the teacher's fields show their docs
-    parser = _parser("skip2lora rec pipeline", "SASRec student -> iLoRA teacher (finetune) -> teacher evaluation "
-                     "-> teacher outputs -> distilled students and controls, over the seeds, into one folder; "
-                     "resumable, every phase timed (OUT/pipeline.json).")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
-    parser.add_class_arguments(RecPipelineConfig, nested_key=None)
-    return parser
+    return config_class_parser("skip2lora rec pipeline", "SASRec student -> iLoRA teacher (finetune) -> teacher "
+                               "evaluation -> teacher outputs -> distilled students and controls, over the seeds, "
+                               "into one folder; resumable, every phase timed (OUT/pipeline.json).", RecPipelineConfig)
 
 
 def cmd_pipeline(argv: list[str]) -> int:
@@ -307,17 +312,11 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 
 def speed_parser():
-    from jsonargparse import ActionConfigFile, set_parsing_settings
-
     from .speed_config import RecSpeedConfig
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the teacher's fields show their docs
-    parser = _parser("skip2lora rec speed", "The teacher's speed knobs, each against its baseline in one run on the "
-                     "same data: warm-up steps untimed, timed steps as mean ± std, each measurement in its own "
-                     "process (OUT/speed.json).")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
-    parser.add_class_arguments(RecSpeedConfig, nested_key=None)
-    return parser
+    return config_class_parser("skip2lora rec speed", "The teacher's speed knobs, each against its baseline in one "
+                               "run on the same data: warm-up steps untimed, timed steps as mean ± std, each "
+                               "measurement in its own process (OUT/speed.json).", RecSpeedConfig)
 
 
 def cmd_speed(argv: list[str]) -> int:
