@@ -266,3 +266,16 @@ def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
     timings = text.split("## Phase timings of the student")[1].split("## Student runs")[0]
     assert "### ml-100k (3 runs)" in timings and "### ml-100k subset: 60 of 943 users" in timings
     assert "test evaluation (943 users, full ranking)" in timings and "test evaluation (60 users" in timings
+
+
+def test_two_pipelines_are_never_averaged_together():
+    """Two pipelines share their students' seeds and differ in the teacher: each keeps its own rows."""
+    from skip2lora.rec.report import load_runs, render
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
+    runs, _, pipelines = load_runs([docs / "pipeline-ml100k-cpu.json", docs / "pipeline-ml100k-cpu-skip2lora.json"])
+    text = render(runs, "skip2lora rec report ...", None, pipelines)
+    rows = [line for line in text.split("## Validation metrics")[0].splitlines() if line.startswith("| sasrec+rd+ed (")]
+    assert len(rows) == 2 and all(row.split(" | ")[1] == "3" for row in rows)
+    assert any("pipeline pipeline-ml100k-cpu)" in row for row in rows)
+    assert any("pipeline pipeline-ml100k-cpu-skip2lora)" in row for row in rows)

@@ -63,9 +63,10 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[dict]
 
 
 def group_key(run: dict) -> tuple:
-    """Runs averaged together: one method on one dataset (and subset) under one protocol."""
+    """Runs averaged together: one method on one dataset (and subset) under one protocol, from one pipeline (two
+    pipelines' students are the same seeds, and their distilled students learnt from different teachers)."""
     p = run["summary"]["protocol"]
-    return (run["method"], dataset_label(run["split"]), p["mask_history"], p["max_seq_len"])
+    return (run["method"], dataset_label(run["split"]), p["mask_history"], p["max_seq_len"], run.get("pipeline"))
 
 
 def groups(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -76,8 +77,9 @@ def groups(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
 
 
 def _label(key: tuple) -> str:
-    method, dataset, masked, max_len = key
-    return f"{method} ({dataset}, {'masked' if masked else 'no masking'}, max len {max_len})"
+    method, dataset, masked, max_len, pipeline = key
+    source = f", pipeline {pipeline}" if pipeline else ""
+    return f"{method} ({dataset}, {'masked' if masked else 'no masking'}, max len {max_len}{source})"
 
 
 def metric_table(grouped, split: str, ks: list[int], anchors: bool) -> list[str]:
@@ -167,10 +169,12 @@ def timing_table(runs: list[dict]) -> list[str]:
 
 
 def timing_tables(students: list[dict]) -> list[str]:
-    """One timing table per dataset (a subset's runs are never averaged with the whole dataset's)."""
+    """One timing table per dataset and pipeline (a subset's runs are never averaged with the whole dataset's, nor
+    two pipelines' runs of the same seeds with each other)."""
     by_data: dict[str, list[dict]] = {}
     for run in students:
-        by_data.setdefault(dataset_label(run["split"]), []).append(run)
+        source = f", pipeline {run['pipeline']}" if run.get("pipeline") else ""
+        by_data.setdefault(dataset_label(run["split"]) + source, []).append(run)
     if len(by_data) == 1:
         return timing_table(students)
     lines: list[str] = []
