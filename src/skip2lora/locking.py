@@ -122,3 +122,16 @@ class DirectoryLock:
             pass  # already gone, or the folder went away with it
         os.close(self._fd)  # closing drops the flock
         self._fd = None
+
+
+def lock_or_refuse(folder: Path, holder: str, fix: str) -> DirectoryLock:
+    """The folder's lock, taken; when another live process holds it, one UserError line naming `holder`, that
+    process and `fix`."""
+    from .errors import UserError
+
+    lock = DirectoryLock(folder)
+    try:
+        lock.acquire()
+    except LockHeld as held:
+        raise UserError(f"{holder} (process {held.pid or 'unknown'}) is using {folder}: {fix}") from None
+    return lock

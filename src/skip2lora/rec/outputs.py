@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import UserError, warn
-from ..locking import DirectoryLock, LockHeld
+from ..locking import lock_or_refuse
 from ..paths import atomic_write_bytes, atomic_write_json
 from .config import RecOutputsConfig, config_to_dict
 from .data import RecSample
@@ -222,12 +222,7 @@ def write_teacher_outputs(out_dir: Path, dataset, scorer: Scorer, cfg: Optional[
     settings = output_settings(cfg, dataset.name, dataset.item_ids, sample_ids, teacher, item_embeddings is not None)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = DirectoryLock(folder)
-    try:
-        lock.acquire()
-    except LockHeld as held:
-        raise UserError(f"another process ({held.pid}) is writing teacher outputs into {folder}: wait for it or "
-                        "choose another folder") from None
+    lock = lock_or_refuse(folder, "another teacher-output writer", "wait for it or choose another folder")
     try:
         return _write_locked(folder, samples, scorer, cfg, settings, item_embeddings, log)
     finally:

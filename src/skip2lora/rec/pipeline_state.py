@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
-from ..locking import DirectoryLock, LockHeld
+from ..locking import DirectoryLock, lock_or_refuse
 from ..paths import atomic_write_json
 
 PIPELINE_JSON = "pipeline.json"
@@ -67,12 +67,7 @@ class PipelineState:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out_dir {folder} is a file: choose a folder for the pipeline")
         folder.mkdir(parents=True, exist_ok=True)
-        lock = DirectoryLock(folder)
-        try:
-            lock.acquire()
-        except LockHeld as held:
-            raise UserError(f"another pipeline (process {held.pid or 'unknown'}) is running in {folder}: wait for it "
-                            "or choose another --out_dir") from None
+        lock = lock_or_refuse(folder, "another pipeline", "wait for it or choose another --out_dir")
         try:
             record = cls._record_to_continue(folder, settings, plan)
         except BaseException:

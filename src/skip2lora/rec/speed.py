@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from ..config import FinetuneConfig, build_finetune_config, to_plain_dict
 from ..env import environment_info, resolve_device
 from ..errors import UserError
-from ..locking import DirectoryLock, LockHeld
+from ..locking import DirectoryLock, lock_or_refuse
 from ..outdir import RunDir
 from ..paths import atomic_write_json, remove_path
 from .speed_config import RecSpeedConfig
@@ -48,13 +48,7 @@ def claim_folder(folder: Path) -> DirectoryLock:
         if strangers:
             raise UserError(f"--out_dir {folder} holds {strangers[0]} but no {SPEED_JSON}: choose a new or empty "
                             "folder for the speed run")
-    lock = DirectoryLock(folder)
-    try:
-        lock.acquire()
-    except LockHeld as held:
-        raise UserError(f"another speed run (process {held.pid or 'unknown'}) is using {folder}: wait for it or "
-                        "choose another --out_dir") from None
-    return lock
+    return lock_or_refuse(folder, "another speed run", "wait for it or choose another --out_dir")
 
 
 # -- the SASRec the gate reads -----------------------------------------------------------------------------
