@@ -3,6 +3,7 @@ name `conftest`, so helpers do not live there)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from skip2lora.config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig
@@ -44,4 +45,10 @@ def train_and_eval_losses(out_dir: Path) -> tuple[list[float], list[float]]:
     return train, val
 
 
-
+def copy_as_killed_after_step_3(whole_out: Path, killed: Path) -> None:
+    """Copy a finished 6-step run (checkpoints every 3 steps) as a kill after the step-3 checkpoint leaves it:
+    no later checkpoint, no final/ or best/, no run.json, no logs."""
+    shutil.copytree(whole_out, killed)
+    for leftover in ("final", "best", "run.json", "checkpoints/step-000006", "logs"):
+        target = killed / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()

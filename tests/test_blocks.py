@@ -8,13 +8,12 @@ serve a later fine-tuning from the Skip-Cache.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import tiny_config, train_and_eval_losses
+from support import copy_as_killed_after_step_3, tiny_config, train_and_eval_losses
 from skip2lora.blocks.command import run_block_search
 from skip2lora.cli import main
 from skip2lora.config import FinetuneConfig, Skip2LoRAConfig
@@ -196,10 +195,7 @@ def test_killed_auto_run_resumes_with_the_uninterrupted_losses(tmp_path):
     run_finetune(whole, show_progress=False)
     uninterrupted, _ = train_and_eval_losses(whole.out_dir)
     killed = tmp_path / "killed"
-    shutil.copytree(whole.out_dir, killed)
-    for leftover in ("final", "best", "run.json", "checkpoints/step-000006", "logs"):
-        target = killed / leftover
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    copy_as_killed_after_step_3(whole.out_dir, killed)
     run_finetune(auto_config(tmp_path, "killed", resume=True, **steps), show_progress=False)
     resumed, _ = train_and_eval_losses(killed)
     assert resumed == pytest.approx(uninterrupted[3:], rel=1e-5, abs=1e-6)

@@ -7,13 +7,12 @@ Skip2-LoRA must also give the same losses with and without its cache.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from support import tiny_config, train_and_eval_losses
+from support import copy_as_killed_after_step_3, tiny_config, train_and_eval_losses
 from skip2lora.data import collate, load_task_data, tokenize_examples
 from skip2lora.inference import load_for_inference
 from skip2lora.methods import build_method
@@ -121,12 +120,8 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(case, tmp_path):
     run_finetune(whole, show_progress=False)
     uninterrupted, _ = train_and_eval_losses(whole.out_dir)
 
-    # What a kill after the step-3 checkpoint leaves: no later checkpoint, no final/, no run.json.
     killed = tmp_path / "killed"
-    shutil.copytree(whole.out_dir, killed)
-    for leftover in ("final", "best", "run.json", "checkpoints/step-000006", "logs"):
-        target = killed / leftover
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    copy_as_killed_after_step_3(whole.out_dir, killed)
     resumed_cfg = case.config(tmp_path, "killed", train__max_steps=6, train__save_interval=3, eval__interval=3,
                               resume=True)
     run_finetune(resumed_cfg, show_progress=False)

@@ -15,6 +15,12 @@ def synthetic_dir(tmp_path) -> Path:
     return write_ml1m(tmp_path / "ml1m", synthetic_sequences(), 30)
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Synthetic ML-1M files shared by one test module (for its module-scoped finished runs)."""
+    return write_ml1m(tmp_path_factory.mktemp("ml1m"), synthetic_sequences(), 30)
+
+
 @pytest.fixture
 def quick_config(tmp_path, synthetic_dir):
     def make(name: str = "run", **train) -> RecStudentConfig:

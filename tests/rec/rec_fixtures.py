@@ -22,3 +22,10 @@ def synthetic_sequences(users: int = 40, items: int = 30, length: int = 14) -> d
         stride, start = 1 + u % 3, u % items
         out[u] = [((start + stride * t) % items + 1, 1000 * u + t) for t in range(length - u % 4)]
     return out
+
+
+def one_line(exc_info) -> str:
+    """The message of a caught UserError, checked to be one line."""
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message

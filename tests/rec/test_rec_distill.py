@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_teacher import LLM_DIM, FakeTeacher
+from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
@@ -28,11 +29,6 @@ from skip2lora.rec.distill_train import setup_distillation, shuffled_between_use
 from skip2lora.rec.outputs import write_teacher_outputs
 from skip2lora.rec.sasrec import SASRec
 
-
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
 
 
 # -- the ranking loss by hand --------------------------------------------------------------------------------

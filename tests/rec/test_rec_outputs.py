@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from fake_teacher import LLM_DIM, FakeTeacher, sample_scores
+from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
 from skip2lora.rec.config import RecDataConfig, RecOutputsConfig
@@ -20,11 +21,6 @@ from skip2lora.rec.outputs_reader import load_teacher_outputs, read_teacher_outp
 def dataset(synthetic_dir):
     return load_dataset(RecDataConfig(name="ml-1m", path=synthetic_dir, max_seq_len=8))
 
-
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
 
 
 def small_cfg(**changes) -> RecOutputsConfig:

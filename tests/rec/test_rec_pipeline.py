@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from rec_fixtures import synthetic_sequences, write_ml1m
+from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
@@ -28,16 +28,6 @@ def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
     return ["pipeline", str(TINY), "--out_dir", str(out), "--threads", "1", "--data.name", "ml-1m",
             "--data.path", str(data), "--data.max_users", "12", "--data.recent_interactions", "null", *extra]
 
-
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_ml1m(tmp_path_factory.mktemp("ml1m"), synthetic_sequences(), 30)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rec_fixtures import synthetic_sequences, write_ml1m
+from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
 from skip2lora.rec import speed_knobs
@@ -29,15 +29,6 @@ def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
     return ["speed", str(TINY), "--out_dir", str(out), "--isolate", "false", "--data.name", "ml-1m",
             "--data.path", str(data), "--data.max_users", "12", "--data.recent_interactions", "null", *extra]
 
-
-def one_line(caught) -> str:
-    assert "\n" not in str(caught.value)
-    return str(caught.value)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_ml1m(tmp_path_factory.mktemp("ml1m"), synthetic_sequences(), 30)
 
 
 @pytest.fixture(scope="module")
