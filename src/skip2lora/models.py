@@ -314,16 +314,20 @@ def load_base_model(
         model.to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    info = ModelInfo(
+    return model, tokenizer, model_info(model, name, str(model_dir))
+
+
+def model_info(model: nn.Module, name: str, path: str) -> ModelInfo:
+    """The facts the project reads off a loaded model (`path`: what reloads it, a built-in name or a folder)."""
+    return ModelInfo(
         name=name,
-        path=str(model_dir),
+        path=path,
         model_type=model.config.model_type,
         num_parameters=sum(p.numel() for p in model.parameters()),
         num_layers=num_hidden_layers(model.config),
         hidden_size=hidden_size(model.config),
         vocab_size=int(model.config.vocab_size),
     )
-    return model, tokenizer, info
 
 
 def model_info_dict(info: ModelInfo) -> dict:

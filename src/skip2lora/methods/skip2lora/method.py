@@ -123,13 +123,16 @@ class Skip2LoRAMethod(FinetuneMethod):
             # A hash of the weights' bytes as loaded, never a memo keyed on file names or times: features
             # computed from other weights must miss, however the weights file was changed.
             self.info.weights_fingerprint = weights_fingerprint(self.model)
-        vocab = self.tokenizer.get_vocab()
-        # A sample of the vocabulary: cheap to hash, and any retrained tokenizer changes it.
-        tokenizer_hash = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 2048)])
+        tokenizer = None  # the Python API may run without one: its keys hash the token ids themselves
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.get_vocab()
+            # A sample of the vocabulary: cheap to hash, and any retrained tokenizer changes it.
+            tokenizer_hash = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 2048)])
+            tokenizer = hashlib.sha1(tokenizer_hash.encode()).hexdigest()[:16] + f":{len(vocab)}"
         return {
             "weights": self.info.weights_fingerprint,
             "model_dtype": str(next(self.model.parameters()).dtype),
-            "tokenizer": hashlib.sha1(tokenizer_hash.encode()).hexdigest()[:16] + f":{len(vocab)}",
+            "tokenizer": tokenizer,
             # No block list: every entry records its own blocks, so one store serves every block choice.
             "kind": self.kind,
             "pooling": self.pooling,
@@ -228,7 +231,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         size = max(1, self.cfg.cache_build_batch_size)
         for start in tqdm(range(0, len(ordered), size), desc="skip-cache", leave=False, disable=len(ordered) < 4 * size):
             chunk = ordered[start:start + size]
-            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batch = collate(chunk, getattr(self.tokenizer, "pad_token_id", None) or 0)  # padding is masked: any id
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             yield from zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix))
 
@@ -435,13 +438,18 @@ class Skip2LoRAMethod(FinetuneMethod):
     def _live_correction(self, captured: dict, positions: int) -> torch.Tensor:
         return self.adapters({k: captured[k][:, -positions:, :] for k in self.block_indices})
 
+    def corrections_applied(self):
+        """While active, the model's own forward (and so its generate()) gives base + adapters: a hook adds the
+        adapters' correction at the head (or to the logits), computed from the blocks the trunk's hooks capture."""
+        hook = self.trunk.logits_correction if self.output_mode == "logits" else self.trunk.head_correction
+        return hook(self._live_correction)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Base + adapters with the model's own KV-cached generate(): hooks add the correction at the head."""
         if self.kind != "generation":
             raise UserError("this Skip2-LoRA checkpoint is a classifier: use `skip2lora predict`")
-        hook = self.trunk.logits_correction if self.output_mode == "logits" else self.trunk.head_correction
-        with hook(self._live_correction):
+        with self.corrections_applied():
             return super().generate(input_ids, attention_mask, max_new_tokens)
 
     # -- persistence -------------------------------------------------------------------------
@@ -459,7 +467,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_trainable_parameters().items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         self.adapter_config().write(directory)
-        self.tokenizer.save_pretrained(str(directory))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
 
     def head_path(self) -> str:
         return "fast"  # the frozen head always runs only at the loss positions, chunked (head_loss)
@@ -483,9 +492,18 @@ def load_skip2lora(checkpoint: Path, device: torch.device, base_model: Optional[
 
     config = Skip2LoRAAdapterConfig.read(Path(checkpoint))
     model, tokenizer, info = load_base_model(base_model or config.base_model_name_or_path, device=str(device))
+    return restore_skip2lora(model, tokenizer, info, checkpoint)
+
+
+def restore_skip2lora(model: nn.Module, tokenizer: Any, info: ModelInfo, checkpoint: Path,
+                      cfg: Optional[Skip2LoRAConfig] = None) -> Skip2LoRAMethod:
+    """Saved adapters (and classification head) on a loaded base model: `skip2lora generate` and the Python API's
+    from_pretrained both come through here. `cfg` replaces the saved settings that do not shape the tensors
+    (the cache, for further training); it must name the saved blocks."""
+    config = Skip2LoRAAdapterConfig.read(Path(checkpoint))
     for param in model.parameters():
         param.requires_grad_(False)
-    method = Skip2LoRAMethod(model, tokenizer, config.task, config.method_config(), info,
+    method = Skip2LoRAMethod(model, tokenizer, config.task, cfg or config.method_config(), info,
                              num_labels=config.num_labels)
     weights = Path(checkpoint) / ADAPTER_WEIGHTS
     try:
