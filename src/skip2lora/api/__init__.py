@@ -6,7 +6,7 @@
 docs/python_api.md walks through it. Everything here is the method `skip2lora finetune --method skip2lora` trains.
 """
 
-from .batches import Skip2LoRAValueError
+from .errors import Skip2LoRAValueError
 from .config import Skip2LoRAConfig
 from .data import TaskRows, load_model, task_rows
 from .loss import causal_lm_loss

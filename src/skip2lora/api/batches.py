@@ -10,29 +10,13 @@ other tokens or labels is refused.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from ..data.tokenize import IGNORE_INDEX, TokenizedSample
-from ..errors import UserError
-
-
-class Skip2LoRAValueError(UserError, ValueError):
-    """Bad input to the Python API: a ValueError for Python callers, a UserError (one `error:` line) for the CLI."""
-
-
-@contextmanager
-def as_value_errors() -> Iterator[None]:
-    """The project's UserErrors, raised inside, reach API callers as ValueErrors with the same one sentence."""
-    try:
-        yield
-    except Skip2LoRAValueError:
-        raise
-    except UserError as exc:
-        raise Skip2LoRAValueError(str(exc)) from exc
+from .errors import Skip2LoRAValueError
 
 
 def row_key(ids: torch.Tensor, target: torch.Tensor) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from .. import config as cli_config
-from ..errors import UserError
+from .errors import Skip2LoRAValueError, as_value_errors
 
 TASKS = {"causal_lm": "generation", "seq_cls": "classification"}
 """The API's task names (PEFT's CAUSAL_LM / SEQ_CLS, lower case) and the method's."""
@@ -53,12 +53,13 @@ class Skip2LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise UserError(f"task must be one of {', '.join(TASKS)} (got {self.task!r})")
+            raise Skip2LoRAValueError(f"task must be one of {', '.join(TASKS)} (got {self.task!r})")
         if self.cache not in CACHE_MODES:
-            raise UserError(f"cache must be one of {', '.join(CACHE_MODES)} (got {self.cache!r})")
+            raise Skip2LoRAValueError(f"cache must be one of {', '.join(CACHE_MODES)} (got {self.cache!r})")
         if self.task == "seq_cls" and (not self.num_labels or self.num_labels < 2):
-            raise UserError(f"task seq_cls needs num_labels >= 2 (got {self.num_labels})")
-        self.method_config()  # the method's own checks (rank, alpha, dropout, block list), raised now
+            raise Skip2LoRAValueError(f"task seq_cls needs num_labels >= 2 (got {self.num_labels})")
+        with as_value_errors():
+            self.method_config()  # the method's own checks (rank, alpha, dropout, block list), raised now
 
     @property
     def method_task(self) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 from torch import nn
 
-from .batches import as_value_errors
+from .errors import as_value_errors
 
 
 def load_model(name: str = "smollm2-135m", device: str = "cpu") -> tuple[nn.Module, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..methods.base import FinetuneMethod
+from .errors import Skip2LoRAValueError
 
 _ATTRIBUTE = "_skip2lora_loss_path"
 
@@ -46,7 +47,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     over this batch's loss tokens, or over `num_items_in_batch` when given (gradient accumulation in Trainer).
     """
     if labels.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        raise Skip2LoRAValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -22,7 +22,8 @@ from ..methods.base import causal_lm_loss_sum
 from ..methods.skip2lora.adapter_config import ADAPTER_CONFIG, Skip2LoRAAdapterConfig
 from ..methods.skip2lora.method import Skip2LoRAMethod, restore_skip2lora
 from ..models import model_info
-from .batches import IdRegistry, Skip2LoRAValueError, as_value_errors, method_batch, samples_from
+from .batches import IdRegistry, method_batch, samples_from
+from .errors import Skip2LoRAValueError, as_value_errors
 from .config import TASKS, Skip2LoRAConfig
 
 
