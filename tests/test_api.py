@@ -89,7 +89,7 @@ def test_transformers_trainer_trains_three_steps_and_the_loss_falls(tiny, tmp_pa
     _, rows, collator = tiny
     model = wrapped()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
-                             lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                             lr_scheduler_type="constant", logging_steps=1, save_steps=3, report_to=[],
                              use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows[:8], data_collator=collator)
     model.prepare(trainer.get_train_dataloader())  # the sample_id column stays: forward() names it
@@ -98,6 +98,15 @@ def test_transformers_trainer_trains_three_steps_and_the_loss_falls(tiny, tmp_pa
     assert len(losses) == 3 and losses[-1] < losses[0]
     stats = model.cache_stats()
     assert stats["cache_hits"] == 3 * 8 and stats["cache_misses"] == 0  # every step skipped the trunk
+    # Trainer's checkpoint holds the trainable tensors alone (tied base weights would not even save), and loads back.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    assert set(saved) == {"method." + name for name in model.method.named_trainable_parameters()}
+    fresh = wrapped()
+    fresh.load_state_dict(saved)
+    for name, param in fresh.method.named_trainable_parameters().items():
+        assert torch.equal(param, model.method.named_trainable_parameters()[name])
 
 
 def python_generated(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:

@@ -70,6 +70,26 @@ class Skip2LoRAModel(nn.Module):
         """The adapters (and class head): what an optimizer needs."""
         return self.method.trainable_parameters()
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """Only what trains (adapters, class head), as PEFT's checkpoints hold only the adapter: the frozen base
+        comes from its own files. transformers.Trainer's and Lightning's checkpoints stay small and save tied
+        weights without complaint; load_state_dict takes such a dict back."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + "method." + name for name in self.method.named_trainable_parameters()}
+        return type(full)((key, value) for key, value in full.items() if key in trainable)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """The trainable tensors back (the frozen base is left as it is); strict: every one must be there."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {"method." + name for name in self.method.named_trainable_parameters()}
+        missing = sorted(set(result.missing_keys) & trainable)
+        if strict and (missing or result.unexpected_keys):
+            raise Skip2LoRAValueError(f"the state dict does not fit these adapters (missing {missing[:3]}, "
+                                      f"unexpected {result.unexpected_keys[:3]}): load one saved from the same "
+                                      "Skip2LoRAConfig")
+        return result
+
     def cache_stats(self) -> Optional[dict]:
         """Skip-Cache hits, misses, samples and size so far (None without a cache)."""
         return self.method.cache_stats()
