@@ -46,3 +46,29 @@ def test_torch_loop_example_runs_tiny(monkeypatch, capsys):
 def test_lightning_example_runs_tiny():
     metrics = load("lightning_skip2lora").main(["--tiny"])
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+
+
+def test_the_readme_snippet_runs_on_the_tiny_model():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme[readme.index("## Use it from Python"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")].replace('load_model("smollm2-135m")', 'load_model("tiny")')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model = scope["model"]
+    assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+def test_the_trainer_benchmark_runs_tiny_and_renders_its_table(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# page\n\n<!-- trainer-bench:start -->\n<!-- trainer-bench:end -->\n\nafter\n")
+    load("bench_trainer").main(["--tiny", "--json", str(tmp_path / "bench.json"), "--doc", str(doc),
+                                "--scratch", str(tmp_path / "runs")])
+    import json
+
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["runs"]) == {"lora", "skip2lora"} and "cpu_model_name" in result
+    assert all(len(run["epoch_s"]) == 2 for run in result["runs"].values())
+    assert result["runs"]["skip2lora"]["cache"]["cache_misses"] == 0  # every epoch read the prebuilt cache
+    text = doc.read_text()
+    assert "| Skip2-LoRA + Skip-Cache |" in text and text.endswith("after\n")
