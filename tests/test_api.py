@@ -57,19 +57,21 @@ def test_zero_initialised_wrapper_gives_the_base_models_logits_and_loss(tiny, na
     torch.testing.assert_close(evaluated.loss, reference.loss, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_equals_uncached_through_the_api(tiny):
+def test_cached_equals_uncached_through_the_api(tiny, tmp_path):
     _, rows, collator = tiny
     batches = [collator(rows[i:i + 8]) for i in range(0, 24, 8)]
     losses, weights = {}, {}
-    for cache in ("ram", "none"):
-        model = wrapped(cache=cache, dropout=0.0)
+    for cache in ("ram", "disk", "none"):
+        model = wrapped(cache=cache, cache_dir=tmp_path / "skip-cache", dropout=0.0)
         if cache == "ram":
             model.prepare(torch.utils.data.DataLoader(rows, batch_size=8, collate_fn=collator))
             assert model.cache_stats()["cache_samples"] == 24
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
         model.train()
         losses[cache] = []
-        for _ in range(2):  # two epochs: every step after the prebuild reads the cache
+        # Two epochs. ram: prebuilt, every step reads the cache; disk: filled on first sight in epoch 1 (no
+        # prebuild), read back in epoch 2.
+        for _ in range(2):
             for batch in batches:
                 loss = model(**batch).loss
                 loss.backward()
@@ -77,10 +79,16 @@ def test_cached_equals_uncached_through_the_api(tiny):
                 optimizer.zero_grad()
                 losses[cache].append(loss.item())
         weights[cache] = torch.cat([p.detach().flatten() for p in model.trainable_parameters()])
+        stats = model.cache_stats()
         if cache == "ram":
-            assert model.cache_stats()["cache_hits"] == 6 * 8 and model.cache_stats()["cache_misses"] == 0
-    assert losses["ram"] == pytest.approx(losses["none"], rel=1e-6)
-    torch.testing.assert_close(weights["ram"], weights["none"], rtol=1e-6, atol=1e-7)
+            assert stats["cache_hits"] == 6 * 8 and stats["cache_misses"] == 0
+        if cache == "disk":
+            assert stats["cache_misses"] == 3 * 8 and stats["cache_hits"] == 3 * 8
+            model.eval()  # leaving training writes what is pending: a later process reuses it
+            assert list((tmp_path / "skip-cache").rglob("shard-*.safetensors"))
+    for cache in ("ram", "disk"):
+        assert losses[cache] == pytest.approx(losses["none"], rel=1e-6)
+        torch.testing.assert_close(weights[cache], weights["none"], rtol=1e-6, atol=1e-7)
 
 
 def test_transformers_trainer_trains_three_steps_and_the_loss_falls(tiny, tmp_path):

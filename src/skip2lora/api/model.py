@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -45,6 +46,15 @@ class Skip2LoRAModel(nn.Module):
         self.method = method
         self.skip2lora_config = config
         self._ids = IdRegistry()
+        if method.cache is not None and method.cache.mode == "disk":
+            # Features first seen during training wait in memory until a shard fills; these write the rest.
+            weakref.finalize(self, method.cache.flush)
+
+    def train(self, mode: bool = True) -> "Skip2LoRAModel":
+        """As nn.Module's; leaving training (evaluation, the end of a run) writes a disk cache's pending features."""
+        if not mode and self.method.cache is not None:
+            self.method.cache.flush()
+        return super().train(mode)
 
     # -- what it wraps --------------------------------------------------------------------------
     @property
