@@ -38,7 +38,8 @@ class IdRegistry:
             return
         ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else list(sample_ids)
         if len(ids) != len(keys):
-            raise Skip2LoRAValueError(f"sample_id holds {len(ids)} ids for a batch of {len(keys)} rows: give one per row")
+            raise Skip2LoRAValueError(f"sample_id holds {len(ids)} ids for a batch of {len(keys)} rows: give one "
+                                      "per row")
         for sample_id, key in zip(ids, keys):
             seen = self.keys.setdefault(str(sample_id), key)
             if seen != key:
@@ -108,7 +109,8 @@ def _rows(data: Iterable) -> Iterator[dict]:
         if ids.dim() == 1:
             yield item
             continue
-        mask = checked_mask(ids, torch.as_tensor(item["attention_mask"]) if item.get("attention_mask") is not None else None)
+        given = item.get("attention_mask")
+        mask = checked_mask(ids, None if given is None else torch.as_tensor(given))
         for row, n in enumerate(mask.sum(dim=1).tolist()):
             one = {"input_ids": ids[row, :n]}
             if item.get("labels") is not None:

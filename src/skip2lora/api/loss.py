@@ -28,7 +28,8 @@ def _loss_method(model: nn.Module) -> FinetuneMethod:
     if method is None:
         config = getattr(model, "config", None)
         # The probe needs only the vocabulary size and the pad id; no tokenizer is asked of the caller.
-        stand_in = SimpleNamespace(vocab_size=int(config.vocab_size), pad_token_id=getattr(config, "pad_token_id", None))
+        stand_in = SimpleNamespace(vocab_size=int(config.vocab_size),
+                                   pad_token_id=getattr(config, "pad_token_id", None))
         method = FinetuneMethod(model, stand_in, "generation")
         was_training = model.training
         method.train(was_training)
@@ -47,7 +48,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     over this batch's loss tokens, or over `num_items_in_batch` when given (gradient accumulation in Trainer).
     """
     if labels.shape != input_ids.shape:
-        raise Skip2LoRAValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        raise Skip2LoRAValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                                  f"{tuple(labels.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
