@@ -48,7 +48,7 @@ def test_zero_initialised_wrapper_gives_the_base_models_logits_and_loss(tiny, na
     model.eval()
     with torch.no_grad():
         evaluated = model(**batch)
-    assert type(evaluated) is type(reference)
+    assert type(evaluated) is type(reference) and list(evaluated.keys())[0] == "loss"
     assert torch.equal(evaluated.logits, reference.logits)
     model.train()
     trained = model(**batch)  # the training path: trunk features (no autograd) + head at the loss positions only
@@ -100,7 +100,8 @@ def test_transformers_trainer_trains_three_steps_and_the_loss_falls(tiny, tmp_pa
                              lr_scheduler_type="constant", logging_steps=1, save_steps=3, report_to=[],
                              use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows[:8], data_collator=collator)
-    model.prepare(trainer.get_train_dataloader())  # the sample_id column stays: forward() names it
+    model.prepare(trainer.get_train_dataloader())
+    assert len(model._ids.keys) == 8  # Trainer kept the sample_id column (forward names it): each id is checked
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]

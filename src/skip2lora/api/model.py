@@ -150,7 +150,9 @@ class Skip2LoRAModel(nn.Module):
 
             labels = checked_labels(labels.to(input_ids.device), input_ids, "generation", None)
             loss_sum, count = causal_lm_loss_sum(output.logits, labels)
-            output.loss = loss_sum / _divisor(num_items_in_batch, count)
+            # A new output, not an attribute set on the old one: loss comes first, as in the model's own outputs.
+            output = type(output)(loss=loss_sum / _divisor(num_items_in_batch, count),
+                                  **{key: value for key, value in output.items() if key != "loss"})
         return output
 
     def _classify(self, input_ids, attention_mask, labels, sample_id, num_items_in_batch) -> Any:
