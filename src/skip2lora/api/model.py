@@ -186,8 +186,9 @@ class Skip2LoRAModel(nn.Module):
     # -- files ----------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write adapter_config.json and adapter_model.safetensors (and the tokenizer, when one was given): the
-        files `skip2lora finetune` writes to OUT/final, which `skip2lora generate --checkpoint` loads. The folder
-        is built under a temporary name and renamed into place."""
+        files `skip2lora finetune` writes to OUT/final, which `skip2lora generate --checkpoint` loads. They are
+        written into a hidden staging folder first and each renamed into place, the config last; other files in
+        the folder stay."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory, prefix=".skip2lora-save-"))
