@@ -27,6 +27,11 @@ def row_key(ids: torch.Tensor, target: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def plain_id(sample_id: Any) -> str:
+    """One spelling per id, whether it arrives as 3, a 0-d tensor(3) or "3"."""
+    return str(sample_id.item() if isinstance(sample_id, torch.Tensor) else sample_id)
+
+
 @dataclass
 class IdRegistry:
     """Which content each sample id stood for: an id reused for other content is refused."""
@@ -36,14 +41,14 @@ class IdRegistry:
     def check(self, sample_ids: Optional[Sequence[Any]], keys: Sequence[str]) -> None:
         if sample_ids is None:
             return
-        ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else list(sample_ids)
+        ids = [plain_id(one) for one in (sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids)]
         if len(ids) != len(keys):
             raise Skip2LoRAValueError(f"sample_id holds {len(ids)} ids for a batch of {len(keys)} rows: give one "
                                       "per row")
         for sample_id, key in zip(ids, keys):
-            seen = self.keys.setdefault(str(sample_id), key)
+            seen = self.keys.setdefault(sample_id, key)
             if seen != key:
-                raise Skip2LoRAValueError(f"sample_id {sample_id!r} was seen before with other tokens or labels: give "
+                raise Skip2LoRAValueError(f"sample_id {sample_id} was seen before with other tokens or labels: give "
                                           "each distinct sample its own id")
 
 
