@@ -242,3 +242,9 @@ def test_bad_input_is_refused_in_one_sentence_before_any_step(tiny):
         classifier(input_ids=batch["input_ids"], labels=batch["labels"])
     with pytest.raises(ValueError, match="call model.prepare"):
         wrapped(block_indices="auto")(**batch)
+
+
+def test_the_api_config_defaults_are_the_commands():
+    from skip2lora.config import Skip2LoRAConfig as CommandSection
+
+    assert Skip2LoRAConfig().method_config() == CommandSection()  # one set of defaults: no drift between the doors
