@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -438,7 +438,7 @@ class Skip2LoRAMethod(FinetuneMethod):
     def _live_correction(self, captured: dict, positions: int) -> torch.Tensor:
         return self.adapters({k: captured[k][:, -positions:, :] for k in self.block_indices})
 
-    def corrections_applied(self):
+    def corrections_applied(self) -> AbstractContextManager:
         """While active, the model's own forward (and so its generate()) gives base + adapters: a hook adds the
         adapters' correction at the head (or to the logits), computed from the blocks the trunk's hooks capture."""
         hook = self.trunk.logits_correction if self.output_mode == "logits" else self.trunk.head_correction
