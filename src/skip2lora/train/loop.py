@@ -30,7 +30,7 @@ from ..outdir import TASK_JSON, MetricLogger, RunClaim, RunDir
 from ..paths import atomic_write_json
 from . import checkpoint as ckpt
 from .evaluate import evaluate, format_eval, is_better, to_device
-from .fabric import build_fabric
+from .fabric import build_fabric, run_precision
 from .step import build_optimizer, build_scheduler, train_step
 
 
@@ -112,6 +112,7 @@ class Run:
     time_phases: bool
     accumulation: int
     claim: Optional[RunClaim]  # rank 0's lock on the folder (and the run it replaces), released at the end
+    precision_choice: Optional[dict] = None  # what was asked for, what runs and why (auto: the probe's figures)
 
     @property
     def autocast(self):
@@ -137,12 +138,15 @@ class Run:
 def setup(cfg: FinetuneConfig) -> Run:
     """Launch the processes, claim the run folder (rank 0), then build the run; a failure gives the folder
     back as it was."""
+    choice = run_precision(cfg)  # before launch: every rank reads the same (cached) probe
     fabric = build_fabric(cfg)
     fabric.launch()
     claim = RunDir(cfg.out_dir).claim(resume=cfg.resume, overwrite=cfg.overwrite) if fabric.global_rank == 0 else None
     fabric.barrier()
     try:
-        return build_run(cfg, fabric, claim)
+        run = build_run(cfg, fabric, claim)
+        run.precision_choice = choice.as_dict()
+        return run
     except BaseException as exc:
         if claim is not None:
             claim.__exit__(type(exc), exc, exc.__traceback__)
@@ -469,6 +473,7 @@ def run_record(run: Run, steps: int) -> dict:
         "method": method.name,
         "config": to_plain_dict(run.cfg),
         "precision": run.precision,
+        "precision_choice": run.precision_choice,
         "loss_path": method.head_path(),
         "environment": run.environment,
         "model": model_info_dict(run.info),
