@@ -150,3 +150,22 @@ def test_a_bf16_cache_is_never_served_to_an_fp32_run(tmp_path):
     again, _ = skip2lora_method(tmp_path, "again", "disk", "bf16-mixed")
     again.prepare(samples, [], torch.device("cpu"))
     assert again.prebuild["samples"] == 0  # the bf16 store does serve a bf16 run
+
+
+# -- checkpoints through Fabric's sharding-aware save/load (the FSDP path, here on one CPU process) ---------------
+@pytest.mark.parametrize("method", ["lora", "skip2lora"])
+def test_fabric_checkpoint_resume_equals_the_uninterrupted_bf16_run(tmp_path, monkeypatch, method):
+    from skip2lora.train import checkpoint
+
+    from support import copy_as_killed_after_step_3
+
+    monkeypatch.setattr(checkpoint, "uses_fabric_checkpoints", lambda fabric: True)
+    common = dict(precision="bf16-mixed", train__max_steps=6, train__save_interval=3, eval__interval=3,
+                  lora__dropout=0.1)
+    whole = tiny_config(tmp_path / "whole", method, **common)
+    run_finetune(whole, show_progress=False)
+    saved = tmp_path / "whole" / "checkpoints" / "step-000006"
+    assert (saved / checkpoint.FABRIC_STATE).exists() and not (saved / "trainable.safetensors").exists()
+    copy_as_killed_after_step_3(whole.out_dir, tmp_path / "killed")
+    run_finetune(tiny_config(tmp_path / "killed", method, resume=True, **common), show_progress=False)
+    assert train_and_eval_losses(tmp_path / "killed")[0] == train_and_eval_losses(whole.out_dir)[0][3:]

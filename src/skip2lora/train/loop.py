@@ -198,7 +198,11 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     progress, start_step = RunProgress(), 0
-    if resume_from is not None:
+    if resume_from is not None and ckpt.uses_fabric_checkpoints(fabric):
+        saved = ckpt.load_fabric_checkpoint(fabric, resume_from, module, optimizer, scheduler)
+        start_step = saved.pop("step")
+        progress = RunProgress(**saved)
+    elif resume_from is not None:
         trainable, saved = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
         method.load_trainable_state_dict(trainable)
         start_step = saved.pop("step")
@@ -246,8 +250,9 @@ def run_eval(run: Run, step: int) -> dict:
         progress.initial_eval = result
     elif is_better(result, progress.best_eval):
         progress.best_eval, progress.best_step = result, step
-        if run.is_writer:
-            run.run_dir.write_result("best", partial(save_result, run))
+        with ckpt.full_parameters(run.fabric, run.module):
+            if run.is_writer:
+                run.run_dir.write_result("best", partial(save_result, run))
         run.fabric.barrier()
     return result
 
@@ -370,7 +375,11 @@ def fit(run: Run, show_progress: bool = True) -> int:
             result_text = format_eval(run_eval(run, step))
             if run.is_writer:
                 bar.write(f"[skip2lora] step {step}: {result_text}")
-        if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
+        if ((cfg.train.save_interval and step % cfg.train.save_interval == 0) or last) \
+                and ckpt.uses_fabric_checkpoints(run.fabric):
+            ckpt.save_fabric_checkpoint(run.fabric, run.run_dir, step, run.module, run.optimizer, run.scheduler,
+                                        progress.__dict__, ckpt.resume_settings(cfg, method))
+        elif (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
             if run.is_writer:
                 ckpt.save_checkpoint(run.run_dir, step, method.trainable_state_dict(), run.optimizer, run.scheduler,
                                      progress.__dict__, settings=ckpt.resume_settings(cfg, method))
@@ -408,7 +417,10 @@ def finish(run: Run, steps: int) -> dict:
     payload = run_record(run, steps)
     if run.is_writer:
         run.logger.close()
-        run.run_dir.write_result("final", partial(save_result, run))
+    with ckpt.full_parameters(run.fabric, run.module):  # FSDP: rank 0 saves the whole model, not its shard
+        if run.is_writer:
+            run.run_dir.write_result("final", partial(save_result, run))
+    if run.is_writer:
         run.run_dir.write_run_json(payload)
         print(f"[skip2lora] done: {format_summary(payload['summary'])}")
         print(f"[skip2lora] wrote {run.run_dir.final}, {run.logger.csv_path}, {run.run_dir.run_json}")
