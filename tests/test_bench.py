@@ -196,7 +196,10 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
     bench_report.write_report([str(path)], tmp_path / "results.md")
     markdown = (tmp_path / "results.md").read_text()
     assert "### Fine-tuning time: 2 epochs x 8 samples" in markdown
-    assert f"| authorship | s2-cached | 8 | {tasks[1]['runs'][1]['first_epoch_s']:.2f} |" in markdown
+    run = tasks[1]["runs"][1]
+    assert (f"| authorship | s2-cached | {run['precision']} | 8 | {run['prepare_s']:.2f} | {run['first_epoch_s']:.2f} |"
+            in markdown)
+    assert f"| {run['cache']['size_mb']:.1f} | {run['memory']['peak_mb']:.1f} |" in markdown  # the cache build's memory
 
 
 @pytest.mark.parametrize("extra, message", [
