@@ -324,9 +324,10 @@ def test_the_peft_step_row_trains_what_lora_qv_trains(request):
     base = {"model": "tiny", "device": "cpu", "precision": "32-true", "seed": 1, "threads": 1, "batch_size": 2,
             "seq_len": 32, "mode": "steps", "iters": 2, "warmup": 1}
     overrides = {"lora": {"r": 4, "alpha": 8, "target_modules": None}, "train": {"loss_path": "full"}}
-    rows = {method: measure.run_step_benchmark({**base, "config": {"name": method, "method": method, "label": method,
-                                                                    "overrides": overrides}})
+    rows = {method: worker.worker_result({**base, "config": {"name": method, "method": method, "label": method,
+                                                              "overrides": overrides}})
             for method in ("peft-step", "lora")}
+    assert rows["peft-step"]["status"] == rows["lora"]["status"] == "ok"
     assert rows["peft-step"]["parameters"]["trainable"] == rows["lora"]["parameters"]["trainable"] > 0
     assert rows["peft-step"]["timing"]["backward"]["mean_ms"] > 0
     # Same model, same batches, same zero-initialised adapters: the first loss is the base model's on both.

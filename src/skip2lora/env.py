@@ -10,6 +10,7 @@ from importlib import metadata
 import torch
 
 from .errors import UserError
+from .precision import cpu_name
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,17 +40,6 @@ def autocast_context(precision: str, device: torch.device):
     if precision == "bf16-mixed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _version(package: str) -> str | None:

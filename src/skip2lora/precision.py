@@ -11,6 +11,7 @@ An explicit --precision is honoured, or refused in one line where the hardware l
 from __future__ import annotations
 
 import json
+import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -43,6 +44,17 @@ class PrecisionChoice:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def cpu_bf16_feature() -> Optional[str]:
@@ -107,8 +119,6 @@ def measure_matmuls(hidden: int, intermediate: int, tokens: int = PROBE_TOKENS,
 
 
 def probe_key(shapes: dict, tokens: int = PROBE_TOKENS) -> str:
-    from .env import cpu_name
-
     return (f"{cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
             f"{tokens}x{shapes['hidden']}x{shapes['intermediate']}")
 
@@ -167,8 +177,6 @@ def choose_precision(requested: str, accelerator: str, model: Optional[str] = No
             raise UserError(f"--precision {requested} needs a GPU with bf16, which {torch.cuda.get_device_name()} "
                             "lacks: use --precision 32-true or 16-mixed, or auto")
         if accelerator == "cpu" and cpu_bf16_feature() is None:
-            from .env import cpu_name
-
             raise UserError(f"--precision {requested} needs bf16 instructions, which this CPU ({cpu_name()}) lacks "
                             "(no avx512_bf16 or amx_bf16): use --precision 32-true, or auto")
     return PrecisionChoice(requested, requested, "requested")

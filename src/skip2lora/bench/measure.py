@@ -25,8 +25,7 @@ from ..train.fabric import build_fabric
 from ..train.loop import fabric_precision
 from ..train.step import build_optimizer, build_scheduler, train_step
 from .batches import BENCH_DATA, benchmark_batches
-from .peft_step import run_peft_step_benchmark
-from .suite import INFERENCE, PEFT_STEP
+from .suite import INFERENCE
 
 PHASES = ("forward", "backward", "optimizer", "step")
 
@@ -242,8 +241,6 @@ def run_step_benchmark(spec: dict) -> dict:
     """
     if spec["config"]["method"] == INFERENCE:
         return run_inference_benchmark(spec)
-    if spec["config"]["method"] == PEFT_STEP:
-        return run_peft_step_benchmark(spec)
     data_cfg = DataConfig(name=BENCH_DATA, max_seq_length=spec["seq_len"], seed=spec["seed"])
     cfg, fabric, precision, method, info, load_s = build(spec, data_cfg, "generation", None)
     device = fabric.device

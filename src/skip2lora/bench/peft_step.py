@@ -19,6 +19,7 @@ from ..env import synchronize
 from ..report.stats import time_stats
 from ..train.evaluate import to_device
 from .batches import benchmark_batches
+from .measure import MemoryProbe, page_in_weights
 
 
 def run_peft_step_benchmark(spec: dict) -> dict:
@@ -29,7 +30,6 @@ def run_peft_step_benchmark(spec: dict) -> dict:
     from ..methods.lora_targets import resolve_target_modules
     from ..models import load_base_model
     from ..precision import choose_precision, compute_dtype
-    from .measure import MemoryProbe, page_in_weights
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
