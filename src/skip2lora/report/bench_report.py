@@ -152,10 +152,10 @@ def epoch_table(result: dict) -> Optional[Table]:
                          fmt_s(run["later_epochs_s"]), fmt_s(run["total_s"]),
                          fmt_pct(reduction.get("total_pct")), fmt_pct(reduction.get("later_epochs_pct")),
                          fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"]),
-                         fmt_mb(cache["size_mb"] if cache else None), fmt_mb((run.get("memory") or {}).get("peak_mb"))])
+                         fmt_mb(cache["size_mb"] if cache else None), fmt_mb((run.get("memory") or {}).get("peak_above_baseline_mb"))])
     headers = ["task", "configuration", "precision", "samples", "prepare s", "first epoch s", "later epochs s",
                "total s", f"reduction vs {bench['reference']}", "later-epoch reduction", "cache hit rate",
-               "cache MB", "peak MB"]
+               "cache MB", "peak MB above start"]
     title = (f"Fine-tuning time: {bench['epochs']} epochs x {bench['samples']} samples, batch {bench['batch_size']}, "
              f"max {bench['seq_len']} tokens")
     return Table(title, headers, rows, text_columns=3,
@@ -165,7 +165,8 @@ def epoch_table(result: dict) -> Optional[Table]:
                       "prepare s: the preparation alone (for Skip2-LoRA the Skip-Cache build, a no-grad forward of "
                       "the training samples); reduction = 1 - configuration time / reference time (whole "
                       "fine-tuning, and epochs 2..N); cache hit rate over all epochs; cache MB: the Skip-Cache store; "
-                      "peak MB: the process's peak resident memory from the start of preparation")
+                      "peak MB above start: the process's peak resident memory during preparation and training, "
+                      "less its resident memory once the model was loaded")
 
 
 def headline_rows(result: dict) -> list[list[str]]:

@@ -7,6 +7,7 @@ refusals below are the settings Fabric or this project cannot honour, each said 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -82,5 +83,15 @@ def build_fabric(cfg: FinetuneConfig):
     devices: object = cfg.devices
     if accelerator == "cuda" and ":" in cfg.device and world == 1:
         devices = [int(cfg.device.split(":")[1])]
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=strategy,
-                  precision=cfg.precision)
+    # Fabric announces mixed precision as an info log on stderr; the run's own banner and run.json say it instead,
+    # so a failing command still prints one line.
+    from lightning_utilities.core import rank_zero
+
+    announcer = rank_zero.log  # the logger Lightning's rank_zero_info writes to (fabric's or pytorch's)
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        return Fabric(accelerator=accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=strategy,
+                      precision=cfg.precision)
+    finally:
+        announcer.setLevel(level)

@@ -439,7 +439,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True,
     run.fabric.print(
         f"[skip2lora] {method.name} on {info.name} ({info.num_parameters / 1e6:.1f}M params, "
         f"{counts.trainable:,} trainable) | data {cfg.data.name}: {len(run.train_samples) * run.world_size} train / "
-        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks}"
+        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks} | "
+        f"{run.precision}"
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
     try:
