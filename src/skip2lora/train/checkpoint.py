@@ -150,6 +150,28 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict, dict]:
     return trainable, progress
 
 
+def save(fabric: Any, run_dir: RunDir, step: int, method, module, optimizer, scheduler, progress: dict,
+         settings: dict) -> None:
+    """Every rank calls this at a checkpoint step: rank 0 writes the trainable state, or under FSDP every rank
+    writes its shards through Fabric; all ranks leave together."""
+    if uses_fabric_checkpoints(fabric):
+        save_fabric_checkpoint(fabric, run_dir, step, module, optimizer, scheduler, progress, settings)
+        return
+    if fabric.global_rank == 0:
+        save_checkpoint(run_dir, step, method.trainable_state_dict(), optimizer, scheduler, progress,
+                        settings=settings)
+    fabric.barrier()
+
+
+def restore(fabric: Any, path: Path, method, module, optimizer, scheduler) -> dict:
+    """Put a checkpoint's state back (the trainable tensors, or under FSDP every rank's shards); return its progress."""
+    if uses_fabric_checkpoints(fabric):
+        return load_fabric_checkpoint(fabric, path, module, optimizer, scheduler)
+    trainable, progress = load_checkpoint(path, optimizer, scheduler)
+    method.load_trainable_state_dict(trainable)
+    return progress
+
+
 # -- FSDP: every rank saves and loads its shards through Fabric ---------------------------------------------------
 def is_fsdp(fabric: Any) -> bool:
     from lightning.fabric.strategies import FSDPStrategy

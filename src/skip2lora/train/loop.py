@@ -198,13 +198,8 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     progress, start_step = RunProgress(), 0
-    if resume_from is not None and ckpt.uses_fabric_checkpoints(fabric):
-        saved = ckpt.load_fabric_checkpoint(fabric, resume_from, module, optimizer, scheduler)
-        start_step = saved.pop("step")
-        progress = RunProgress(**saved)
-    elif resume_from is not None:
-        trainable, saved = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
-        method.load_trainable_state_dict(trainable)
+    if resume_from is not None:
+        saved = ckpt.restore(fabric, resume_from, method, module, optimizer, scheduler)
         start_step = saved.pop("step")
         progress = RunProgress(**saved)
     # Preparation (the Skip-Cache build) is part of what fine-tuning costs, so it counts as training time.
@@ -375,15 +370,9 @@ def fit(run: Run, show_progress: bool = True) -> int:
             result_text = format_eval(run_eval(run, step))
             if run.is_writer:
                 bar.write(f"[skip2lora] step {step}: {result_text}")
-        if ((cfg.train.save_interval and step % cfg.train.save_interval == 0) or last) \
-                and ckpt.uses_fabric_checkpoints(run.fabric):
-            ckpt.save_fabric_checkpoint(run.fabric, run.run_dir, step, run.module, run.optimizer, run.scheduler,
-                                        progress.__dict__, ckpt.resume_settings(cfg, method))
-        elif (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
-            if run.is_writer:
-                ckpt.save_checkpoint(run.run_dir, step, method.trainable_state_dict(), run.optimizer, run.scheduler,
-                                     progress.__dict__, settings=ckpt.resume_settings(cfg, method))
-            run.fabric.barrier()
+        if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
+            ckpt.save(run.fabric, run.run_dir, step, method, run.module, run.optimizer, run.scheduler,
+                      progress.__dict__, ckpt.resume_settings(cfg, method))
         if out_of_time and run.is_writer:
             bar.write(f"[skip2lora] time budget of {cfg.train.max_time_s:.0f}s reached at step {step}")
             break

@@ -24,27 +24,18 @@ from ...env import synchronize
 from ...errors import UserError
 from ...models import ModelInfo, weights_fingerprint
 from ...paths import cache_root
-from ...precision import BF16
 from ..base import FinetuneMethod, register_method
 from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
 from .block_selection import BlockSelection, probe_sample, selection_from_probe
-from .cache import DTYPES, CachedFeatures, SkipCache
+from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name
 from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
 from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
 
 # A prompt prefix shared by every sample of a cache build is computed once when at least this long.
 MIN_SHARED_PREFIX = 4
-
-
-def feature_dtype_name(cache_dtype: str, precision: str) -> str:
-    """The dtype trunk features are kept in: skip2lora.cache_dtype, or for auto the run's precision (bf16 under
-    either bf16 precision: half the RAM and disk of fp32, and no finer than the forward that made them)."""
-    if cache_dtype != "auto":
-        return cache_dtype
-    return "bfloat16" if precision in BF16 else "float32"
 
 
 def full_precision(device: torch.device):
