@@ -169,3 +169,28 @@ def test_fabric_checkpoint_resume_equals_the_uninterrupted_bf16_run(tmp_path, mo
     copy_as_killed_after_step_3(whole.out_dir, tmp_path / "killed")
     run_finetune(tiny_config(tmp_path / "killed", method, resume=True, **common), show_progress=False)
     assert train_and_eval_losses(tmp_path / "killed")[0] == train_and_eval_losses(whole.out_dir)[0][3:]
+
+
+def test_bf16_on_a_gpu_without_it_is_one_error_and_auto_keeps_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Old GPU")
+    with pytest.raises(UserError, match="--precision bf16-mixed needs a GPU with bf16, which Old GPU lacks"):
+        precision.choose_precision("bf16-mixed", "cuda")
+    assert precision.choose_precision("auto", "cuda").precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert precision.choose_precision("auto", "cuda").precision == "bf16-mixed"
+
+
+def test_fsdp_warns_in_one_line_until_verified_on_a_gpu(tmp_path, monkeypatch):
+    from skip2lora.errors import ProjectWarning
+    from skip2lora.train import fabric
+
+    monkeypatch.setattr(fabric, "resolve_accelerator", lambda device: "cuda")  # FSDP is refused on a CPU
+    cfg = tiny_config(tmp_path / "run", "lora", strategy="fsdp", precision="32-true")
+    with pytest.warns(ProjectWarning, match="--strategy fsdp is unverified") as caught:
+        try:
+            fabric.build_fabric(cfg)
+        except Exception:
+            pass  # without a GPU, Fabric itself then refuses the cuda accelerator
+    assert len([w for w in caught if issubclass(w.category, ProjectWarning)]) == 1
