@@ -10,7 +10,7 @@ from importlib import metadata
 import torch
 
 from .errors import UserError
-from .precision import cpu_name
+from .precision import choose_precision, cpu_name
 
 
 def resolve_device(device: str) -> torch.device:
@@ -27,8 +27,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device, model: str | None = None) -> str:
     """The precision a run on `device` uses: auto as precision.choose_precision measures it."""
-    from .precision import choose_precision
-
     return choose_precision(precision, device.type, model).precision
 
 

@@ -22,20 +22,13 @@ from .batches import benchmark_batches
 from .measure import MemoryProbe, page_in_weights
 
 
-def run_peft_step_benchmark(spec: dict) -> dict:
-    """Warm-up, then timed plain PEFT steps (forward, backward, AdamW) on the rows' fixed batches."""
+def peft_model(spec: dict, precision: str, device: torch.device) -> tuple:
+    """(PEFT model, tokenizer, model info): the row's base model with LoRA on the row's `lora` settings."""
     from peft import LoraConfig, get_peft_model
 
-    from ..methods.base import ParameterCounts, stored_numel
     from ..methods.lora_targets import resolve_target_modules
     from ..models import load_base_model
-    from ..precision import choose_precision, compute_dtype
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    precision = choose_precision(spec["precision"], device.type, spec["model"]).precision
-    started = time.perf_counter()
     model, tokenizer, info = load_base_model(spec["model"], dtype=torch.bfloat16 if precision == "bf16-true"
                                              else torch.float32, device=str(device))
     lora = LoRAConfig(**spec["config"]["overrides"].get("lora", {}))
@@ -43,6 +36,20 @@ def run_peft_step_benchmark(spec: dict) -> dict:
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=resolve_target_modules(model, lora.target_modules),
                                              task_type="CAUSAL_LM"))
+    return model, tokenizer, info
+
+
+def run_peft_step_benchmark(spec: dict) -> dict:
+    """Warm-up, then timed plain PEFT steps (forward, backward, AdamW) on the rows' fixed batches."""
+    from ..methods.base import ParameterCounts, stored_numel
+    from ..precision import choose_precision, compute_dtype
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    precision = choose_precision(spec["precision"], device.type, spec["model"]).precision
+    started = time.perf_counter()
+    model, tokenizer, info = peft_model(spec, precision, device)
     load_s = time.perf_counter() - started
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
