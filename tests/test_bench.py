@@ -196,7 +196,10 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
     bench_report.write_report([str(path)], tmp_path / "results.md")
     markdown = (tmp_path / "results.md").read_text()
     assert "### Fine-tuning time: 2 epochs x 8 samples" in markdown
-    assert f"| authorship | s2-cached | 8 | {tasks[1]['runs'][1]['first_epoch_s']:.2f} |" in markdown
+    run = tasks[1]["runs"][1]
+    assert (f"| authorship | s2-cached | {run['precision']} | 8 | {run['prepare_s']:.2f} | {run['first_epoch_s']:.2f} |"
+            in markdown)
+    assert f"| {run['cache']['size_mb']:.1f} | {run['memory']['peak_above_baseline_mb']:.1f} |" in markdown  # the cache build's memory
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -312,3 +315,39 @@ def test_the_no_head_bound_and_the_fast_path_rows_run(request):
         assert result["timing"]["step"]["mean_ms"] > 0
         # 30% of the 31 predicted positions of each row carry loss
         assert result["loss_tokens_per_batch"] == pytest.approx(2 * round(0.3 * 31), abs=2)
+
+
+def test_the_peft_step_row_trains_what_lora_qv_trains(request):
+    """The baseline's honesty row: a plain transformers + PEFT step with the same LoRA settings as a lora row."""
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    base = {"model": "tiny", "device": "cpu", "precision": "32-true", "seed": 1, "threads": 1, "batch_size": 2,
+            "seq_len": 32, "mode": "steps", "iters": 2, "warmup": 1}
+    overrides = {"lora": {"r": 4, "alpha": 8, "target_modules": None}, "train": {"loss_path": "full"}}
+    rows = {method: worker.worker_result({**base, "config": {"name": method, "method": method, "label": method,
+                                                              "overrides": overrides}})
+            for method in ("peft-step", "lora")}
+    assert rows["peft-step"]["status"] == rows["lora"]["status"] == "ok"
+    assert rows["peft-step"]["parameters"]["trainable"] == rows["lora"]["parameters"]["trainable"] > 0
+    assert rows["peft-step"]["timing"]["backward"]["mean_ms"] > 0
+    # Same model, same batches, same zero-initialised adapters: the first loss is the base model's on both.
+    assert rows["peft-step"]["loss"]["first"] == pytest.approx(rows["lora"]["loss"]["first"], rel=1e-5)
+
+
+def test_a_configuration_may_fix_its_own_precision(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text("configs:\n  - {name: a, method: lora}\n  - {name: b, method: lora, precision: bf16-mixed}\n")
+    suite = bench_suite.load_suite(path)
+    options = command.BenchOptions("tiny", 2, 32, 1, 0, "cpu", "32-true", 1, 1, None, 4)
+    assert [options.spec(c, "cpu")["precision"] for c in suite.configs.values()] == ["32-true", "bf16-mixed"]
+    path.write_text("configs:\n  - {name: a, method: lora, precision: fp8}\n")
+    with pytest.raises(UserError, match="precision must be one of"):
+        bench_suite.load_suite(path)
+
+
+def test_the_precision_suite_has_each_method_at_fp32_and_bf16():
+    suite = bench_suite.load_suite(bench_suite.resolve_config_file(bench_suite.DEFAULT_CONFIG_FILE).parent / "precision.yaml")
+    for method in ("lora", "qlora", "full", "skip2lora"):
+        rows = [c for c in suite.configs.values() if c.method == method]
+        assert {c.precision for c in rows} >= {"32-true", "bf16-mixed"}, method
+    assert "peft-step" in {c.method for c in suite.configs.values()}

@@ -231,8 +231,8 @@ class Skip2LoRAConfig:
     literal form)."""
     cache: Literal["none", "memory", "disk"] = "memory"
     """Skip-Cache of the frozen trunk's features: off, in RAM, or in disk shards."""
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Storage dtype of cached features."""
+    cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Dtype of the trunk's features, cached or not (auto: bfloat16 when the run computes in bf16, else float32)."""
     cache_dir: Optional[Path] = None
     """Folder of the disk cache (default: the project cache folder)."""
     cache_budget_mb: Optional[float] = None
@@ -325,7 +325,9 @@ class FinetuneConfig:
     out_dir: Path = Path("out/finetune")
     """Run folder: run.json, final/, best/, checkpoints/, logs/."""
     precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "auto"
-    """Numeric precision, as Lightning Fabric names it (auto: 32-true on CPU, bf16-true on a GPU with bf16)."""
+    """Numeric precision, as Lightning Fabric names it. auto: bf16-mixed on a GPU with bf16; on a CPU, bf16-mixed
+    where a short probe of the model's matmuls (cached per machine) finds bf16 faster, else 32-true. run.json
+    records the choice and the probe's figures."""
     device: str = "auto"
     """Accelerator: auto, cpu, cuda, or cuda:N for one given GPU (--accelerator is the same flag)."""
     devices: int = 1

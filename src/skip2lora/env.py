@@ -10,6 +10,7 @@ from importlib import metadata
 import torch
 
 from .errors import UserError
+from .precision import choose_precision, cpu_name
 
 
 def resolve_device(device: str) -> torch.device:
@@ -24,13 +25,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' means bf16 weights on GPUs that support it, fp32 elsewhere (bf16 is slow on AVX2 CPUs)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
+def resolve_precision(precision: str, device: torch.device, model: str | None = None) -> str:
+    """The precision a run on `device` uses: auto as precision.choose_precision measures it."""
+    return choose_precision(precision, device.type, model).precision
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -43,17 +40,6 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -63,7 +49,7 @@ def _version(package: str) -> str | None:
 
 def environment_info(device: torch.device) -> dict:
     """Facts a reader needs to judge a measurement."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device": device.type,
         "device_name": name,

@@ -54,7 +54,8 @@ class BenchOptions:
             raise UserError(f"--devices must be at least 1, got {self.devices}")
 
     def spec(self, config: BenchConfig, device: str, **extra) -> dict:
-        return {"config": config.as_dict(), "model": self.model, "device": device, "precision": self.precision,
+        precision = config.precision or self.precision  # a row may fix its own (fp32 beside bf16)
+        return {"config": config.as_dict(), "model": self.model, "device": device, "precision": precision,
                 "seed": self.seed, "threads": self.threads, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "devices": self.devices, "loss_share": self.loss_share, **extra}
 
@@ -236,7 +237,8 @@ def benchmark_command(
           f"{batch_size} x {seq_len} tokens, {warmup} warm-up + {iters} timed iterations\n", flush=True)
     results = run_step_configs(args, chosen, suite.baseline, str(torch_device))
     epoch_results = run_epoch_configs(args, suite, plan, str(torch_device)) if plan else None
-    used_precision = next((r["precision"] for r in results if r["status"] == "ok"), precision)
+    used = sorted({r["precision"] for r in results if r["status"] == "ok"}) or [precision]
+    used_precision = used[0] if len(used) == 1 else "per configuration (" + ", ".join(used) + ")"
     # Read last: on a GPU this creates a CUDA context in this process, which must not sit beside the workers.
     environment = environment_info(torch_device)
     payload = {

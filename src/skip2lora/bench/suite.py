@@ -15,6 +15,11 @@ OVERRIDE_SECTIONS = ("lora", "skip2lora", "train")
 EPOCH_TASKS = ("instruct", "authorship")
 # A reference row, not a fine-tuning method: the frozen model's own forward (no grad) on the same batches.
 INFERENCE = "inference"
+# A reference row: a plain transformers + PEFT LoRA step (model(..., labels).loss, backward, AdamW), as a PEFT
+# user writes it, beside the project's LoRA rows (bench/peft_step.py).
+PEFT_STEP = "peft-step"
+REFERENCE_ROWS = (INFERENCE, PEFT_STEP)
+PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed")
 
 
 @dataclass
@@ -27,10 +32,12 @@ class BenchConfig:
     overrides: dict[str, dict[str, Any]]
     head: str = "model"
     """"none" measures the step without any output head (a bound: what the trunk alone costs)."""
+    precision: Optional[str] = None
+    """This row's precision (unset: the benchmark's --precision), so fp32 and bf16 rows sit in one table."""
 
     def as_dict(self) -> dict:
         return {"name": self.name, "method": self.method, "label": self.label, "overrides": self.overrides,
-                "head": self.head}
+                "head": self.head, "precision": self.precision}
 
 
 @dataclass
@@ -55,17 +62,17 @@ def parse_config_entry(entry: Any, index: int, path: Path) -> BenchConfig:
     if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
         raise UserError(f"{path}: configs[{index}] needs at least `name` and `method`")
     name, method = str(entry["name"]), entry["method"]
-    if method not in methods and method != INFERENCE:
+    if method not in methods and method not in REFERENCE_ROWS:
         raise UserError(f"{path}: configuration {name} has method {method!r}; "
-                        f"use one of {', '.join([*methods, INFERENCE])}")
+                        f"use one of {', '.join([*methods, *REFERENCE_ROWS])}")
     allowed = _section_fields()
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in entry.items():
-        if key in ("name", "method", "label", "head"):
+        if key in ("name", "method", "label", "head", "precision"):
             continue
         if key not in allowed:
             raise UserError(f"{path}: configuration {name} has unknown key {key!r}; "
-                            f"use name, label, method, {', '.join(OVERRIDE_SECTIONS)}")
+                            f"use name, label, method, head, precision, {', '.join(OVERRIDE_SECTIONS)}")
         if not isinstance(value, dict):
             raise UserError(f"{path}: configuration {name}: `{key}` must map field names to values")
         unknown = sorted(set(value) - allowed[key])
@@ -76,7 +83,11 @@ def parse_config_entry(entry: Any, index: int, path: Path) -> BenchConfig:
     head = str(entry.get("head", "model"))
     if head not in ("model", "none"):
         raise UserError(f"{path}: configuration {name}: head must be model or none, got {head!r}")
-    return BenchConfig(name, method, str(entry.get("label", name)), overrides, head)
+    precision = entry.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"{path}: configuration {name}: precision must be one of {', '.join(PRECISIONS)}, got "
+                        f"{precision!r}")
+    return BenchConfig(name, method, str(entry.get("label", name)), overrides, head, precision)
 
 
 def _name_list(value: Any, what: str, path: Path) -> list[str]:

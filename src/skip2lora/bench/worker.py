@@ -32,9 +32,16 @@ def failure_reason(exc: BaseException) -> str:
 def worker_result(spec: dict) -> dict:
     """Run one configuration's spec in this process: its measurements, or the reason it failed."""
     from .measure import run_epoch_benchmark, run_step_benchmark
+    from .peft_step import run_peft_step_benchmark
+    from .suite import PEFT_STEP
 
     try:
-        result = run_epoch_benchmark(spec) if spec["mode"] == "epochs" else run_step_benchmark(spec)
+        if spec["mode"] == "epochs":
+            result = run_epoch_benchmark(spec)
+        elif spec["config"]["method"] == PEFT_STEP:
+            result = run_peft_step_benchmark(spec)
+        else:
+            result = run_step_benchmark(spec)
     except Exception as exc:  # any failure becomes a row marked failed; the parent carries on
         traceback.print_exc(file=sys.stderr)
         return {"status": "failed", "error": failure_reason(exc)}

@@ -39,7 +39,8 @@ def run_block_search(cfg: FinetuneConfig, out_dir: Path = DEFAULT_OUT_DIR) -> di
     cfg.method = "skip2lora"
     cfg.skip2lora.block_indices = "auto"
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    # Written back, as finetune does: the survey's features are computed (and cached) in the run's own precision.
+    precision = cfg.precision = resolve_precision(cfg.precision, device, cfg.model)
     seed_everything(cfg.seed)
     task = load_task_data(cfg.data)
     method, info = build_method(cfg, task.kind, len(task.label_names or []) or None, device,

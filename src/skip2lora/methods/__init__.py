@@ -7,6 +7,7 @@ import torch
 from ..config import FinetuneConfig
 from ..errors import UserError
 from ..models import ModelInfo, load_base_model
+from ..precision import BF16, compute_dtype
 from . import full, lora  # noqa: F401 - importing a method module registers it
 from .base import METHOD_REGISTRY, FinetuneMethod, ParameterCounts, register_method
 from .skip2lora import method as _skip2lora  # noqa: F401
@@ -21,8 +22,10 @@ def build_method(
     if cls is None:
         raise UserError(f"unknown method {cfg.method!r}: use one of {', '.join(METHOD_REGISTRY)}")
     options = cls.load_options(cfg, kind)
-    if options["quantize_4bit"] and device.type == "cpu" and dtype != torch.float32:
-        dtype = torch.float32  # bf16 compute is several times slower than fp32 on AVX2 CPUs
+    if options["quantize_4bit"]:
+        # 4-bit weights are dequantised to their compute dtype: bf16 when the run computes in bf16 (bf16-mixed or
+        # bf16-true, on CPU or GPU), else fp32.
+        dtype = compute_dtype(cfg.precision) if cfg.precision in BF16 else torch.float32
     model, tokenizer, info = load_base_model(cfg.model, num_labels=num_labels, dtype=dtype, device=str(device),
                                              **options)
     for param in model.parameters():

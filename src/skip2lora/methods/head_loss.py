@@ -43,6 +43,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
         ctx.chunk = chunk
         ctx.has_bias = bias is not None
+        # Backward runs outside autocast: it recomputes the logits in the forward's precision (bf16-mixed too).
+        device_type = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         return total
 
     @staticmethod
@@ -53,19 +56,26 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if weight_trains else None
         grad_bias = torch.zeros_like(bias) if bias_trains else None
-        for start in range(0, hidden.size(0), ctx.chunk):
-            end = start + ctx.chunk
-            part = hidden[start:end].to(weight.dtype)
-            probs = torch.softmax(F.linear(part, weight, bias).float(), dim=-1)
-            probs[torch.arange(probs.size(0), device=probs.device), targets[start:end]] -= 1.0
-            probs = probs.to(weight.dtype)  # now the logits' gradient
-            grad_hidden[start:end] = (probs @ weight).to(hidden.dtype)
-            if weight_trains:
-                grad_weight += probs.t() @ part
-            if bias_trains:
-                grad_bias += probs.sum(dim=0)
+        enabled, dtype = ctx.autocast
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            _chunked_grads(ctx.chunk, hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias)
         scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
+
+
+def _chunked_grads(chunk: int, hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias) -> None:
+    """Fill the gradients of _ChunkedLinearCE chunk by chunk (grad_weight / grad_bias None when frozen)."""
+    for start in range(0, hidden.size(0), chunk):
+        end = start + chunk
+        part = hidden[start:end].to(weight.dtype)
+        probs = torch.softmax(F.linear(part, weight, bias).float(), dim=-1)
+        probs[torch.arange(probs.size(0), device=probs.device), targets[start:end]] -= 1.0
+        probs = probs.to(weight.dtype)  # now the logits' gradient
+        grad_hidden[start:end] = (probs @ weight).to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight += probs.t() @ part
+        if grad_bias is not None:
+            grad_bias += probs.sum(dim=0)
 
 
 def _is_plain_linear(head: Head) -> Optional[nn.Linear]:

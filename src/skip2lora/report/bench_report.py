@@ -144,23 +144,29 @@ def epoch_table(result: dict) -> Optional[Table]:
         for run in task["runs"]:
             reduction = task["reductions"].get(run["name"], {})
             if run["status"] != "ok":
-                rows.append([task["task"], run["name"], "failed: " + run["error"]] + [MISSING] * 6)
+                rows.append([task["task"], run["name"], "failed: " + run["error"]] + [MISSING] * 10)
                 continue
             cache = run.get("cache")
-            rows.append([task["task"], run["name"], fmt_int(run["samples_used"]), fmt_s(run["first_epoch_s"]),
+            rows.append([task["task"], run["name"], run.get("precision") or MISSING, fmt_int(run["samples_used"]),
+                         fmt_s(run.get("prepare_s")), fmt_s(run["first_epoch_s"]),
                          fmt_s(run["later_epochs_s"]), fmt_s(run["total_s"]),
                          fmt_pct(reduction.get("total_pct")), fmt_pct(reduction.get("later_epochs_pct")),
-                         fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"])])
-    headers = ["task", "configuration", "samples", "first epoch s", "later epochs s", "total s",
-               f"reduction vs {bench['reference']}", "later-epoch reduction", "cache hit rate"]
+                         fmt_pct(None if not cache or cache["hit_rate"] is None else 100.0 * cache["hit_rate"]),
+                         fmt_mb(cache["size_mb"] if cache else None), fmt_mb((run.get("memory") or {}).get("peak_above_baseline_mb"))])
+    headers = ["task", "configuration", "precision", "samples", "prepare s", "first epoch s", "later epochs s",
+               "total s", f"reduction vs {bench['reference']}", "later-epoch reduction", "cache hit rate",
+               "cache MB", "peak MB above start"]
     title = (f"Fine-tuning time: {bench['epochs']} epochs x {bench['samples']} samples, batch {bench['batch_size']}, "
              f"max {bench['seq_len']} tokens")
-    return Table(title, headers, rows, text_columns=2,
+    return Table(title, headers, rows, text_columns=3,
                  note="each run in its own process, after one untimed forward/backward that leaves weights, optimizer "
                       "and Skip-Cache untouched; "
                       "first epoch includes preparation (the Skip-Cache prebuild), as `skip2lora finetune` counts it; "
-                      "reduction = 1 - configuration time / reference time (whole fine-tuning, and epochs 2..N); "
-                      "cache hit rate over all epochs")
+                      "prepare s: the preparation alone (for Skip2-LoRA the Skip-Cache build, a no-grad forward of "
+                      "the training samples); reduction = 1 - configuration time / reference time (whole "
+                      "fine-tuning, and epochs 2..N); cache hit rate over all epochs; cache MB: the Skip-Cache store; "
+                      "peak MB above start: the process's peak resident memory during preparation and training, "
+                      "less its resident memory once the model was loaded")
 
 
 def headline_rows(result: dict) -> list[list[str]]:

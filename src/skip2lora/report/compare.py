@@ -31,8 +31,8 @@ from .runs import RunRecord, collect_runs
 from .stats import SPREAD_RULE, MeanStd, beyond_spread, mean_std, ratio, relative_diff_pct
 
 SCHEMA = "skip2lora-comparison/1"
-ENVIRONMENT_KEYS = ("device", "device_name", "threads", "python", "platform", "torch", "transformers", "peft",
-                    "bitsandbytes", "skip2lora")
+ENVIRONMENT_KEYS = ("device", "device_name", "threads", "precision", "python", "platform", "torch", "transformers",
+                    "peft", "bitsandbytes", "skip2lora")
 # The target must count as reached by a run that logged exactly the target: it is a mean of logged values,
 # so floating-point rounding of that mean must not decide.
 TARGET_TOLERANCE = 1e-9

@@ -176,7 +176,8 @@ def load_run(path: Path) -> RunRecord:
         variant=str(labels.get("variant") or variant_name(method, config, summary)),
         seed=None if seed is None else int(seed), model=str(model_info.get("name") or config.get("model")),
         dataset=dataset, method=method, summary=summary, parameters=run.get("parameters") or {},
-        environment=run.get("environment") or {}, model_info=model_info, eval_rows=eval_rows,
+        # The precision sits with the machine facts: a report's environment says what arithmetic its runs used.
+        environment={**(run.get("environment") or {}), "precision": run.get("precision")}, model_info=model_info, eval_rows=eval_rows,
         train_rows=train_rows, experiment=labels.get("experiment"), baseline=labels.get("baseline"),
         warnings=warnings, loss_path=run_loss_path(run, method),
     )

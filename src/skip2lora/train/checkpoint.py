@@ -1,5 +1,9 @@
 """Training checkpoints for --resume: written atomically, so a killed run never leaves a half file.
 
+One process or DDP: rank 0 holds the whole trainable state and writes it (trainable.safetensors, optimizer,
+scheduler, RNG). FSDP shards parameters and optimizer state over the ranks, so every rank writes its own shards
+through Fabric's sharding-aware save (OUT/checkpoints/step-N/state), and Fabric's load puts them back.
+
 Each checkpoint also records what its trainable tensors depend on (method, model, rank, blocks, target
 modules ...; in trainable.safetensors' metadata), so a resume with other settings is refused in one line
 naming the setting and both values.
@@ -11,8 +15,9 @@ import json
 import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,6 +29,8 @@ from ..outdir import RunDir
 from .. import paths
 
 SETTINGS_KEY = "skip2lora_settings"  # metadata key of trainable.safetensors
+SETTINGS_FILE = "settings.json"  # the same record beside a Fabric (sharded) checkpoint
+FABRIC_STATE = "state"  # Fabric's checkpoint inside step-N: a file, or a folder of shards under FSDP
 # What a damaged checkpoint file raises while it is read (truncated safetensors, pickle, JSON).
 DAMAGED = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
@@ -94,8 +101,11 @@ def check_settings(path: Path, settings: dict) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(Path(path) / "trainable.safetensors"), "pt") as handle:
-            recorded = (handle.metadata() or {}).get(SETTINGS_KEY)
+        if (Path(path) / SETTINGS_FILE).exists():
+            recorded = (Path(path) / SETTINGS_FILE).read_text()
+        else:
+            with safe_open(str(Path(path) / "trainable.safetensors"), "pt") as handle:
+                recorded = (handle.metadata() or {}).get(SETTINGS_KEY)
         saved = json.loads(recorded) if recorded else {}
     except DAMAGED + (UnicodeDecodeError,) as exc:
         raise damaged(path, exc) from exc
@@ -138,3 +148,85 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict, dict]:
                         "settings it was trained with") from exc
     _set_rng_state(state["rng"])
     return trainable, progress
+
+
+def save(fabric: Any, run_dir: RunDir, step: int, method, module, optimizer, scheduler, progress: dict,
+         settings: dict) -> None:
+    """Every rank calls this at a checkpoint step: rank 0 writes the trainable state, or under FSDP every rank
+    writes its shards through Fabric; all ranks leave together."""
+    if uses_fabric_checkpoints(fabric):
+        save_fabric_checkpoint(fabric, run_dir, step, module, optimizer, scheduler, progress, settings)
+        return
+    if fabric.global_rank == 0:
+        save_checkpoint(run_dir, step, method.trainable_state_dict(), optimizer, scheduler, progress,
+                        settings=settings)
+    fabric.barrier()
+
+
+def restore(fabric: Any, path: Path, method, module, optimizer, scheduler) -> dict:
+    """Put a checkpoint's state back (the trainable tensors, or under FSDP every rank's shards); return its progress."""
+    if uses_fabric_checkpoints(fabric):
+        return load_fabric_checkpoint(fabric, path, module, optimizer, scheduler)
+    trainable, progress = load_checkpoint(path, optimizer, scheduler)
+    method.load_trainable_state_dict(trainable)
+    return progress
+
+
+# -- FSDP: every rank saves and loads its shards through Fabric ---------------------------------------------------
+def is_fsdp(fabric: Any) -> bool:
+    from lightning.fabric.strategies import FSDPStrategy
+
+    return isinstance(getattr(fabric, "strategy", None), FSDPStrategy)
+
+
+def uses_fabric_checkpoints(fabric: Any) -> bool:
+    """Whether checkpoints go through Fabric's sharding-aware save/load (FSDP: no rank holds the whole state)."""
+    return is_fsdp(fabric)
+
+
+def save_fabric_checkpoint(fabric: Any, run_dir: RunDir, step: int, module, optimizer, scheduler, progress: dict,
+                           settings: dict, keep: int = 2) -> Path:
+    """Every rank writes its shards into a hidden folder; rank 0 then adds progress.json (what marks a checkpoint
+    complete) and renames the folder into place. A kill at any point leaves only the hidden folder."""
+    root = run_dir.checkpoints
+    tmp, final = root / f".step-{step:06d}.fabric.tmp", root / f"step-{step:06d}"
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    fabric.save(tmp / FABRIC_STATE, {"model": module, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
+                                     "rng": _rng_state()})
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}, indent=2))
+        paths.replace_path(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    fabric.barrier()
+    return final
+
+
+def load_fabric_checkpoint(fabric: Any, path: Path, module, optimizer, scheduler) -> dict:
+    """Restore the module's and optimizer's shards, the scheduler and RNG state; return the progress."""
+    try:
+        rest = fabric.load(path / FABRIC_STATE, {"model": module, "optimizer": optimizer}, weights_only=False)
+        progress = json.loads((path / "progress.json").read_text())
+        scheduler.load_state_dict(rest["scheduler"])
+        _set_rng_state(rest["rng"])
+    except DAMAGED + (UnicodeDecodeError,) as exc:
+        raise damaged(path, exc) from exc
+    return progress
+
+
+@contextmanager
+def full_parameters(fabric: Any, module) -> Iterator[None]:
+    """Under FSDP, every rank enters and rank 0 sees the whole (unsharded) parameters inside: what it writes to
+    final/ and best/ is the model trained, not its own shard. A no-op otherwise."""
+    if not is_fsdp(fabric):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False, rank0_only=True, offload_to_cpu=True):
+        yield

@@ -7,10 +7,18 @@ refusals below are the settings Fabric or this project cannot honour, each said 
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from ..config import FinetuneConfig
-from ..errors import UserError
+from ..errors import UserError, warn
+from ..precision import PrecisionChoice, choose_precision
+
+# Flip to True once scripts/gpu_checks.sh's "FSDP bf16 run -> kill -> resume equals the uninterrupted run" has
+# passed on a GPU; until then --strategy fsdp says it is unverified.
+FSDP_VERIFIED = False
 
 
 def resolve_accelerator(device: str) -> str:
@@ -23,11 +31,12 @@ def resolve_accelerator(device: str) -> str:
     return kind
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto': bf16 weights on GPUs that support them, fp32 elsewhere (bf16 is slow on AVX2 CPUs)."""
-    if precision != "auto":
-        return precision
-    return "bf16-true" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+def run_precision(cfg: FinetuneConfig) -> PrecisionChoice:
+    """Resolve cfg.precision on this machine (auto: measured, see precision.py; bf16 without hardware support:
+    refused) and write it back, so the method, run.json and checkpoints see what actually runs."""
+    choice = choose_precision(cfg.precision, resolve_accelerator(cfg.device), cfg.model)
+    cfg.precision = choice.precision
+    return choice
 
 
 def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
@@ -59,6 +68,7 @@ def build_fabric(cfg: FinetuneConfig):
 
     accelerator = resolve_accelerator(cfg.device)
     check_distributed(cfg, accelerator)
+    run_precision(cfg)
     world = cfg.devices * cfg.num_nodes
     strategy: object = cfg.strategy
     if cfg.strategy == "ddp" or (cfg.strategy == "auto" and world > 1):
@@ -67,8 +77,21 @@ def build_fabric(cfg: FinetuneConfig):
                                process_group_backend="gloo" if accelerator == "cpu" else "nccl")
     elif cfg.strategy == "fsdp":
         strategy = FSDPStrategy(use_orig_params=True)  # trainable and frozen weights side by side
+        if not FSDP_VERIFIED and os.environ.get("LOCAL_RANK", "0") == "0":
+            warn("--strategy fsdp is unverified: its save -> kill -> resume check (scripts/gpu_checks.sh) has not "
+                 "yet passed on a GPU")
     devices: object = cfg.devices
     if accelerator == "cuda" and ":" in cfg.device and world == 1:
         devices = [int(cfg.device.split(":")[1])]
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=strategy,
-                  precision=resolve_precision(cfg.precision, accelerator))
+    # Fabric announces mixed precision as an info log on stderr; the run's own banner and run.json say it instead,
+    # so a failing command still prints one line.
+    from lightning_utilities.core import rank_zero
+
+    announcer = rank_zero.log  # the logger Lightning's rank_zero_info writes to (fabric's or pytorch's)
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        return Fabric(accelerator=accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=strategy,
+                      precision=cfg.precision)
+    finally:
+        announcer.setLevel(level)

@@ -30,7 +30,7 @@ from ..outdir import TASK_JSON, MetricLogger, RunClaim, RunDir
 from ..paths import atomic_write_json
 from . import checkpoint as ckpt
 from .evaluate import evaluate, format_eval, is_better, to_device
-from .fabric import build_fabric
+from .fabric import build_fabric, run_precision
 from .step import build_optimizer, build_scheduler, train_step
 
 
@@ -112,6 +112,7 @@ class Run:
     time_phases: bool
     accumulation: int
     claim: Optional[RunClaim]  # rank 0's lock on the folder (and the run it replaces), released at the end
+    precision_choice: Optional[dict] = None  # what was asked for, what runs and why (auto: the probe's figures)
 
     @property
     def autocast(self):
@@ -137,12 +138,15 @@ class Run:
 def setup(cfg: FinetuneConfig) -> Run:
     """Launch the processes, claim the run folder (rank 0), then build the run; a failure gives the folder
     back as it was."""
+    choice = run_precision(cfg)  # before launch: every rank reads the same (cached) probe
     fabric = build_fabric(cfg)
     fabric.launch()
     claim = RunDir(cfg.out_dir).claim(resume=cfg.resume, overwrite=cfg.overwrite) if fabric.global_rank == 0 else None
     fabric.barrier()
     try:
-        return build_run(cfg, fabric, claim)
+        run = build_run(cfg, fabric, claim)
+        run.precision_choice = choice.as_dict()
+        return run
     except BaseException as exc:
         if claim is not None:
             claim.__exit__(type(exc), exc, exc.__traceback__)
@@ -195,8 +199,7 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     progress, start_step = RunProgress(), 0
     if resume_from is not None:
-        trainable, saved = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
-        method.load_trainable_state_dict(trainable)
+        saved = ckpt.restore(fabric, resume_from, method, module, optimizer, scheduler)
         start_step = saved.pop("step")
         progress = RunProgress(**saved)
     # Preparation (the Skip-Cache build) is part of what fine-tuning costs, so it counts as training time.
@@ -242,8 +245,9 @@ def run_eval(run: Run, step: int) -> dict:
         progress.initial_eval = result
     elif is_better(result, progress.best_eval):
         progress.best_eval, progress.best_step = result, step
-        if run.is_writer:
-            run.run_dir.write_result("best", partial(save_result, run))
+        with ckpt.full_parameters(run.fabric, run.module):
+            if run.is_writer:
+                run.run_dir.write_result("best", partial(save_result, run))
         run.fabric.barrier()
     return result
 
@@ -367,10 +371,8 @@ def fit(run: Run, show_progress: bool = True) -> int:
             if run.is_writer:
                 bar.write(f"[skip2lora] step {step}: {result_text}")
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
-            if run.is_writer:
-                ckpt.save_checkpoint(run.run_dir, step, method.trainable_state_dict(), run.optimizer, run.scheduler,
-                                     progress.__dict__, settings=ckpt.resume_settings(cfg, method))
-            run.fabric.barrier()
+            ckpt.save(run.fabric, run.run_dir, step, method, run.module, run.optimizer, run.scheduler,
+                      progress.__dict__, ckpt.resume_settings(cfg, method))
         if out_of_time and run.is_writer:
             bar.write(f"[skip2lora] time budget of {cfg.train.max_time_s:.0f}s reached at step {step}")
             break
@@ -404,7 +406,10 @@ def finish(run: Run, steps: int) -> dict:
     payload = run_record(run, steps)
     if run.is_writer:
         run.logger.close()
-        run.run_dir.write_result("final", partial(save_result, run))
+    with ckpt.full_parameters(run.fabric, run.module):  # FSDP: rank 0 saves the whole model, not its shard
+        if run.is_writer:
+            run.run_dir.write_result("final", partial(save_result, run))
+    if run.is_writer:
         run.run_dir.write_run_json(payload)
         print(f"[skip2lora] done: {format_summary(payload['summary'])}")
         print(f"[skip2lora] wrote {run.run_dir.final}, {run.logger.csv_path}, {run.run_dir.run_json}")
@@ -423,7 +428,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True,
     run.fabric.print(
         f"[skip2lora] {method.name} on {info.name} ({info.num_parameters / 1e6:.1f}M params, "
         f"{counts.trainable:,} trainable) | data {cfg.data.name}: {len(run.train_samples) * run.world_size} train / "
-        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks}"
+        f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks} | "
+        f"{run.precision}"
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
     try:
@@ -469,6 +475,7 @@ def run_record(run: Run, steps: int) -> dict:
         "method": method.name,
         "config": to_plain_dict(run.cfg),
         "precision": run.precision,
+        "precision_choice": run.precision_choice,
         "loss_path": method.head_path(),
         "environment": run.environment,
         "model": model_info_dict(run.info),

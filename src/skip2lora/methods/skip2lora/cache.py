@@ -27,10 +27,19 @@ from safetensors.torch import save
 
 from ... import paths
 from ...errors import UserError, os_user_error, warn
+from ...precision import BF16
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: entries record their blocks (the run key no longer names them)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def feature_dtype_name(cache_dtype: str, precision: str) -> str:
+    """The dtype trunk features are kept in: skip2lora.cache_dtype, or for auto the run's precision (bf16 under
+    either bf16 precision: half the RAM and disk of fp32, and no finer than the forward that made them)."""
+    if cache_dtype != "auto":
+        return cache_dtype
+    return "bfloat16" if precision in BF16 else "float32"
 
 
 @dataclass

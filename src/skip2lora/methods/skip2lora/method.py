@@ -29,13 +29,19 @@ from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
 from .block_selection import BlockSelection, probe_sample, selection_from_probe
-from .cache import CachedFeatures, SkipCache
+from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name
 from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
 from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
 
 # A prompt prefix shared by every sample of a cache build is computed once when at least this long.
 MIN_SHARED_PREFIX = 4
+
+
+def full_precision(device: torch.device):
+    """Autocast off: the adapters and the head run in fp32 under bf16-mixed. An adapter's correction starts far
+    below bf16's resolution of the hidden state it is added to, so a bf16 head would not see it in the loss."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,7 +71,7 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def __init__(self, model: nn.Module, tokenizer, kind: str, cfg: Skip2LoRAConfig, info: ModelInfo,
                  num_labels: Optional[int] = None, seed: int = 0,
-                 max_seq_length: Optional[int] = None) -> None:
+                 max_seq_length: Optional[int] = None, precision: str = "32-true") -> None:
         super().__init__(model, tokenizer, kind)
         model.eval()
         for param in model.parameters():
@@ -80,6 +86,13 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.trunk = CausalLMTrunk(model, self.block_indices)
         if kind == "generation":  # a classifier's head is new: only generation must match the model's logits
             check_reproduces_model(model, self.trunk.features, self.trunk.head, info.vocab_size)
+        # bf16-mixed: the frozen trunk's forward (the cache build, and misses) runs under bf16 autocast; its
+        # features are kept in bf16 whether cached or not, so a cache hit returns exactly what a miss computes.
+        self.precision = precision
+        self.trunk_autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+        self.trunk.autocast_dtype = self.trunk_autocast
+        self.feature_dtype_name = feature_dtype_name(cfg.cache_dtype, precision)
+        self.feature_dtype = DTYPES[self.feature_dtype_name]
         if kind == "classification" and not num_labels:
             raise UserError("classification with skip2lora needs the number of labels")
         self.output_mode = "logits" if (cfg.output == "logits" and kind == "generation") else "hidden"
@@ -92,7 +105,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.cache: Optional[SkipCache] = None
         if cfg.cache != "none":
             self.cache = SkipCache(
-                cfg.cache, self.cache_fingerprint(), cfg.cache_dtype,
+                cfg.cache, self.cache_fingerprint(), self.feature_dtype_name,
                 directory=cfg.cache_dir or (cache_root() / "skip-cache"), budget_mb=cfg.cache_budget_mb,
                 block_indices=self.block_indices,
             )
@@ -132,6 +145,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         return {
             "weights": self.info.weights_fingerprint,
             "model_dtype": str(next(self.model.parameters()).dtype),
+            "precision": self.precision,  # features of a bf16 forward never serve an fp32 run, nor the reverse
             "tokenizer": tokenizer,
             # No block list: every entry records its own blocks, so one store serves every block choice.
             "kind": self.kind,
@@ -148,7 +162,8 @@ class Skip2LoRAMethod(FinetuneMethod):
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "Skip2LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
-                     max_seq_length=cfg.data.max_seq_length)
+                     max_seq_length=cfg.data.max_seq_length,
+                     precision=cfg.precision if cfg.precision != "auto" else "32-true")
         method.probe_lr = cfg.train.lr  # block probes (generation) train at the run's own learning rate
         if not method.blocks_pending:
             cfg.skip2lora.block_indices = list(method.block_indices)  # run.json records them resolved (-1 -> N-1)
@@ -195,7 +210,9 @@ class Skip2LoRAMethod(FinetuneMethod):
                 result.append(CachedFeatures(blocks=torch.stack([blocks[k][local, kept] for k in self.block_indices]),
                                              final=final[local, kept], targets=targets))
         self.trunk_time_s += time.perf_counter() - started
-        return result
+        # Rounded to the feature dtype here, not only on storing: cached and uncached steps see the same values.
+        return [CachedFeatures(f.blocks.to(self.feature_dtype), f.final.to(self.feature_dtype), f.targets)
+                for f in result]
 
     def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
         """With block_indices auto, choose the blocks first (select_blocks: its features land in the cache).
@@ -289,6 +306,7 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.block_indices = validate_layer_indices(block_indices, self.info.num_layers)
         self.trunk.remove()
         self.trunk = CausalLMTrunk(self.model, self.block_indices)
+        self.trunk.autocast_dtype = self.trunk_autocast
         self._build_trainable()
         if self.cache is not None:
             self.cache.use_blocks(self.block_indices)
@@ -331,7 +349,8 @@ class Skip2LoRAMethod(FinetuneMethod):
         """Checked once on a probe: reusing a prefix's keys and values gives the features of a full pass."""
         if self._prefix_reuse_ok is None:
             ids = probe_ids(self.info.vocab_size).to(next(self.model.parameters()).device)
-            tolerance = TOLERANCE.get(next(self.model.parameters()).dtype, 2e-2)
+            dtype = self.trunk_autocast or next(self.model.parameters()).dtype
+            tolerance = TOLERANCE.get(dtype, 2e-2)
             self._prefix_reuse_ok = self.trunk.prefix_reuse_is_exact(ids, MIN_SHARED_PREFIX, tolerance)
         return self._prefix_reuse_ok
 
@@ -371,13 +390,14 @@ class Skip2LoRAMethod(FinetuneMethod):
         feats = self.batch_features(batch)
         mark = self._lap("features", mark, device)
         count = int(feats.targets.numel())
-        correction = self.corrected(feats)
-        mark = self._lap("adapters", mark, device)
-        if self.kind == "classification":
-            logits = self.class_head(feats.final + correction)
-            loss = F.cross_entropy(logits.float(), feats.targets, reduction="sum")
-        else:
-            loss = self._loss_sum(feats.final, correction, feats.targets)
+        with full_precision(device):
+            correction = self.corrected(feats)
+            mark = self._lap("adapters", mark, device)
+            if self.kind == "classification":
+                logits = self.class_head(feats.final + correction)
+                loss = F.cross_entropy(logits.float(), feats.targets, reduction="sum")
+            else:
+                loss = self._loss_sum(feats.final, correction, feats.targets)
         self._lap("head_loss", mark, device)
         return loss, count
 
@@ -433,7 +453,8 @@ class Skip2LoRAMethod(FinetuneMethod):
 
     def classify(self, batch: dict) -> torch.Tensor:
         feats = self.batch_features(batch)
-        return self.class_head(feats.final + self.corrected(feats))
+        with full_precision(feats.final.device):
+            return self.class_head(feats.final + self.corrected(feats))
 
     def _live_correction(self, captured: dict, positions: int) -> torch.Tensor:
         return self.adapters({k: captured[k][:, -positions:, :] for k in self.block_indices})
@@ -476,6 +497,7 @@ class Skip2LoRAMethod(FinetuneMethod):
     def summary_extras(self) -> dict:
         extras = {"trunk_forward_s": self.trunk_time_s, "block_indices": self.block_indices,
                   "forward_parts_s": self.forward_parts_s(), "shared_prefix_tokens": self.shared_prefix_tokens,
+                  "feature_dtype": self.feature_dtype_name,
                   "cache_prebuild": self.prebuild,
                   "block_selection": self.selection.as_dict() if self.selection is not None else None}
         extras.update(self.cache_stats() or {})

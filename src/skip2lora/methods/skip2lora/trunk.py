@@ -58,6 +58,8 @@ class CausalLMTrunk:
             raise UserError(f"Skip2-LoRA cannot run on {type(model).__name__}: {exc}") from exc
         self.head: OutputHead = find_output_head(model, self.decoder)
         self.block_indices = list(block_indices)
+        self.autocast_dtype: Optional[torch.dtype] = None
+        """Set (bf16) to run the trunk's forward under autocast: the bf16-mixed cache build and misses."""
         self.captured: dict[int, torch.Tensor] = {}
         self._hooks = [
             self.blocks[index].register_forward_hook(self._make_capture(index)) for index in self.block_indices
@@ -79,6 +81,17 @@ class CausalLMTrunk:
         features cover those positions only: the prefix's keys and values are reused, not recomputed.
         """
         self.captured = {}
+        with self._autocast(input_ids.device):
+            final = self._decoder_final(input_ids, attention_mask, prefix)
+        blocks, self.captured = self.captured, {}
+        return blocks, final
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
+    def _decoder_final(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Optional[Any]
+                       ) -> torch.Tensor:
         if prefix is None:
             final = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         else:
@@ -88,14 +101,14 @@ class CausalLMTrunk:
                               device=attention_mask.device)
             final = self.decoder(input_ids=input_ids, attention_mask=torch.cat([ones, attention_mask], dim=1),
                                  past_key_values=past, use_cache=True).last_hidden_state
-        blocks, self.captured = self.captured, {}
-        return blocks, final
+        return final
 
     @torch.no_grad()
     def prefix_state(self, prefix_ids: torch.Tensor) -> Any:
         """Run a prompt prefix that many samples share once; its key/value cache stands in for it later."""
         self.captured = {}
-        past = self.decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+        with self._autocast(prefix_ids.device):
+            past = self.decoder(input_ids=prefix_ids, use_cache=True).past_key_values
         self.captured = {}
         return past
 
