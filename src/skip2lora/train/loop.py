@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import TaskData, TokenizedSample, collate, epoch_order, load_task_data, tokenize_examples
 from ..data.tokenize import rank_partition
-from ..env import environment_info, peak_memory_mb, precision_dtype
+from ..env import apply_threads, environment_info, peak_memory_mb, precision_dtype
 from ..errors import UserError
 from ..methods import FinetuneMethod, build_method
 from ..models import ModelInfo, model_info_dict
@@ -153,8 +153,10 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     """Load model, method and data (each rank its own share), prepare the method, wrap it for Fabric,
     restore a resumed state. Nothing of an overwritten run is touched until the very end."""
     rank, world = fabric.global_rank, fabric.world_size
-    if fabric.device.type == "cpu" and cfg.devices > 1:
+    if fabric.device.type == "cpu" and cfg.devices > 1 and cfg.threads is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))  # the processes share the cores
+    else:
+        apply_threads(cfg.threads)
     run_dir = RunDir(cfg.out_dir)
     resume_from = None
     if cfg.resume:
