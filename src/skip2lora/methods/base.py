@@ -285,8 +285,11 @@ class FinetuneMethod(nn.Module):
         return out[:, input_ids.size(1):]
 
     # -- hooks the loop calls ------------------------------------------------------------------
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
-        """Called once before training with the tokenised data (the Skip-Cache build uses it)."""
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device, planned: Optional[list] = None,
+                time_budget_s: Optional[float] = None) -> None:
+        """Called once before training with the tokenised data (the Skip-Cache build uses it). `planned`: the
+        training samples the run's steps will use, in order of first use (None: all); `time_budget_s`: the
+        run's training-time budget, which preparation counts against."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called when the data stream enters a new epoch (a disk Skip-Cache flushes here)."""

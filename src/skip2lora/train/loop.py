@@ -67,6 +67,15 @@ class MicroBatchStream:
         order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
         return epoch, order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
 
+    def first_uses(self, micro_batches: int) -> list[int]:
+        """The sample indices the first `micro_batches` micro-batches use, each once, in order of first use."""
+        seen: dict[int, None] = {}
+        for micro in range(micro_batches):
+            if len(seen) == self.num_samples:
+                break  # every sample is in: later epochs add none
+            seen.update(dict.fromkeys(self.indices(micro)[1]))
+        return list(seen)
+
 
 @dataclass
 class RunProgress:
@@ -181,15 +190,18 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     if not train_samples:
         raise UserError(f"dataset '{cfg.data.name}' has no training samples after tokenisation"
                         + (f" for each of {world} ranks" if world > 1 else "") + ": check data settings")
-    prepare_started = time.perf_counter()
-    method.prepare(train_samples, val_samples[rank::world], device)  # each rank builds the cache of its share
-    prepare_time = time.perf_counter() - prepare_started
-    if cfg.train.compile:
-        compile_decoder(method, cfg.train.compile_backend)
-
     accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
     stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed, rank, world)
     total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(stream.per_epoch / accumulation)
+    # The Skip-Cache prebuild covers the samples this run's steps will use (a short run: a few batches, not the
+    # whole set); any other sample is cached on first sight. Each rank builds the cache of its own share.
+    planned = [train_samples[i] for i in stream.first_uses(total_steps * accumulation)]
+    prepare_started = time.perf_counter()
+    method.prepare(train_samples, val_samples[rank::world], device, planned=planned,
+                   time_budget_s=cfg.train.max_time_s)
+    prepare_time = time.perf_counter() - prepare_started
+    if cfg.train.compile:
+        compile_decoder(method, cfg.train.compile_backend)
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
     # The model is already where it belongs (and may be 4-bit): Fabric wraps it without moving it.
     module = fabric.setup_module(method, move_to_device=False)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...config import FinetuneConfig, Skip2LoRAConfig
 from ...env import synchronize
@@ -194,39 +195,58 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.trunk_time_s += time.perf_counter() - started
         return result
 
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device, planned: Optional[list] = None,
+                time_budget_s: Optional[float] = None) -> None:
         """With block_indices auto, choose the blocks first (select_blocks: its features land in the cache).
-        Then prebuild the cache: one no-grad pass over every sample not in it, longest first, in large batches."""
+        Then prebuild the cache of the samples the run will use (`planned`; None: every training sample) in one
+        no-grad pass; a sample outside it is cached on first sight. Validation features are cached on first
+        sight during evaluation, whose cost is not training time for any method."""
+        started = time.perf_counter()
         if self.blocks_pending:
             self.selection = self.select_blocks(train_samples, device)
             self.use_blocks(self.selection.chosen)
         if self.cache is None or not self.cfg.cache_prebuild:
             return
-        started = time.perf_counter()
-        # Training samples only: validation features are cached on first sight during evaluation, whose
-        # cost is not training time for any method.
-        pending = [s for s in train_samples if s.content_hash not in self.cache]
-        for sample, feats in self._computed(pending, device):
-            if not self.cache.put(sample.content_hash, feats):
-                break  # the budget is reached: the rest run the trunk each step
+        build_started = time.perf_counter()
+        wanted = train_samples if planned is None else planned
+        pending = [s for s in wanted if s.content_hash not in self.cache]
+        # Without a time budget: one window, longest first overall (the least padding). With one: windows in order
+        # of first use, so a budget spent mid-build leaves the first steps' samples cached and the rest to later.
+        window = len(pending) if time_budget_s is None else 8 * self.cfg.cache_build_batch_size
+        built, stopped_by = 0, None
+        bar = tqdm(total=len(pending), desc="skip-cache build", unit="sample", leave=False, dynamic_ncols=True,
+                   disable=len(pending) < 4 * self.cfg.cache_build_batch_size)
+        for first in range(0, len(pending), max(1, window)):
+            if time_budget_s is not None and time.perf_counter() - started >= time_budget_s:
+                stopped_by = "max_time_s"
+                break
+            for sample, feats in self._computed(pending[first:first + window], device):
+                if not self.cache.put(sample.content_hash, feats):
+                    stopped_by = "cache_budget_mb"  # the rest run the trunk each step
+                    break
+                built += 1
+                bar.update(1)
+            if stopped_by:
+                break
+        bar.close()
         self.cache.flush()
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - build_started
         self.cache.build_time_s += elapsed
         # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
-        tokens = sum(len(s.input_ids) for s in pending)
-        self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
+        tokens = sum(len(s.input_ids) for s in pending[:built])
+        self.prebuild = {"samples": built, "planned_samples": len(wanted), "train_samples": len(train_samples),
+                         "stopped_by": stopped_by, "tokens": tokens, "seconds": elapsed,
                          "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
 
     def _computed(self, samples: list, device: torch.device) -> Iterator[tuple[Any, CachedFeatures]]:
         """(sample, its trunk features) for every sample: longest first in batches of cache_build_batch_size
         (similar lengths together: little padding), a prompt prefix they all share run once."""
         from ...data import collate
-        from tqdm.auto import tqdm
 
         ordered = sorted(samples, key=lambda s: len(s.input_ids), reverse=True)
         prefix = self._shared_prefix(ordered, device)
         size = max(1, self.cfg.cache_build_batch_size)
-        for start in tqdm(range(0, len(ordered), size), desc="skip-cache", leave=False, disable=len(ordered) < 4 * size):
+        for start in range(0, len(ordered), size):
             chunk = ordered[start:start + size]
             batch = collate(chunk, self.tokenizer.pad_token_id)
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -259,7 +279,9 @@ class Skip2LoRAMethod(FinetuneMethod):
         started = time.perf_counter()
         found = {s.content_hash: self.cache.get(s.content_hash) for s in samples} if self.cache else {}
         missing = [s for s in samples if found.get(s.content_hash) is None]
-        for sample, feats in self._computed(missing, device):
+        surveyed = tqdm(self._computed(missing, device), total=len(missing), desc="block survey", unit="sample",
+                        leave=False, dynamic_ncols=True, disable=len(missing) < 4 * self.cfg.cache_build_batch_size)
+        for sample, feats in surveyed:
             found[sample.content_hash] = feats
             if self.cache is not None and not self.cache.full:
                 self.cache.put(sample.content_hash, feats)
