@@ -342,7 +342,10 @@ def quiet_libraries() -> None:
         warnings.showwarning = one_line_project_warnings(warnings.showwarning)
     # bitsandbytes logs an advisory line on import on AVX-512 CPUs (an optional kernels package); it is noise to
     # every command and would break the one-line error contract.
+    # The `kernels` package it asks adds "skipping publisher trust check" in offline mode, on every command that
+    # imports PEFT, 4-bit or not.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -272,15 +272,19 @@ class FinetuneMethod(nn.Module):
         return False
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy generation with the KV cache; returns only the new tokens."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+        """Generation with the KV cache (left-padded rows); returns only the new tokens. Temperature 0 is greedy;
+        above 0 it samples from the tokens of the top_p probability mass (no top-k cut), seeded by torch's RNG."""
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
+                    else {"do_sample": False})
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            **sampling,
         )
         return out[:, input_ids.size(1):]
 

@@ -458,13 +458,14 @@ class Skip2LoRAMethod(FinetuneMethod):
         return self.adapters({k: captured[k][:, -positions:, :] for k in self.block_indices})
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
         """Base + adapters with the model's own KV-cached generate(): hooks add the correction at the head."""
         if self.kind != "generation":
             raise UserError("this Skip2-LoRA checkpoint is a classifier: use `skip2lora predict`")
         hook = self.trunk.logits_correction if self.output_mode == "logits" else self.trunk.head_correction
         with hook(self._live_correction):
-            return super().generate(input_ids, attention_mask, max_new_tokens)
+            return super().generate(input_ids, attention_mask, max_new_tokens, temperature, top_p)
 
     # -- persistence -------------------------------------------------------------------------
     def adapter_config(self) -> Skip2LoRAAdapterConfig:
