@@ -254,27 +254,37 @@ def function_parser(name: str, function: Callable):
     return parser
 
 
-def run_function(name: str, function: Callable, argv: list[str]) -> int:
-    """Parse argv against the function's signature and call it (after setting --threads, where the CLI adds it)."""
-    from .env import apply_threads
-
+def parsed_values(name: str, function: Callable, argv: list[str]) -> dict:
+    """The command's arguments from argv, as keyword values of its function (plus threads where the CLI adds it)."""
     parser = function_parser(name, function)
     argv = underscored(argv)
     namespace = parse(parser, gather_list_options(fold_positionals(argv, function), function))
     values = namespace.as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
+    return values
+
+
+def run_function(name: str, function: Callable, argv: list[str]) -> int:
+    """Parse argv against the function's signature and call it (after setting --threads, where the CLI adds it)."""
+    from .env import apply_threads
+
+    values = parsed_values(name, function, argv)
     if adds_threads(name, function):
         apply_threads(values.pop("threads", None))
     return function(**values) or 0
+
+
+def finetune_values(argv: list[str]) -> dict:
+    """`skip2lora finetune`'s arguments as nested values (sections as dicts), short forms expanded."""
+    return parse(finetune_parser(), config_file_first(expand_aliases(underscored(argv))), tuple(FLAG_ALIASES)).as_dict()
 
 
 def finetune_main(argv: list[str]) -> int:
     """`skip2lora finetune`: the FinetuneConfig dataclasses are its options."""
     from .train.loop import run_finetune
 
-    namespace = parse(finetune_parser(), config_file_first(expand_aliases(underscored(argv))), tuple(FLAG_ALIASES))
-    run_finetune(build_finetune_config(namespace.as_dict()))
+    run_finetune(build_finetune_config(finetune_values(argv)))
     return 0
 
 
