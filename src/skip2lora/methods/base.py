@@ -295,6 +295,10 @@ class FinetuneMethod(nn.Module):
         training samples the run's steps will use, in order of first use (None: all); `time_budget_s`: the
         run's training-time budget, which preparation counts against."""
 
+    def prepare_notes(self) -> list[str]:
+        """Lines for the console about what prepare() decided (blocks chosen, cache built); none by default."""
+        return []
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called when the data stream enters a new epoch (a disk Skip-Cache flushes here)."""
 

@@ -440,6 +440,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True,
         f"{len(run.val_samples)} val | {run.total_steps} steps | {run.environment['device_name']}{ranks}"
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
+    for note in method.prepare_notes():  # what preparation decided: the blocks auto chose, the cache it built
+        run.fabric.print(f"[skip2lora] {note}")
     try:
         if after_setup is not None:
             after_setup(run)

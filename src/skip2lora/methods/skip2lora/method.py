@@ -234,9 +234,21 @@ class Skip2LoRAMethod(FinetuneMethod):
         self.cache.build_time_s += elapsed
         # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
         tokens = sum(len(s.input_ids) for s in pending[:built])
-        self.prebuild = {"samples": built, "planned_samples": len(wanted), "train_samples": len(train_samples),
+        self.prebuild = {"samples": built, "planned_samples": len(wanted), "already_cached": len(wanted) - len(pending),
+                         "train_samples": len(train_samples),
                          "stopped_by": stopped_by, "tokens": tokens, "seconds": elapsed,
                          "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+
+    def prepare_notes(self) -> list[str]:
+        notes = [self.selection.describe()] if self.selection is not None else []
+        if self.prebuild is not None:
+            built = self.prebuild
+            why = {"max_time_s": "; the time budget ran out, the rest are cached on first use",
+                   "cache_budget_mb": "; the cache budget is full"}.get(built["stopped_by"] or "", "")
+            found = f", {built['already_cached']:,} were cached already" if built["already_cached"] else ""
+            notes.append(f"skip-cache: the run's steps use {built['planned_samples']:,} of {built['train_samples']:,} "
+                         f"training samples{found}; prebuilt {built['samples']:,} in {built['seconds']:.1f}s{why}")
+        return notes
 
     def _computed(self, samples: list, device: torch.device) -> Iterator[tuple[Any, CachedFeatures]]:
         """(sample, its trunk features) for every sample: longest first in batches of cache_build_batch_size
