@@ -312,3 +312,16 @@ def test_the_no_head_bound_and_the_fast_path_rows_run(request):
         assert result["timing"]["step"]["mean_ms"] > 0
         # 30% of the 31 predicted positions of each row carry loss
         assert result["loss_tokens_per_batch"] == pytest.approx(2 * round(0.3 * 31), abs=2)
+
+
+def test_busy_processes_load_the_machine_only_while_the_block_runs():
+    import psutil
+
+    from skip2lora.bench.worker import busy_processes
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    with busy_processes(2):
+        spinning = [child for child in me.children() if child.pid not in before]
+        assert len(spinning) == 2 and all(child.is_running() for child in spinning)
+    assert not any(child.is_running() for child in spinning)

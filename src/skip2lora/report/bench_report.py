@@ -207,6 +207,9 @@ def environment_table(result: dict) -> Table:
     keys = ["device", "device_name", "threads", "python", "torch", "transformers", "peft", "bitsandbytes",
             "skip2lora", "platform"]
     rows = [[k, MISSING if env.get(k) is None else str(env[k])] for k in keys]
+    busy = result["shapes"].get("busy_processes")
+    if busy:  # a loaded machine on purpose (`--busy`): the timings show the cost of sharing the cores
+        rows.append(["busy processes beside each worker", str(busy)])
     return Table("Environment", ["what", "value"], rows, text_columns=2)
 
 
