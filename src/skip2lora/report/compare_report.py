@@ -229,10 +229,10 @@ def setup_lines(payload: dict) -> list[str]:
 def settings_table(cset: dict) -> Optional[Table]:
     """The settings that differ between the rows of a set (None when only the method's name differs)."""
     differences = cset["settings_differences"]
-    if not differences["keys"]:
+    if differences["keys"] in ([], ["method"]):  # the method alone: the parameter table names it
         return None
     return Table("Settings that differ", ["row", *differences["keys"]], differences["rows"],
-                 note="every other setting is the same in all rows; runs pool as seeds of a row only when every "
+                 note="every other setting is the same in all rows that have it; runs pool as seeds of a row only when every "
                       "setting but the seed matches", text_columns=1 + len(differences["keys"]))
 
 

@@ -87,8 +87,12 @@ def claim_blocker(base: dict[str, Any], other: dict[str, Any]) -> Optional[str]:
 
 
 def settings_table_rows(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """(differing keys, one line of values per row): what differs between the rows of a comparison."""
-    keys = differing_keys(list(rows.values()))
+    """(differing keys, one line of values per row): what differs between the rows of a comparison. A method's
+    own settings (lora.*, skip2lora.*) count only among the rows that have them: that a LoRA row has no
+    skip2lora.r is the method's difference, already shown."""
+    sectioned = tuple(f"{section}." for section in OPTIONAL_SECTIONS)
+    keys = [key for key in differing_keys(list(rows.values()))
+            if not key.startswith(sectioned) or differing_keys([one for one in rows.values() if key in one], (key,))]
     return keys, [[name] + [show(settings.get(key)) for key in keys] for name, settings in rows.items()]
 
 
