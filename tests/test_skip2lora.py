@@ -316,3 +316,24 @@ def test_a_sample_outside_the_prebuild_is_cached_on_first_use_with_the_same_feat
     with torch.no_grad():
         again = method.batch_features(batch)  # now every sample comes from the cache
     assert torch.allclose(again.blocks, reference.blocks, atol=1e-5)
+
+
+def test_cache_fill_goes_window_by_window_and_stops_once_the_time_budget_is_spent():
+    import time
+    from types import SimpleNamespace
+
+    from skip2lora.methods.skip2lora.cache import fill_cache
+
+    samples = [SimpleNamespace(content_hash=f"s{i}", input_ids=[1, 2, 3]) for i in range(6)]
+    windows = []
+
+    def computed(chunk):
+        windows.append([s.content_hash for s in chunk])
+        for sample in chunk:
+            yield sample, CachedFeatures(torch.zeros(1, 3, 4), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+
+    assert fill_cache(SkipCache("memory", fingerprint()), samples, computed, 2, None, 2) == (6, 18, None)
+    assert windows == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]  # in order of first use
+    spent = SkipCache("memory", fingerprint())
+    assert fill_cache(spent, samples, computed, 2, time.perf_counter() - 1.0, 2) == (0, 0, "max_time_s")
+    assert len(spent) == 0  # the run caches them on first use instead

@@ -30,7 +30,7 @@ from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
 from .block_selection import BlockSelection, probe_sample, selection_from_probe
-from .cache import CachedFeatures, SkipCache
+from .cache import CachedFeatures, SkipCache, fill_cache
 from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
 from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
@@ -213,31 +213,15 @@ class Skip2LoRAMethod(FinetuneMethod):
         # Without a time budget: one window, longest first overall (the least padding). With one: windows in order
         # of first use, so a budget spent mid-build leaves the first steps' samples cached and the rest to later.
         window = len(pending) if time_budget_s is None else 8 * self.cfg.cache_build_batch_size
-        built, stopped_by = 0, None
-        bar = tqdm(total=len(pending), desc="skip-cache build", unit="sample", leave=False, dynamic_ncols=True,
-                   disable=len(pending) < 4 * self.cfg.cache_build_batch_size)
-        for first in range(0, len(pending), max(1, window)):
-            if time_budget_s is not None and time.perf_counter() - started >= time_budget_s:
-                stopped_by = "max_time_s"
-                break
-            for sample, feats in self._computed(pending[first:first + window], device):
-                if not self.cache.put(sample.content_hash, feats):
-                    stopped_by = "cache_budget_mb"  # the rest run the trunk each step
-                    break
-                built += 1
-                bar.update(1)
-            if stopped_by:
-                break
-        bar.close()
-        self.cache.flush()
+        deadline = None if time_budget_s is None else started + time_budget_s
+        built, tokens, stopped_by = fill_cache(self.cache, pending, lambda chunk: self._computed(chunk, device),
+                                               window, deadline, self.cfg.cache_build_batch_size)
         elapsed = time.perf_counter() - build_started
         self.cache.build_time_s += elapsed
         # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
-        tokens = sum(len(s.input_ids) for s in pending[:built])
         self.prebuild = {"samples": built, "planned_samples": len(wanted), "already_cached": len(wanted) - len(pending),
-                         "train_samples": len(train_samples),
-                         "stopped_by": stopped_by, "tokens": tokens, "seconds": elapsed,
-                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+                         "train_samples": len(train_samples), "stopped_by": stopped_by, "tokens": tokens,
+                         "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
 
     def prepare_notes(self) -> list[str]:
         notes = [self.selection.describe()] if self.selection is not None else []
