@@ -353,9 +353,10 @@ def quiet_libraries() -> None:
     # bitsandbytes logs an advisory line on import on AVX-512 CPUs (an optional kernels package); it is noise to
     # every command and would break the one-line error contract.
     # The `kernels` package it asks adds "skipping publisher trust check" in offline mode, on every command that
-    # imports PEFT, 4-bit or not.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("kernels").setLevel(logging.ERROR)
+    # imports PEFT, 4-bit or not: held, and shown only when 4-bit weights load (models.load_base_model).
+    from .env import hold_notices
+
+    hold_notices("bitsandbytes", "kernels")
     try:
         from transformers.utils import logging as hf_logging
 
