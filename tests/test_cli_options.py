@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from skip2lora import env
-from skip2lora.cli import finetune_values, main, parsed_values
+from skip2lora.cli import COMMANDS, finetune_values, function_parser, main, parsed_values
 from skip2lora.inference import generate_command
 
 TINY_FLAGS = [
@@ -115,3 +115,20 @@ def test_sampling_with_a_seed_is_reproducible_and_temperature_zero_is_greedy(lor
 def test_lora_model_card_names_the_model_not_a_local_path(lora_run):
     card = (lora_run / "final" / "README.md").read_text()
     assert "base_model: tiny" in card and "/.cache/" not in card and str(env.os.path.expanduser("~")) not in card
+
+
+@pytest.mark.parametrize("name", [name for name, command in COMMANDS.items() if not command.raw])
+def test_every_option_of_every_command_is_described(name):
+    parser = function_parser(name, COMMANDS[name].load())
+    undocumented = [action.dest for action in parser._actions if action.option_strings
+                    and not (action.help or "").split("(type:")[0].strip()]
+    assert not undocumented, f"skip2lora {name}: {undocumented} have no description"
+
+
+def test_every_finetune_option_is_described():
+    from skip2lora.config import finetune_parser
+
+    undocumented = [action.dest for action in finetune_parser()._actions if action.option_strings
+                    and not action.dest.endswith(("data", "train", "eval", "lora", "skip2lora", "ilora"))
+                    and not (action.help or "").split("(type:")[0].strip()]
+    assert not undocumented
