@@ -326,3 +326,15 @@ def test_runs_differing_only_in_seed_and_folder_pool(tmp_path):
     payload, _ = build_comparison([root])
     assert [len(v["runs"]) for v in payload["sets"][0]["variants"]] == [2]
     assert payload["sets"][0]["settings_differences"]["keys"] == []
+
+
+def test_blocks_chosen_by_auto_are_an_outcome_and_its_seeds_still_pool(tmp_path):
+    root = tmp_path / "exp"
+    for seed, blocks in ((0, [1, 3]), (1, [2])):
+        path = write_run(root, f"auto-s{seed}", SKIP_EVALS[seed], method="skip2lora", seed=seed,
+                         config={"skip2lora": {"block_indices": blocks}}, experiment={"variant": "auto", "seed": seed})
+        run = json.loads((path / "run.json").read_text())
+        run["summary"]["block_selection"] = {"chosen": blocks}
+        (path / "run.json").write_text(json.dumps(run))
+    payload, _ = build_comparison([root])
+    assert [(v["name"], len(v["runs"])) for v in payload["sets"][0]["variants"]] == [("auto", 2)]

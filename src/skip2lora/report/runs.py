@@ -181,7 +181,7 @@ def load_run(path: Path) -> RunRecord:
         dataset=dataset, method=method, summary=summary, parameters=run.get("parameters") or {},
         environment=run.get("environment") or {}, model_info=model_info, eval_rows=eval_rows,
         train_rows=train_rows, experiment=labels.get("experiment"), baseline=labels.get("baseline"),
-        warnings=warnings, loss_path=run_loss_path(run, method), settings=run_settings(config, method),
+        warnings=warnings, loss_path=run_loss_path(run, method), settings=run_settings(config, method, summary),
     )
 
 

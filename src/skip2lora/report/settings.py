@@ -31,13 +31,17 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_settings(config: dict, method: str) -> dict[str, Any]:
+def run_settings(config: dict, method: str, summary: Optional[dict] = None) -> dict[str, Any]:
     """The settings of a run that bear on its numbers: its resolved config, less NOT_SETTINGS and the sections
-    of other methods."""
+    of other methods. Blocks that `auto` chose are an outcome, not a setting: such runs read `auto` (seeds of
+    an auto variant may choose differently and still pool)."""
     used = METHOD_SECTIONS.get(method)
     skipped = tuple(f"{section}." for section in OPTIONAL_SECTIONS if section != used)
-    return {key: value for key, value in flatten(config).items()
-            if key not in NOT_SETTINGS and not key.startswith(skipped)}
+    settings = {key: value for key, value in flatten(config).items()
+                if key not in NOT_SETTINGS and not key.startswith(skipped)}
+    if (summary or {}).get("block_selection"):
+        settings["skip2lora.block_indices"] = "auto"
+    return settings
 
 
 def differing_keys(settings: Sequence[dict[str, Any]], only: Optional[tuple[str, ...]] = None) -> list[str]:
