@@ -219,7 +219,7 @@ def benchmark_command(
         busy: Processes that spin on a core each beside every worker (a loaded machine on purpose): run once
             with --threads 1 and once without to see what the thread count does when cores are shared.
     """
-    from ..env import command_text, environment_info, resolve_device
+    from ..env import command_text, environment_info, resolve_device, warn_if_oversubscribed
     from ..paths import atomic_write_json
     from ..report.bench_report import SCHEMA
 
@@ -240,6 +240,9 @@ def benchmark_command(
           + (f", {busy} busy process(es) beside each worker" if busy else "") + "\n", flush=True)
     if busy < 0:
         raise UserError(f"--busy must be 0 or more, got {busy}")
+    import torch
+
+    warn_if_oversubscribed(threads or torch.get_num_threads())  # before any load put there on purpose
     with busy_processes(busy):
         results = run_step_configs(args, chosen, suite.baseline, str(torch_device))
         epoch_results = run_epoch_configs(args, suite, plan, str(torch_device)) if plan else None
