@@ -183,8 +183,10 @@ def run_title(result: dict) -> str:
     env, shapes = result["environment"], result["shapes"]
     share = f", {100 * shapes['loss_share']:.0f}% of positions carry loss" if shapes.get("loss_share") else ""
     devices = f", {shapes['devices']} ranks (DDP)" if shapes.get("devices", 1) > 1 else ""
+    busy = (f", {env.get('threads')} threads beside {shapes['busy_processes']} busy process(es)"
+            if shapes.get("busy_processes") else "")
     return (f"{result['model']['name']} on {env['device']} ({env['device_name']}), "
-            f"batch {shapes['batch_size']} x {shapes['seq_len']} tokens{share}{devices}, {result['created']}")
+            f"batch {shapes['batch_size']} x {shapes['seq_len']} tokens{share}{devices}{busy}, {result['created']}")
 
 
 def headline_table(results: list[dict]) -> Table:
