@@ -159,7 +159,7 @@ def apply_threads(threads: Optional[int]) -> int:
     """Set torch's CPU thread count for this process and return it; warn once when the cores are oversubscribed.
 
     Unset picks the idle cores: on a machine where another process is busy, torch's default (every core) makes
-    its threads wait for each other at every parallel region, and a step can take 20x longer than with one thread.
+    its threads wait for each other at every parallel region, and a step can take many times longer than with one.
     """
     global _requested_threads
     if threads is not None:
