@@ -351,3 +351,16 @@ def test_the_precision_suite_has_each_method_at_fp32_and_bf16():
         rows = [c for c in suite.configs.values() if c.method == method]
         assert {c.precision for c in rows} >= {"32-true", "bf16-mixed"}, method
     assert "peft-step" in {c.method for c in suite.configs.values()}
+
+
+def test_busy_processes_load_the_machine_only_while_the_block_runs():
+    import psutil
+
+    from skip2lora.bench.worker import busy_processes
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    with busy_processes(2):
+        spinning = [child for child in me.children() if child.pid not in before]
+        assert len(spinning) == 2 and all(child.is_running() for child in spinning)
+    assert not any(child.is_running() for child in spinning)

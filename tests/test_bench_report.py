@@ -145,3 +145,14 @@ def test_number_formats():
     assert fmt_mean_std({"mean": 1.234, "std": None}, "{:.2f}") == "1.23"  # one seed: no spread to show
     assert fmt_mean_std({"mean": None, "std": None}, "{:.2f}") == "-"
     assert [fmt_reduction(v) for v in (0.5, 12.345, 250.0, None)] == ["0.500x", "12.3x", "250x", "-"]
+
+
+def test_readme_table_keeps_the_latest_plain_run_per_model_and_machine():
+    old, new = benchmark_result("2026-01-01T00:00:00"), benchmark_result("2026-02-01T00:00:00")
+    special = benchmark_result("2026-03-01T00:00:00")
+    special["shapes"]["loss_share"] = 0.3  # a special-shape run: history, not the headline
+    other_machine = benchmark_result("2025-12-01T00:00:00")
+    other_machine["environment"]["device_name"] = "Other CPU"
+    table = bench_report.readme_table([old, new, special, other_machine])
+    places = [row[0] for row in table.rows]
+    assert places == ["tiny, Test CPU, 2 x 32, 2026-02-01"] * 3 + ["tiny, Other CPU, 2 x 32, 2025-12-01"] * 3

@@ -144,7 +144,8 @@ def test_blocks_command_finds_the_planted_block_and_writes_its_report(tmp_path, 
 
 
 def test_auto_records_its_choice_and_trains_like_the_run_that_lists_it(tmp_path):
-    auto = auto_config(tmp_path, "auto", skip2lora__select_max_blocks=2)
+    # 5 steps of 8 use all 40 samples, so both runs cache the same samples (a shorter run prebuilds only its own).
+    auto = auto_config(tmp_path, "auto", skip2lora__select_max_blocks=2, train__max_steps=5)
     record = run_finetune(auto, show_progress=False)
     chosen = record["summary"]["block_selection"]["chosen"]
     assert 1 <= len(chosen) <= 2
@@ -155,7 +156,8 @@ def test_auto_records_its_choice_and_trains_like_the_run_that_lists_it(tmp_path)
     selection_s = record["summary"]["block_selection"]["timing_s"]["total"]
     assert record["summary"]["time_breakdown_s"]["prepare"] >= selection_s > 0
 
-    listed = tiny_config(tmp_path / "listed", "skip2lora", **{**AUTHORSHIP, "skip2lora__block_indices": chosen})
+    listed = tiny_config(tmp_path / "listed", "skip2lora", **{**AUTHORSHIP, "skip2lora__block_indices": chosen,
+                                                                 "train__max_steps": 5})
     listed_summary = run_finetune(listed, show_progress=False)["summary"]
     assert record["summary"]["cache_size_mb"] == pytest.approx(listed_summary["cache_size_mb"])  # chosen rows only
     (auto_train, auto_val), (listed_train, listed_val) = (train_and_eval_losses(auto.out_dir),
@@ -175,7 +177,8 @@ def test_finetune_after_blocks_prebuilds_nothing(tmp_path):
         assert summary["cache_prebuild"]["samples"] == 0, blocks
     fresh = tiny_config(tmp_path / "fresh", "skip2lora", **{**AUTHORSHIP, **cache, "skip2lora__cache_dir": tmp_path / "new",
                                                            "skip2lora__block_indices": [0, 3]})
-    assert run_finetune(fresh, show_progress=False)["summary"]["cache_prebuild"]["samples"] == AUTHORSHIP["data__num_train"]
+    used = AUTHORSHIP["train__max_steps"] * AUTHORSHIP["train__global_batch_size"]  # 32 of the 40: what 4 steps use
+    assert run_finetune(fresh, show_progress=False)["summary"]["cache_prebuild"]["samples"] == used
 
 
 def test_generation_probe_adapters_learn_and_each_greedy_step_lowers_the_loss(tmp_path):

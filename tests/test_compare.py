@@ -33,7 +33,8 @@ def csv_text(evals, train_loss_offset: float = 0.1) -> str:
 
 def write_run(root: Path, name: str, evals, *, method: str = "lora", seed: int = 0, model: str = "tiny-a",
               dataset: str = "sst2", memory_mb: float = 1000.0, versions: list[str] | None = None,
-              experiment: dict | None = None, trainable: int = 1000, loss_path: str | None = None) -> Path:
+              experiment: dict | None = None, trainable: int = 1000, loss_path: str | None = None,
+              config: dict | None = None) -> Path:
     """A finished run folder as `skip2lora finetune` writes it (run.json + CSV versions)."""
     run_dir = root / name
     for index, text in enumerate(versions or [csv_text(evals)]):
@@ -56,6 +57,8 @@ def write_run(root: Path, name: str, evals, *, method: str = "lora", seed: int =
                        "trainable_ratio": trainable / (100_000 + trainable)},
         "metrics_csv": str(run_dir / "logs/csv/version_0/metrics.csv"), "summary": summary,
     }
+    for section, values in (config or {}).items():  # settings beyond the defaults above
+        run["config"][section] = {**run["config"].get(section, {}), **values}
     if loss_path is not None:
         run["loss_path"] = loss_path
     (run_dir / "run.json").write_text(json.dumps(run))
@@ -156,7 +159,7 @@ def test_report_plots_and_json_are_written_with_the_csv_numbers(tmp_path):
                  "0.650 ± 0.000 | +8.3%, within spread",  # Skip2-LoRA best val acc vs LoRA
                  "23.0 ± 1.4", "6.0 ± 1.0", "| 2/3 |", "| 3/3 |", "3.83x",  # time to target
                  "1,100 ± 100 | baseline", "800 ± 0 | -27.3%, beyond spread",  # peak memory
-                 "](loss_comparison.png)", "](accuracy_vs_time.png)", "## Conclusion",
+                 "](loss_comparison.png)", "](accuracy_vs_time.png)", "## Verdict",
                  "skip2lora-b4 reaches it fastest: 6.0 ± 1.0 s (3/3 runs) vs 23.0 ± 1.4 s for lora (2/3 runs), "
                  "a 3.83x speed-up; the difference is larger than the seed-to-seed spread",
                  "Against skip2lora-b4, the baseline lora keeps a lower best validation loss "
@@ -290,3 +293,48 @@ def test_command_line_takes_the_runs_first_and_reports_bad_input_in_one_line(tmp
     assert main(["compare", str(root), "--baseline", "qlora"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --baseline qlora matches no variant: use one of lora, "
                                                "skip2lora-b4")
+
+
+def test_runs_differing_in_more_than_the_seed_are_not_pooled_and_the_differences_are_shown(tmp_path, capsys):
+    root = tmp_path / "exp"
+    write_run(root, "lora-8", LORA_EVALS[0], seed=0, config={"train": {"max_steps": 8}})
+    write_run(root, "lora-40", LORA_EVALS[1], seed=1, config={"train": {"max_steps": 40}})
+    write_run(root, "skip", SKIP_EVALS[0], method="skip2lora", seed=0,
+              config={"train": {"max_steps": 8}, "data": {"num_train": 256}})
+    payload = compare_runs([root], tmp_path / "out")
+    rows = {v["name"]: v for v in payload["sets"][0]["variants"]}
+    assert set(rows) == {"lora (train.max_steps=8)", "lora (train.max_steps=40)", "skip2lora-b4"}
+    assert all(len(row["runs"]) == 1 for row in rows.values())  # not pooled as two seeds
+    assert any("not pooled as seeds" in w and "train.max_steps: 40 vs 8" in w for w in payload["warnings"])
+    differences = payload["sets"][0]["settings_differences"]
+    assert "train.max_steps" in differences["keys"] and "data.num_train" in differences["keys"]
+    skip = rows["skip2lora-b4"]
+    assert skip["claim_blocker"] and "data.num_train 256 vs unset" in skip["claim_blocker"]
+    assert skip["time_to_target"]["speedup"] is None  # other training data: no speed-up claimed
+    assert rows["lora (train.max_steps=40)"]["claim_blocker"] is None  # same data and evaluation set
+    out = capsys.readouterr().out
+    assert "Settings that differ" in out and "train.max_steps" in out
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Setup") < report.index("Settings that differ")
+    assert "No speed-up or time-to-target claim for skip2lora-b4: trained or evaluated on different data" in report
+
+
+def test_runs_differing_only_in_seed_and_folder_pool(tmp_path):
+    root = tmp_path / "exp"
+    write_run(root, "a", LORA_EVALS[0], seed=0, config={"train": {"max_steps": 8, "save_interval": 2}})
+    write_run(root, "b", LORA_EVALS[1], seed=1, config={"train": {"max_steps": 8}})
+    payload, _ = build_comparison([root])
+    assert [len(v["runs"]) for v in payload["sets"][0]["variants"]] == [2]
+    assert payload["sets"][0]["settings_differences"]["keys"] == []
+
+
+def test_blocks_chosen_by_auto_are_an_outcome_and_its_seeds_still_pool(tmp_path):
+    root = tmp_path / "exp"
+    for seed, blocks in ((0, [1, 3]), (1, [2])):
+        path = write_run(root, f"auto-s{seed}", SKIP_EVALS[seed], method="skip2lora", seed=seed,
+                         config={"skip2lora": {"block_indices": blocks}}, experiment={"variant": "auto", "seed": seed})
+        run = json.loads((path / "run.json").read_text())
+        run["summary"]["block_selection"] = {"chosen": blocks}
+        (path / "run.json").write_text(json.dumps(run))
+    payload, _ = build_comparison([root])
+    assert [(v["name"], len(v["runs"])) for v in payload["sets"][0]["variants"]] == [("auto", 2)]

@@ -288,3 +288,52 @@ def test_mean_pooled_classification_features_and_reload(make_config):
     run_finetune(cfg, show_progress=False)
     reloaded = load_skip2lora(cfg.out_dir / "final", torch.device("cpu"))
     assert reloaded.pooling == "mean"
+
+
+def test_prebuild_covers_exactly_the_samples_a_short_run_uses(make_config):
+    cfg = make_config("skip2lora", data__num_train=40, train__global_batch_size=4, train__micro_batch_size=2,
+                      train__max_steps=2, eval__initial=False, eval__interval=100)
+    summary = run_finetune(cfg, show_progress=False)["summary"]
+    prebuild = summary["cache_prebuild"]
+    assert prebuild["samples"] == prebuild["planned_samples"] == 8  # 2 steps x 4 samples, not the whole set
+    assert prebuild["train_samples"] > 8 and prebuild["stopped_by"] is None
+    assert summary["cache_hits"] == 8  # every training lookup found its sample (validation ones are misses)
+
+
+def test_a_sample_outside_the_prebuild_is_cached_on_first_use_with_the_same_features(make_config):
+    cfg, method = build(make_config)
+    _, plain = build(make_config, skip2lora__cache="none")
+    task = load_task_data(cfg.data)
+    samples = tokenize_examples(task.train[:8], method.tokenizer, cfg.data, task.kind)
+    method.prepare(samples, [], torch.device("cpu"), planned=samples[:4])
+    assert method.cache_stats()["cache_samples"] == 4
+    batch = collate(samples[2:8], method.tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached, reference = method.batch_features(batch), plain.batch_features(batch)
+    assert method.cache_stats()["cache_samples"] == 8  # the four new ones were cached on first sight
+    assert torch.allclose(cached.blocks, reference.blocks, atol=1e-5)
+    assert torch.allclose(cached.final, reference.final, atol=1e-5)
+    with torch.no_grad():
+        again = method.batch_features(batch)  # now every sample comes from the cache
+    assert torch.allclose(again.blocks, reference.blocks, atol=1e-5)
+
+
+def test_cache_fill_goes_window_by_window_and_stops_once_the_time_budget_is_spent():
+    import time
+    from types import SimpleNamespace
+
+    from skip2lora.methods.skip2lora.cache import fill_cache
+
+    samples = [SimpleNamespace(content_hash=f"s{i}", input_ids=[1, 2, 3]) for i in range(6)]
+    windows = []
+
+    def computed(chunk):
+        windows.append([s.content_hash for s in chunk])
+        for sample in chunk:
+            yield sample, CachedFeatures(torch.zeros(1, 3, 4), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+
+    assert fill_cache(SkipCache("memory", fingerprint()), samples, computed, 2, None, 2) == (6, 18, None)
+    assert windows == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]  # in order of first use
+    spent = SkipCache("memory", fingerprint())
+    assert fill_cache(spent, samples, computed, 2, time.perf_counter() - 1.0, 2) == (0, 0, "max_time_s")
+    assert len(spent) == 0  # the run caches them on first use instead

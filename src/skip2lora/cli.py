@@ -76,6 +76,44 @@ def usage() -> str:
 
 
 # -- argument handling ------------------------------------------------------------------------------
+# Commands that only read saved results: no --threads for them.
+READ_ONLY_COMMANDS = ("compare", "report-bench", "paper-report", "efficiency-report", "prepare")
+
+
+def underscored(argv: list[str]) -> list[str]:
+    """`--max-steps 3` and `--max_steps 3` are the same option: dashes in an option's name become underscores."""
+    out = []
+    for token in argv:
+        flag, sep, value = token.partition("=")
+        if token.startswith("--") and len(flag) > 2:
+            flag = "--" + flag[2:].replace("-", "_")
+        out.append(flag + sep + value if token.startswith("--") else token)
+    return out
+
+
+def closest(name: str, choices: list[str]) -> Optional[str]:
+    """The choice a misspelt name most likely meant (None when nothing is close)."""
+    import difflib
+
+    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def check_option_names(parser, argv: list[str], extra: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown option in one line, naming the known option it most likely meant."""
+    known = {flag.rstrip("+") for flag in parser._option_string_actions} | set(extra)
+    for token in argv:
+        flag = token.partition("=")[0]
+        if not token.startswith("--") or flag in known:
+            continue
+        # A bare field name (`--block_indices`) finds its nested option (`--skip2lora.block_indices`).
+        leaves = {"--" + name.rsplit(".", 1)[-1]: name for name in sorted(known) if "." in name}
+        pool = {**leaves, **{name: name for name in known}}
+        guess = closest(flag, list(pool))
+        hint = f": did you mean {pool[guess]}?" if guess else ""
+        raise UserError(f"unknown option {flag} for {parser.prog}{hint} (`{parser.prog} --help` lists them)")
+
+
 def expand_aliases(argv: list[str], aliases: Optional[dict[str, str]] = None) -> list[str]:
     """The seed documents' short flags (--max_steps, --skip2lora_block_indices, ...) for their nested names."""
     aliases = FLAG_ALIASES if aliases is None else aliases
@@ -183,9 +221,11 @@ def gather_list_options(argv: list[str], function: Callable) -> list[str]:
     return out
 
 
-def parse(parser, argv: list[str]):
+def parse(parser, argv: list[str], aliases: tuple[str, ...] = ()):
+    """Parse argv (already underscored, aliases expanded); bad input becomes one UserError line."""
     from jsonargparse import ArgumentError
 
+    check_option_names(parser, argv, aliases)
     check_config_files(argv)
     try:
         return parser.parse_args(argv)
@@ -193,33 +233,58 @@ def parse(parser, argv: list[str]):
         raise UserError(f"{parser.prog}: {one_line(exc)}") from exc
 
 
+def adds_threads(name: str, function: Callable) -> bool:
+    """Whether the CLI gives the command a --threads option: it computes and has no threads parameter of its own
+    (those that have one, as benchmark and paper do, hand it on themselves)."""
+    return name not in READ_ONLY_COMMANDS and "threads" not in inspect.signature(function).parameters
+
+
 def function_parser(name: str, function: Callable):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from .env import THREADS_HELP
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     doc = inspect.getdoc(function) or ""
     parser = ArgumentParser(prog=f"skip2lora {name}", exit_on_error=False, description=doc.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_function_arguments(function, as_group=False)
+    if adds_threads(name, function):
+        parser.add_argument("--threads", type=Optional[int], default=None, help=THREADS_HELP)
     return parser
 
 
-def run_function(name: str, function: Callable, argv: list[str]) -> int:
-    """Parse argv against the function's signature and call it."""
+def parsed_values(name: str, function: Callable, argv: list[str]) -> dict:
+    """The command's arguments from argv, as keyword values of its function (plus threads where the CLI adds it)."""
     parser = function_parser(name, function)
+    argv = underscored(argv)
     namespace = parse(parser, gather_list_options(fold_positionals(argv, function), function))
     values = namespace.as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
+    return values
+
+
+def run_function(name: str, function: Callable, argv: list[str]) -> int:
+    """Parse argv against the function's signature and call it (after setting --threads, where the CLI adds it)."""
+    from .env import apply_threads
+
+    values = parsed_values(name, function, argv)
+    if adds_threads(name, function):
+        apply_threads(values.pop("threads", None))
     return function(**values) or 0
+
+
+def finetune_values(argv: list[str]) -> dict:
+    """`skip2lora finetune`'s arguments as nested values (sections as dicts), short forms expanded."""
+    return parse(finetune_parser(), config_file_first(expand_aliases(underscored(argv))), tuple(FLAG_ALIASES)).as_dict()
 
 
 def finetune_main(argv: list[str]) -> int:
     """`skip2lora finetune`: the FinetuneConfig dataclasses are its options."""
     from .train.loop import run_finetune
 
-    namespace = parse(finetune_parser(), config_file_first(expand_aliases(argv)))
-    run_finetune(build_finetune_config(namespace.as_dict()))
+    run_finetune(build_finetune_config(finetune_values(argv)))
     return 0
 
 
@@ -257,8 +322,9 @@ def blocks_main(argv: list[str]) -> int:
     if any(token in ("-h", "--help") for token in argv):
         print(BLOCKS_USAGE)
         return 0
-    out_dir, rest = pop_option(argv, "--out_dir")
-    namespace = parse(finetune_parser(), config_file_first(expand_aliases(rest, {**FLAG_ALIASES, **BLOCKS_ALIASES})))
+    out_dir, rest = pop_option(underscored(argv), "--out_dir")
+    aliases = {**FLAG_ALIASES, **BLOCKS_ALIASES}
+    namespace = parse(finetune_parser(), config_file_first(expand_aliases(rest, aliases)), tuple(aliases))
     values = namespace.as_dict()
     values["method"] = "skip2lora"  # any finetune config names model and data; the survey is Skip2-LoRA's
     values["skip2lora"] = {**(values.get("skip2lora") or {}), "block_indices": "auto"}
@@ -286,7 +352,11 @@ def quiet_libraries() -> None:
         warnings.showwarning = one_line_project_warnings(warnings.showwarning)
     # bitsandbytes logs an advisory line on import on AVX-512 CPUs (an optional kernels package); it is noise to
     # every command and would break the one-line error contract.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # The `kernels` package it asks adds "skipping publisher trust check" in offline mode, on every command that
+    # imports PEFT, 4-bit or not: held, and shown only when 4-bit weights load (models.load_base_model).
+    from .env import hold_notices
+
+    hold_notices("bitsandbytes", "kernels")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -334,7 +404,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     name, rest = argv[0], argv[1:]
     command = COMMANDS.get(name)
     if command is None:
-        print(f"error: unknown command '{name}': use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        guess = closest(name, list(COMMANDS))
+        hint = f"did you mean '{guess}'? " if guess else ""
+        print(f"error: unknown command '{name}': {hint}use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     quiet_libraries()
     try:

@@ -338,6 +338,8 @@ class FinetuneConfig:
     """How processes share the work: auto (one device: none; several: ddp), ddp, or fsdp (GPUs only)."""
     seed: int = 1337
     """Seed of initialisation, data order and dropout."""
+    threads: Optional[int] = None
+    """CPU threads for torch (unset: the idle cores, at least 1; OMP_NUM_THREADS when set). Use 1 on a busy machine."""
     resume: bool = False
     """Continue the run in out_dir from its last complete checkpoint."""
     overwrite: bool = False
@@ -359,6 +361,7 @@ class FinetuneConfig:
             self.device = "cuda"
         _at_least("", "devices", self.devices, 1)
         _at_least("", "num_nodes", self.num_nodes, 1)
+        _at_least("", "threads", self.threads, 1, unset_ok=True)
         if self.skip2lora.block_indices == "auto" and self.method != "skip2lora":
             raise UserError(f"skip2lora.block_indices auto chooses Skip2-LoRA's blocks, but method is {self.method}: "
                             "use --method skip2lora, or leave block_indices as a list")
@@ -406,9 +409,11 @@ def finetune_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    short = ", ".join(f"{alias} = {full}" for alias, full in FLAG_ALIASES.items())
     parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
                             description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora "
-                                        "| ilora (the recommendation teacher).")
+                                        "| ilora (the recommendation teacher). Options take dashes or underscores "
+                                        f"(--max-steps = --max_steps). Short forms: {short}.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
     # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
     parser.add_class_arguments(FinetuneConfig, nested_key=None, instantiate=False)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import resource
 import sys
 from importlib import metadata
+from typing import Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, warn
 from .precision import choose_precision, cpu_name
 
 
@@ -112,3 +115,100 @@ def command_text(name: str, function, values: dict) -> str:
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         words += [f"--{parameter.name}", text]
     return shlex.join(words)
+
+
+# -- CPU threads ---------------------------------------------------------------------------------------------
+THREADS_HELP = ("CPU threads for torch (unset: the cores no other process is using right now, at least 1; "
+                "OMP_NUM_THREADS, when set, is kept). 1 is safest on a busy machine.")
+_requested_threads: Optional[int] = None  # an explicit --threads earlier in this process (a study's cells keep it)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers narrow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def other_runnable_threads() -> int:
+    """Threads of other processes that want a core right now: /proc/loadavg's running count, less this reader."""
+    try:
+        with open("/proc/loadavg") as handle:
+            running = int(handle.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - 1)
+
+
+def apply_threads(threads: Optional[int]) -> int:
+    """Set torch's CPU thread count for this process and return it; warn once when the cores are oversubscribed.
+
+    Unset picks the idle cores: on a machine where another process is busy, torch's default (every core) makes
+    its threads wait for each other at every parallel region, and a step can take many times longer than with one.
+    """
+    global _requested_threads
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        _requested_threads = threads
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the runs a study starts as subprocesses inherit it
+    cores, busy = usable_cores(), other_runnable_threads()
+    if threads is None and _requested_threads is not None:
+        threads = _requested_threads
+    elif threads is None and os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()  # the user's own setting
+    elif threads is None:
+        threads = max(1, min(torch.get_num_threads(), cores - busy))
+    torch.set_num_threads(threads)
+    warn_if_oversubscribed(threads, cores, busy)
+    return threads
+
+
+def warn_if_oversubscribed(threads: int, cores: Optional[int] = None, busy: Optional[int] = None) -> None:
+    """One warning line when this process's threads (more than one) plus the other runnable ones exceed the cores."""
+    cores = usable_cores() if cores is None else cores
+    busy = other_runnable_threads() if busy is None else busy
+    # One thread cannot do better by waiting less: the warning is for the case the option fixes.
+    if threads > 1 and threads + busy > cores:
+        warn(f"{threads} torch threads + {busy} other runnable thread(s) on {cores} core(s): the machine is "
+             "oversubscribed and steps may run many times slower; pass --threads 1 (or fewer threads)")
+
+
+# -- library notices -----------------------------------------------------------------------------------------
+class HeldNotices(logging.Handler):
+    """Keeps a library's log lines instead of printing them, to be shown once they concern the run."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_held: dict[str, HeldNotices] = {}
+
+
+def hold_notices(*loggers: str) -> None:
+    """Hold these loggers' warnings (bitsandbytes logs about its CPU kernels on import, 4-bit or not)."""
+    for name in loggers:
+        if name not in _held:
+            _held[name] = HeldNotices()
+            logger = logging.getLogger(name)
+            logger.addHandler(_held[name])
+            logger.propagate = False
+
+
+def show_held_notices(*loggers: str) -> None:
+    """Show what the loggers said so far as one warning line each (4-bit weights are about to be used)."""
+    for name in loggers:
+        held = _held.get(name)
+        for message in held.messages if held else []:
+            warn(f"{name}: {one_line_text(message)}")
+        if held:
+            held.messages.clear()
+
+
+def one_line_text(message: str) -> str:
+    return " ".join(message.split())

@@ -140,36 +140,104 @@ def read_task_file(checkpoint: Path) -> Optional[dict]:
     return read_json_file(path, "task file") if path.exists() else None
 
 
-def generate_command(checkpoint: Path, prompt: str, max_new_tokens: int = 64,
+def read_prompts(path: Path) -> list[Example]:
+    """Prompts from a file: JSONL (each line a string, or an object with `instruction` and optionally `input`)
+    for a .jsonl/.json file, otherwise one prompt per non-blank line."""
+    from .data import Example
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist: check the path")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix not in (".jsonl", ".json"):
+        return [Example(sample_id=str(n), instruction=line.strip()) for n, line in enumerate(lines)]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}): write one prompt per line") from exc
+        if isinstance(item, dict) and isinstance(item.get("instruction"), str):
+            prompts.append(Example(sample_id=str(number), instruction=item["instruction"], input=item.get("input") or ""))
+        elif isinstance(item, str):
+            prompts.append(Example(sample_id=str(number), instruction=item))
+        else:
+            raise UserError(f"{path} line {number} is neither a string nor an object with an instruction")
+    return prompts
+
+
+def generate_command(checkpoint: Path, prompt: Optional[str] = None, prompts_file: Optional[Path] = None,
+                     max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: Optional[int] = None, batch_size: int = 8,
                      prompt_style: Optional[Literal["auto", "alpaca", "chat", "plain"]] = None,
                      model: Optional[str] = None, device: str = "auto") -> int:
-    """Greedy generation from a fine-tuned checkpoint (base + adapters, with the KV cache).
+    """Generate text from a fine-tuned checkpoint (base + adapters, with the KV cache), greedy or sampled.
+
+    One prompt prints its answer; a prompts file prints one JSON line per prompt ({"prompt", "output"}).
 
     Args:
         checkpoint: OUT/final (or OUT/best) of a run.
         prompt: The instruction to answer.
+        prompts_file: A file of prompts instead: one per line, or JSONL (strings or {"instruction", "input"}).
         max_new_tokens: Tokens to generate at most.
+        temperature: 0 is greedy decoding; above 0 samples (higher: more varied).
+        top_p: When sampling: draw from the smallest set of tokens holding this much probability.
+        seed: When sampling: seed of the draw, so a run can be repeated (unset: a fresh draw each time).
+        batch_size: Prompts generated together (left-padded).
         prompt_style: How to format the prompt; unset: as the run was trained (task.json), else auto.
         model: Base model, when not the one the checkpoint records.
         device: auto, cpu, cuda or cuda:N.
     """
-    from .data import Example, format_prompt
+    from .data import Example
     from .env import resolve_device
 
     if max_new_tokens < 1:
         raise UserError("--max_new_tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"--temperature must be >= 0 and --top_p in (0, 1] (got {temperature}, {top_p})")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1 (got {batch_size})")
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("pass one of --prompt TEXT or --prompts_file FILE")
+    examples = read_prompts(prompts_file) if prompts_file else [Example(sample_id="cli", instruction=prompt)]
+    if not examples:
+        raise UserError(f"prompts file {prompts_file} holds no prompts")
     task = read_task_file(checkpoint) or {}
     style = prompt_style or task.get("prompt_style") or "auto"
     torch_device = resolve_device(device)
     method = load_for_inference(Path(checkpoint), torch_device, model)
     if method.kind != "generation":
         raise UserError(f"{checkpoint} is a classifier: use `skip2lora predict`")
-    text = format_prompt(Example(sample_id="cli", instruction=prompt), method.tokenizer, style)
-    encoded = method.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    new_tokens = method.generate(encoded["input_ids"].to(torch_device), encoded["attention_mask"].to(torch_device),
-                                 max_new_tokens)
-    print(method.tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip())
+    outputs = generate_texts(method, examples, style, max_new_tokens, temperature, top_p, seed, batch_size, torch_device)
+    if prompts_file is None:
+        print(outputs[0])
+    else:
+        for example, output in zip(examples, outputs):
+            print(json.dumps({"prompt": example.instruction, "output": output}, ensure_ascii=False))
     return 0
+
+
+def generate_texts(method: FinetuneMethod, examples: list, style: str, max_new_tokens: int, temperature: float,
+                   top_p: float, seed: Optional[int], batch_size: int, device: torch.device) -> list[str]:
+    """The answers to the prompts, batch by batch (a progress bar with an estimate when there are several)."""
+    from tqdm.auto import tqdm
+
+    from .data import format_prompt
+    from .train.evaluate import left_padded
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    method.eval()
+    texts = [format_prompt(example, method.tokenizer, style) for example in examples]
+    encoded = [method.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    outputs = []
+    with tqdm(total=len(encoded), desc="generate", unit="prompt", leave=False, disable=len(encoded) <= batch_size) as bar:
+        for start in range(0, len(encoded), batch_size):
+            ids, mask = left_padded(encoded[start:start + batch_size], method.tokenizer.pad_token_id)
+            new_tokens = method.generate(ids.to(device), mask.to(device), max_new_tokens, temperature, top_p)
+            outputs += [method.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+            bar.update(len(ids))
+    return outputs
 
 
 def parse_texts(text: str) -> list[str]:

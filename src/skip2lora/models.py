@@ -312,6 +312,10 @@ def load_base_model(
                         "or damaged?)") from exc
     if not quantize_4bit:
         model.to(device)
+    else:
+        from .env import show_held_notices
+
+        show_held_notices("bitsandbytes", "kernels")  # its kernel notices concern 4-bit runs only
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, model_info(model, name, str(model_dir))

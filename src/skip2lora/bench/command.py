@@ -19,7 +19,7 @@ from ..report.stats import ratio
 from .console import print_config_section, print_summary
 from .suite import (DEFAULT_CONFIG_FILE, BenchConfig, BenchSuite, EpochPlan, epoch_plan, load_suite,
                     resolve_config_file, selected_configs, split_applicable)
-from .worker import run_worker
+from .worker import busy_processes, run_worker
 
 
 @dataclass
@@ -192,6 +192,7 @@ def benchmark_command(
     epoch_tasks: Optional[list[str]] = None,
     devices: int = 1,
     loss_share: Optional[float] = None,
+    busy: int = 0,
 ) -> int:
     """Side-by-side step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full fine-tuning.
 
@@ -216,8 +217,10 @@ def benchmark_command(
             On CPU this checks the plumbing (gloo on loopback); the speed figures that matter come from GPUs.
         loss_share: Share of positions that carry loss (default: the instruct task's own, about 9%); the
             gain of computing the head only at loss positions depends on it.
+        busy: Processes that spin on a core each beside every worker (a loaded machine on purpose): run once
+            with --threads 1 and once without to see what the thread count does when cores are shared.
     """
-    from ..env import command_text, environment_info, resolve_device
+    from ..env import command_text, environment_info, resolve_device, warn_if_oversubscribed
     from ..paths import atomic_write_json
     from ..report.bench_report import SCHEMA
 
@@ -234,9 +237,16 @@ def benchmark_command(
 
     created = datetime.now()
     print(f"[skip2lora] benchmark: {len(chosen)} configurations on {model} ({torch_device.type}), batch "
-          f"{batch_size} x {seq_len} tokens, {warmup} warm-up + {iters} timed iterations\n", flush=True)
-    results = run_step_configs(args, chosen, suite.baseline, str(torch_device))
-    epoch_results = run_epoch_configs(args, suite, plan, str(torch_device)) if plan else None
+          f"{batch_size} x {seq_len} tokens, {warmup} warm-up + {iters} timed iterations"
+          + (f", {busy} busy process(es) beside each worker" if busy else "") + "\n", flush=True)
+    if busy < 0:
+        raise UserError(f"--busy must be 0 or more, got {busy}")
+    import torch
+
+    warn_if_oversubscribed(threads or torch.get_num_threads())  # before any load put there on purpose
+    with busy_processes(busy):
+        results = run_step_configs(args, chosen, suite.baseline, str(torch_device))
+        epoch_results = run_epoch_configs(args, suite, plan, str(torch_device)) if plan else None
     used = sorted({r["precision"] for r in results if r["status"] == "ok"}) or [precision]
     used_precision = used[0] if len(used) == 1 else "per configuration (" + ", ".join(used) + ")"
     # Read last: on a GPU this creates a CUDA context in this process, which must not sit beside the workers.
@@ -252,7 +262,7 @@ def benchmark_command(
         "shapes": {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_batch": batch_size * seq_len,
                    "devices": devices, "loss_share": loss_share,
                    "iters": iters, "warmup": warmup, "distinct_batches": max(1, warmup), "data": "instruct",
-                   "precision": used_precision, "seed": seed},
+                   "precision": used_precision, "seed": seed, "busy_processes": busy},
         "baseline": suite.baseline,
         "configs": results,
         "skipped": [{"name": name, "reason": reason} for name, reason in skipped.items()],

@@ -55,7 +55,9 @@ def print_summary(result: dict) -> None:
     print(RULE)
     print(f"model {result['model']['name']} | batch {shapes['batch_size']} x {shapes['seq_len']} tokens | "
           f"{shapes['warmup']} warm-up + {shapes['iters']} timed iterations | {env['device']}: {env['device_name']} "
-          f"({env['threads']} threads) | precision {shapes['precision']}\n")
+          f"({env['threads']} threads) | precision {shapes['precision']}"
+          + (f" | {shapes['busy_processes']} busy process(es) beside each worker" if shapes.get("busy_processes") else "")
+          + "\n")
     for table in comparison_tables(result):
         print(render_text(table) + "\n")
     epochs = epoch_table(result)

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import UserError
 
@@ -103,3 +104,16 @@ def run_in_fresh_interpreter(args: list[str], prefix: str, timeout_s: Optional[f
 def run_worker(spec: dict) -> dict:
     """Run a spec in a fresh interpreter; a crash or a missing result becomes a failed result."""
     return run_in_fresh_interpreter(["skip2lora.bench", "--worker", json.dumps(spec)], RESULT_PREFIX)
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """`count` processes that spin on a core each while the block runs: a loaded machine, on purpose, so a
+    benchmark can show what the thread count does when other work competes for the cores."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import load_task_data, tokenize_examples
-from ..env import precision_dtype, resolve_device, resolve_precision
+from ..env import apply_threads, precision_dtype, resolve_device, resolve_precision
 from ..methods import build_method
 from ..report.tables import render_text
 from ..train.loop import seed_everything
@@ -38,6 +38,7 @@ def run_block_search(cfg: FinetuneConfig, out_dir: Path = DEFAULT_OUT_DIR) -> di
     started = time.perf_counter()
     cfg.method = "skip2lora"
     cfg.skip2lora.block_indices = "auto"
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     # Written back, as finetune does: the survey's features are computed (and cached) in the run's own precision.
     precision = cfg.precision = resolve_precision(cfg.precision, device, cfg.model)

@@ -272,21 +272,32 @@ class FinetuneMethod(nn.Module):
         return False
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy generation with the KV cache; returns only the new tokens."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+        """Generation with the KV cache (left-padded rows); returns only the new tokens. Temperature 0 is greedy;
+        above 0 it samples from the tokens of the top_p probability mass (no top-k cut), seeded by torch's RNG."""
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
+                    else {"do_sample": False})
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            **sampling,
         )
         return out[:, input_ids.size(1):]
 
     # -- hooks the loop calls ------------------------------------------------------------------
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
-        """Called once before training with the tokenised data (the Skip-Cache build uses it)."""
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device, planned: Optional[list] = None,
+                time_budget_s: Optional[float] = None) -> None:
+        """Called once before training with the tokenised data (the Skip-Cache build uses it). `planned`: the
+        training samples the run's steps will use, in order of first use (None: all); `time_budget_s`: the
+        run's training-time budget, which preparation counts against."""
+
+    def prepare_notes(self) -> list[str]:
+        """Lines for the console about what prepare() decided (blocks chosen, cache built); none by default."""
+        return []
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called when the data stream enters a new epoch (a disk Skip-Cache flushes here)."""

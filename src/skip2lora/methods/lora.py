@@ -59,6 +59,7 @@ class LoRAMethod(FinetuneMethod):
                num_labels: Optional[int]) -> "LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         cfg.lora.target_modules = method.target_modules  # run.json records what was adapted, resolved
+        method.base_name = info.name
         if cfg.train.loss_path == "fast":
             method.use_fast_loss_path()
         return method
@@ -73,6 +74,13 @@ class LoRAMethod(FinetuneMethod):
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
+        base_path = self.model.peft_config["default"].base_model_name_or_path or ""
+        card = Path(directory) / "README.md"
+        if card.exists() and base_path:
+            # PEFT's model card names the base by its local folder (a cache path on this machine); a card is
+            # shared, so it names the model instead. adapter_config.json keeps the path: loading needs it.
+            name = getattr(self, "base_name", None) or Path(base_path).name
+            card.write_text(card.read_text(encoding="utf-8").replace(base_path, name), encoding="utf-8")
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:

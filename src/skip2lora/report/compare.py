@@ -2,7 +2,8 @@
 
 `runs.py` reads the run folders (what `skip2lora finetune` writes, plus `experiment.json` when the
 experiment runner made the run); this module groups them into comparison sets (same model, dataset
-and task) and variants within a set, and computes every number of the comparison: means and spreads
+and task) and rows within a set (a variant's runs pool as seeds only when every other setting matches:
+settings.py), and computes every number of the comparison: means and spreads
 over seeds, differences against a baseline, time-to-quality and the metrics at equal wall-clock time.
 `compare_report.py` renders the result (stdout table, report.md, PNG plots); nothing there computes,
 nothing here formats.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..outdir import RunDir
 from ..paths import atomic_write_json, replace_marked_block
 from .runs import RunRecord, collect_runs
+from .settings import ComparisonSet, choose_baseline, claim_blocker, group_runs, rows_named, settings_table_rows
 from .stats import SPREAD_RULE, MeanStd, beyond_spread, mean_std, ratio, relative_diff_pct
 
 SCHEMA = "skip2lora-comparison/1"
@@ -132,82 +133,6 @@ RUN_METRICS: dict[str, Callable[[RunRecord], Optional[float]]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Grouping
-
-
-@dataclass
-class ComparisonSet:
-    """Runs that may be averaged and compared: same model, dataset and task; variants in input order."""
-
-    model: str
-    dataset: str
-    task: str
-    variants: dict[str, list[RunRecord]] = field(default_factory=dict)
-    baseline: str = ""
-
-    @property
-    def name(self) -> str:
-        task = self.task if self.task == self.dataset else f"{self.task} ({self.dataset})"
-        return f"{self.model} / {task}"
-
-    @property
-    def runs(self) -> list[RunRecord]:
-        return [run for runs in self.variants.values() for run in runs]
-
-
-def group_runs(records: Sequence[RunRecord]) -> tuple[list[ComparisonSet], list[str]]:
-    """Comparison sets by (model, dataset, task), variants within; warns when several sets are mixed."""
-    sets: dict[tuple[str, str, str], ComparisonSet] = {}
-    for record in records:
-        key = (record.model, record.dataset, record.task)
-        cset = sets.setdefault(key, ComparisonSet(*key))
-        cset.variants.setdefault(record.variant, []).append(record)
-    warnings = []
-    if len(sets) > 1:
-        differing = [f"{len(values)} {what} ({', '.join(sorted(values))})"
-                     for what, values in (("models", {k[0] for k in sets}), ("datasets", {k[1] for k in sets}),
-                                          ("tasks", {k[2] for k in sets})) if len(values) > 1]
-        warnings.append(f"the runs mix {' and '.join(differing)}: reporting {len(sets)} comparison sets "
-                        "separately, never averaged together")
-    for cset in sets.values():
-        for runs in cset.variants.values():
-            runs.sort(key=lambda run: (run.seed is None, run.seed or 0))  # tables list seeds in order
-        warnings += duplicate_seed_warnings(cset)
-    return list(sets.values()), warnings
-
-
-def duplicate_seed_warnings(cset: ComparisonSet) -> list[str]:
-    warnings = []
-    for variant, runs in cset.variants.items():
-        seeds = [run.seed for run in runs]
-        for seed in sorted({s for s in seeds if seeds.count(s) > 1 and s is not None}):
-            paths = ", ".join(str(run.path) for run in runs if run.seed == seed)
-            warnings.append(f"{cset.name}: variant {variant} has several runs with seed {seed} ({paths}); "
-                            "all are counted")
-    return warnings
-
-
-def choose_baseline(cset: ComparisonSet, requested: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """The baseline variant and, when a requested one is absent from this set, a warning.
-
-    Order: --baseline, then experiment.json's baseline, then a variant trained with method "lora",
-    then the first variant.
-    """
-    warning = None
-    if requested is not None:
-        if requested in cset.variants:
-            return requested, None
-        warning = f"{cset.name}: no variant {requested!r} (found {', '.join(cset.variants)}); using the default"
-    labelled = [run.baseline for run in cset.runs if run.baseline in cset.variants]
-    if labelled:
-        return labelled[0], warning
-    lora = [name for name, runs in cset.variants.items() if runs[0].method == "lora"]
-    if lora:
-        return ("lora" if "lora" in lora else lora[0]), warning
-    return next(iter(cset.variants)), warning
-
-
-# --------------------------------------------------------------------------------------------
 # Analysis of one comparison set
 
 
@@ -286,18 +211,20 @@ def analyze_variant(name: str, runs: Sequence[RunRecord], target: dict, equal_ti
     }
 
 
-def finish_variant(variant: dict, baseline: dict, is_baseline: bool) -> dict:
-    """The JSON form of a variant, with its differences against the baseline."""
+def finish_variant(variant: dict, baseline: dict, is_baseline: bool, blocker: Optional[str] = None) -> dict:
+    """The JSON form of a variant, with its differences against the baseline; no speed-up claim where `blocker`
+    says why none can be made (other data or evaluation set)."""
     ttt, base_ttt = variant["ttt"], baseline["ttt"]
     hidden = ("stats", "ttt", "ttt_values")
+    claimable = blocker is None
     return {
         **{key: value for key, value in variant.items() if key not in hidden},
-        "is_baseline": is_baseline,
+        "is_baseline": is_baseline, "claim_blocker": blocker,
         "metrics": {key: compare_to(value, None if is_baseline else baseline["stats"][key])
                     for key, value in variant["stats"].items()},
         "time_to_target": {**ttt.to_dict(), "per_run": variant["ttt_values"], "reached": ttt.n,
-                           "runs": len(variant["runs"]), "speedup": ratio(base_ttt.mean, ttt.mean),
-                           "beyond_spread": None if is_baseline else beyond_spread(ttt, base_ttt)},
+                           "runs": len(variant["runs"]), "speedup": ratio(base_ttt.mean, ttt.mean) if claimable else None,
+                           "beyond_spread": None if is_baseline or not claimable else beyond_spread(ttt, base_ttt)},
     }
 
 
@@ -309,10 +236,14 @@ def analyze_set(cset: ComparisonSet) -> dict:
     raw = {name: analyze_variant(name, runs, target, equal_time_s) for name, runs in cset.variants.items()}
     baseline = raw[cset.baseline]
     order = [cset.baseline] + [name for name in raw if name != cset.baseline]
-    variants = [finish_variant(raw[name], baseline, name == cset.baseline) for name in order]
+    settings = {name: runs[0].settings for name, runs in cset.variants.items()}
+    variants = [finish_variant(raw[name], baseline, name == cset.baseline,
+                               claim_blocker(settings[cset.baseline], settings[name])) for name in order]
     sizes = {run.model_info.get("num_parameters") for run in cset.runs} - {None}
+    keys, rows = settings_table_rows({name: settings[name] for name in order})
     return {
         "name": cset.name, "model": cset.model, "dataset": cset.dataset, "task": cset.task,
+        "settings_differences": {"keys": keys, "rows": rows},
         "model_parameters": max(sizes) if sizes else None, "baseline": cset.baseline,
         "has_accuracy": any(run.has_accuracy for run in cset.runs), "target": target, "equal_time_s": equal_time_s,
         "seeds": sorted({run.seed for run in cset.runs if run.seed is not None}),
@@ -362,7 +293,7 @@ def build_comparison(paths: Sequence[Path], baseline: Optional[str] = None,
                         "`skip2lora finetune` first")
     csets, group_warnings = group_runs(records)
     warnings += group_warnings
-    if baseline is not None and not any(baseline in c.variants for c in csets):
+    if baseline is not None and not any(rows_named(c, baseline) for c in csets):
         found = sorted({name for c in csets for name in c.variants})
         raise UserError(f"--baseline {baseline} matches no variant: use one of {', '.join(found)}")
     for cset in csets:

@@ -13,36 +13,13 @@ from typing import Optional
 
 from ..paths import atomic_write_bytes
 from .plots import finish_axis, panels, save_figure
-from .stats import ratio
-from .tables import (MISSING, Table, fmt_mean_std, fmt_number, fmt_ratio, fmt_times, render_markdown,
-                     render_text)
+from .compare_verdict import METRIC_WORDS, conclusion, fmt_stat, fmt_value, seeds_phrase, verdict, verdict_paragraph
+from .tables import MISSING, Table, fmt_ratio, fmt_times, render_markdown, render_text
 
 PLOT_FILES = {"loss": "loss_comparison.png", "loss_time": "loss_vs_time.png", "memory": "memory.png",
               "accuracy_time": "accuracy_vs_time.png"}
-FORMATS = {
-    "steps_per_s": "{:.3f}", "tokens_per_s": "{:,.1f}", "train_time_s": "{:.1f}", "peak_memory_mb": "{:,.0f}",
-    "final_train_loss": "{:.4f}", "final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "val_loss": "{:.4f}",
-    "final_val_acc": "{:.3f}", "best_val_acc": "{:.3f}", "val_acc": "{:.3f}", "trainable_params": "{:,.0f}",
-    "cache_build_s": "{:.2f}", "cache_size_mb": "{:.1f}", "cache_hit_rate": "{:.1%}", "time_s": "{:.1f}",
-}
-METRIC_WORDS = {"val_acc": "validation accuracy", "val_loss": "validation loss"}
-
-
 # --------------------------------------------------------------------------------------------
 # Cells
-
-
-def fmt_value(value: Optional[float], key: str) -> str:
-    return fmt_number(value, FORMATS.get(key, "{:.4g}"))
-
-
-def fmt_stat(stat: dict, key: str) -> str:
-    """'mean ± std' over seeds in the format of `key`; the mean alone with one seed; '-' with none."""
-    return fmt_mean_std(stat, FORMATS.get(key, "{:.4g}"))
-
-
-def verdict(flag: Optional[bool]) -> str:
-    return "spread not judged: < 2 seeds" if flag is None else ("beyond spread" if flag else "within spread")
 
 
 def fmt_delta(stat: dict, is_baseline: bool) -> str:
@@ -52,10 +29,6 @@ def fmt_delta(stat: dict, is_baseline: bool) -> str:
     if stat.get("delta_pct") is None:
         return MISSING
     return f"{stat['delta_pct']:+.1f}%, {verdict(stat.get('beyond_spread'))}"
-
-
-def seeds_phrase(count: int) -> str:
-    return "one seed" if count == 1 else f"mean over {count} seeds"
 
 
 def variant_label(variant: dict) -> str:
@@ -160,121 +133,6 @@ def display_path(path: str, out_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Conclusion
-
-
-def spread_sentence(flag: Optional[bool]) -> str:
-    if flag is None:
-        return "with fewer than 2 seeds on a side, the spread rule cannot judge this difference"
-    if flag:
-        return "the difference is larger than the seed-to-seed spread"
-    return "the difference is within the seed-to-seed spread, so it is not conclusive"
-
-
-def time_to_quality_sentences(cset: dict) -> list[str]:
-    target, variants = cset["target"], cset["variants"]
-    base = variants[0]
-    word = METRIC_WORDS[target["metric"]]
-    if target["value"] is None:
-        return [f"The baseline {base['name']} logged no {word}, so there is no time-to-quality target."]
-    sentences = [f"Target: {base['name']}'s best {word}, {fmt_value(target['value'], target['metric'])} "
-                 f"({seeds_phrase(target['baseline_seeds'])})"
-                 + (f"; {target['note']}." if target.get("note") else ".")]
-    reached = [v for v in variants if v["time_to_target"]["reached"]]
-    if reached:
-        winner = min(reached, key=lambda v: v["time_to_target"]["mean"])
-        sentences.append(winner_sentence(winner, base))
-        for v in reached:
-            if v is not winner and not v["is_baseline"]:
-                ttt = v["time_to_target"]
-                speed = "" if ttt["speedup"] is None else (f"; {fmt_times(ttt['speedup'])} the baseline's speed, "
-                                                           f"{verdict(ttt['beyond_spread'])}")
-                sentences.append(f"{v['name']} needs {fmt_stat(ttt, 'time_s')} s ({ttt['reached']}/{ttt['runs']} "
-                                 f"runs reached it{speed}).")
-    for v in variants:
-        if not v["time_to_target"]["reached"]:
-            runs = v["time_to_target"]["runs"]
-            where = "its only run" if runs == 1 else f"any of its {runs} runs"
-            sentences.append(f"{v['name']} never reached the target in {where}.")
-    return sentences
-
-
-def winner_sentence(winner: dict, base: dict) -> str:
-    ttt, base_ttt = winner["time_to_target"], base["time_to_target"]
-    if winner["is_baseline"]:
-        return (f"The baseline {base['name']} reaches it first, in {fmt_stat(ttt, 'time_s')} s "
-                f"({ttt['reached']}/{ttt['runs']} runs); no variant is faster to this quality.")
-    text = (f"{winner['name']} reaches it fastest: {fmt_stat(ttt, 'time_s')} s "
-            f"({ttt['reached']}/{ttt['runs']} runs) vs ")
-    if not base_ttt["reached"]:
-        return text + f"never for the baseline {base['name']}."
-    return (text + f"{fmt_stat(base_ttt, 'time_s')} s for {base['name']} ({base_ttt['reached']}/{base_ttt['runs']} "
-            f"runs), a {fmt_times(ttt['speedup'])} speed-up; {spread_sentence(ttt['beyond_spread'])}.")
-
-
-def comparison_phrase(base: dict, variant: dict, key: str, better: str) -> str:
-    b, v = base["metrics"][key], variant["metrics"][key]
-    return f"{better} ({fmt_stat(b, key)} vs {fmt_stat(v, key)}: {v['delta_pct']:+.1f}%, {verdict(v['beyond_spread'])})"
-
-
-def baseline_wins(cset: dict) -> list[str]:
-    """Where the baseline is better than each variant on quality (a better mean, with the verdict)."""
-    base = cset["variants"][0]
-    checks = [("best_val_acc", "a higher best validation accuracy", True),
-              ("best_val_loss", "a lower best validation loss", False),
-              ("final_val_loss", "a lower final validation loss", False)]
-    sentences = []
-    for variant in cset["variants"][1:]:
-        phrases = []
-        for key, better, higher in checks:
-            b, v = base["metrics"][key]["mean"], variant["metrics"][key]
-            if b is None or v["mean"] is None or v["delta_pct"] is None:
-                continue
-            if (b > v["mean"]) if higher else (b < v["mean"]):
-                phrases.append(comparison_phrase(base, variant, key, better))
-        if phrases:
-            sentences.append(f"Against {variant['name']}, the baseline {base['name']} keeps "
-                             + "; ".join(phrases) + ".")
-        else:
-            sentences.append(f"{base['name']} is not better than {variant['name']} on best or final validation "
-                             "loss" + (" or accuracy." if cset["has_accuracy"] else "."))
-    return sentences
-
-
-def cost_sentences(cset: dict) -> list[str]:
-    base = cset["variants"][0]
-    sentences = []
-    for v in cset["variants"][1:]:
-        steps, memory = v["metrics"]["steps_per_s"], v["metrics"]["peak_memory_mb"]
-        relative_speed = ratio(steps["mean"], base["metrics"]["steps_per_s"]["mean"])
-        if relative_speed is None or memory["delta_pct"] is None:
-            continue
-        sentences.append(f"{v['name']} runs {fmt_times(relative_speed)} the baseline's steps per second of "
-                         "training time "
-                         f"({verdict(steps['beyond_spread'])}) with {memory['delta_pct']:+.1f}% peak memory "
-                         f"({verdict(memory['beyond_spread'])}).")
-    return sentences
-
-
-def equal_time_sentence(cset: dict) -> Optional[str]:
-    metric = cset["target"]["metric"]
-    if cset["equal_time_s"] is None:
-        return None
-    values = ", ".join(f"{v['name']} {fmt_stat(v['at_equal_time'][metric], metric)}" for v in cset["variants"])
-    return (f"At equal wall-clock ({fmt_value(cset['equal_time_s'], 'time_s')} s of training, when the shortest "
-            f"run ended), {METRIC_WORDS[metric]}: {values}.")
-
-
-def conclusion(cset: dict) -> str:
-    """A paragraph that states the comparison's outcome; every number comes from the payload."""
-    sentences = time_to_quality_sentences(cset) + cost_sentences(cset)
-    if len(cset["variants"]) > 1:
-        sentences += baseline_wins(cset)
-    at_equal = equal_time_sentence(cset)
-    return " ".join(sentences + ([at_equal] if at_equal else []))
-
-
-# --------------------------------------------------------------------------------------------
 # Plots: one panel per comparison set in each figure, one colour per variant across figures
 
 
@@ -368,9 +226,20 @@ def setup_lines(payload: dict) -> list[str]:
     return lines
 
 
+def settings_table(cset: dict) -> Optional[Table]:
+    """The settings that differ between the rows of a set (None when only the method's name differs)."""
+    differences = cset["settings_differences"]
+    if differences["keys"] in ([], ["method"]):  # the method alone: the parameter table names it
+        return None
+    return Table("Settings that differ", ["row", *differences["keys"]], differences["rows"],
+                 note="every other setting is the same in all rows that have it; runs pool as seeds of a row only when every "
+                      "setting but the seed matches", text_columns=1 + len(differences["keys"]))
+
+
 def render_set(cset: dict, out_dir: Path, level: int) -> str:
-    tables = [parameter_table(cset), speed_table(cset), quality_table(cset), time_to_quality_table(cset),
-              runs_table(cset, out_dir)]
+    tables = [settings_table(cset), parameter_table(cset), speed_table(cset), quality_table(cset),
+              time_to_quality_table(cset), runs_table(cset, out_dir)]
+    tables = [table for table in tables if table is not None]
     return "\n\n".join(render_markdown(table, level=level) for table in tables)
 
 
@@ -378,7 +247,8 @@ def render_report(payload: dict, out_dir: Path, plots: dict[str, Path]) -> str:
     several = len(payload["sets"]) > 1
     parts = [f"# {payload['title']}",
              f"<!-- Generated by `skip2lora compare` from {len(payload['runs'])} runs. Do not edit by hand. -->",
-             "Every number below is computed from the runs' `run.json` and `metrics.csv`; "
+             "## Verdict", verdict_paragraph(payload),
+             "Every number here is computed from the runs' `run.json` and `metrics.csv`; "
              "the same numbers are in `comparison.json`.",
              "## Setup", "\n".join(setup_lines(payload)), render_markdown(environment_table(payload), level=3)]
     if payload["warnings"]:
@@ -390,9 +260,6 @@ def render_report(payload: dict, out_dir: Path, plots: dict[str, Path]) -> str:
         parts += [f"## {cset['name']}" if several else "## Results", render_set(cset, out_dir, level=3)]
     parts.append("## Plots")
     parts += [f"![{key.replace('_', ' ')}]({os.path.relpath(path, out_dir)})" for key, path in plots.items()]
-    parts.append("## Conclusion")
-    parts += [f"**{cset['name']}.** {cset['conclusion']}" if several else cset["conclusion"]
-              for cset in payload["sets"]]
     return "\n\n".join(parts) + "\n"
 
 
@@ -416,8 +283,9 @@ def stdout_table(cset: dict) -> Table:
 
 
 def render_stdout(payload: dict) -> str:
-    """The compact fixed-width comparison printed by `skip2lora compare`."""
-    return "\n\n".join(render_text(stdout_table(cset)) for cset in payload["sets"])
+    """The compact fixed-width comparison printed by `skip2lora compare`, each set's differing settings first."""
+    tables = [table for cset in payload["sets"] for table in (settings_table(cset), stdout_table(cset)) if table]
+    return "\n\n".join(render_text(table) for table in tables)
 
 
 def write_report(payload: dict, out_dir: Path) -> dict:

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from ..outdir import EXPERIMENT_JSON, RunDir, read_json_file, read_metrics_csv
+from .settings import run_settings
 
 SEARCH_DEPTH = 3  # parent folders may nest runs as out/<experiment>/<group>/<run>
 REQUIRED_COLUMNS = ("step", "elapsed_s")
@@ -43,6 +44,8 @@ class RunRecord:
     warnings: list[str] = field(default_factory=list)
     loss_path: str = "full"
     """Where the output head ran in training: 'fast' (loss positions only) or 'full' (every position)."""
+    settings: dict = field(default_factory=dict)
+    """Every setting that bears on the run's numbers (settings.run_settings: the config less seed and paths)."""
 
     @property
     def has_accuracy(self) -> bool:
@@ -179,7 +182,7 @@ def load_run(path: Path) -> RunRecord:
         # The precision sits with the machine facts: a report's environment says what arithmetic its runs used.
         environment={**(run.get("environment") or {}), "precision": run.get("precision")}, model_info=model_info, eval_rows=eval_rows,
         train_rows=train_rows, experiment=labels.get("experiment"), baseline=labels.get("baseline"),
-        warnings=warnings, loss_path=run_loss_path(run, method),
+        warnings=warnings, loss_path=run_loss_path(run, method), settings=run_settings(config, method, summary),
     )
 
 

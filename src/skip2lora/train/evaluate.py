@@ -1,4 +1,4 @@
-"""Validation: token-weighted loss, perplexity and, for tasks with answers, accuracy."""
+"""Validation: token-weighted loss, perplexity (generation) and, for tasks with answers, accuracy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..config import EvalConfig
 from ..data import TokenizedSample, collate
@@ -19,11 +20,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def left_padded_prompts(samples: list[TokenizedSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts only, padded on the left so every row's generation starts at the same column."""
-    width = max(s.prompt_length for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        prompt = sample.input_ids[: sample.prompt_length]
+    return left_padded([s.input_ids[: s.prompt_length] for s in samples], pad_id)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded on the left into (ids, attention mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     return ids, mask
@@ -50,8 +55,13 @@ def evaluate(
     method.eval()
     pad_id = method.tokenizer.pad_token_id
     total, count, correct, seen = 0.0, 0, 0, 0
-    with autocast():
-        own = val_samples[rank::world]
+    own = val_samples[rank::world]
+    generates = method.kind == "generation" and has_accuracy and cfg.accuracy_samples > 0
+    subset = val_samples[: cfg.accuracy_samples][rank::world] if generates else []
+    # A bar with an estimate (on a terminal, rank 0): a first evaluation with generations can take minutes.
+    bar = tqdm(total=len(own) + len(subset), desc="evaluate", unit="sample", leave=False, dynamic_ncols=True,
+               disable=True if rank else None)
+    with autocast(), bar:
         for start in range(0, len(own), batch_size):
             chunk = own[start:start + batch_size]
             batch = to_device(collate(chunk, pad_id), device)
@@ -66,8 +76,9 @@ def evaluate(
                 loss_sum, n = method(batch)
                 total += float(loss_sum)
                 count += n
-        if method.kind == "generation" and has_accuracy and cfg.accuracy_samples > 0:
-            subset = val_samples[: cfg.accuracy_samples][rank::world]
+            bar.update(len(chunk))
+        if generates:
+            bar.set_description("evaluate: generate")
             for start in range(0, len(subset), batch_size):
                 chunk = subset[start:start + batch_size]
                 ids, mask = left_padded_prompts(chunk, pad_id)
@@ -76,11 +87,14 @@ def evaluate(
                     text = method.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     correct += int(text == answers[sample.sample_id].strip())
                     seen += 1
+                bar.update(len(chunk))
     if all_reduce is not None:
         summed = all_reduce(torch.tensor([total, count, correct, seen], dtype=torch.float64, device=device))
         total, count, correct, seen = float(summed[0]), int(summed[1]), int(summed[2]), int(summed[3])
     val_loss = total / max(count, 1)
-    result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    result = {"val_loss": val_loss}
+    if method.kind == "generation":  # a classifier's loss is over classes, not tokens: no perplexity
+        result["val_ppl"] = math.exp(min(val_loss, 50.0))
     if seen:
         result["val_acc"] = correct / seen
     return result
@@ -96,7 +110,9 @@ def is_better(current: dict, best: Optional[dict]) -> bool:
 
 
 def format_eval(result: dict) -> str:
-    text = f"val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}"
+    text = f"val_loss {result['val_loss']:.4f}"
+    if "val_ppl" in result:
+        text += f", val_ppl {result['val_ppl']:.2f}"
     if "val_acc" in result:
         text += f", val_acc {result['val_acc']:.3f}"
     return text

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import TaskData, TokenizedSample, collate, epoch_order, load_task_data, tokenize_examples
 from ..data.tokenize import rank_partition
-from ..env import environment_info, peak_memory_mb, precision_dtype
+from ..env import apply_threads, environment_info, peak_memory_mb, precision_dtype
 from ..errors import UserError
 from ..methods import FinetuneMethod, build_method
 from ..models import ModelInfo, model_info_dict
@@ -66,6 +66,15 @@ class MicroBatchStream:
         epoch, within = divmod(micro_index, self.per_epoch)
         order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
         return epoch, order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
+
+    def first_uses(self, micro_batches: int) -> list[int]:
+        """The sample indices the first `micro_batches` micro-batches use, each once, in order of first use."""
+        seen: dict[int, None] = {}
+        for micro in range(micro_batches):
+            if len(seen) == self.num_samples:
+                break  # every sample is in: later epochs add none
+            seen.update(dict.fromkeys(self.indices(micro)[1]))
+        return list(seen)
 
 
 @dataclass
@@ -157,8 +166,10 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     """Load model, method and data (each rank its own share), prepare the method, wrap it for Fabric,
     restore a resumed state. Nothing of an overwritten run is touched until the very end."""
     rank, world = fabric.global_rank, fabric.world_size
-    if fabric.device.type == "cpu" and cfg.devices > 1:
+    if fabric.device.type == "cpu" and cfg.devices > 1 and cfg.threads is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))  # the processes share the cores
+    else:
+        apply_threads(cfg.threads)
     run_dir = RunDir(cfg.out_dir)
     resume_from = None
     if cfg.resume:
@@ -183,15 +194,18 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     if not train_samples:
         raise UserError(f"dataset '{cfg.data.name}' has no training samples after tokenisation"
                         + (f" for each of {world} ranks" if world > 1 else "") + ": check data settings")
-    prepare_started = time.perf_counter()
-    method.prepare(train_samples, val_samples[rank::world], device)  # each rank builds the cache of its share
-    prepare_time = time.perf_counter() - prepare_started
-    if cfg.train.compile:
-        compile_decoder(method, cfg.train.compile_backend)
-
     accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
     stream = MicroBatchStream(len(train_samples), cfg.train.micro_batch_size, cfg.seed, rank, world)
     total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(stream.per_epoch / accumulation)
+    # The Skip-Cache prebuild covers the samples this run's steps will use (a short run: a few batches, not the
+    # whole set); any other sample is cached on first sight. Each rank builds the cache of its own share.
+    planned = [train_samples[i] for i in stream.first_uses(total_steps * accumulation)]
+    prepare_started = time.perf_counter()
+    method.prepare(train_samples, val_samples[rank::world], device, planned=planned,
+                   time_budget_s=cfg.train.max_time_s)
+    prepare_time = time.perf_counter() - prepare_started
+    if cfg.train.compile:
+        compile_decoder(method, cfg.train.compile_backend)
     optimizer = build_optimizer(method.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay)
     # The model is already where it belongs (and may be 4-bit): Fabric wraps it without moving it.
     module = fabric.setup_module(method, move_to_device=False)
@@ -432,6 +446,8 @@ def run_finetune(cfg: FinetuneConfig, show_progress: bool = True,
         f"{run.precision}"
         + (f" | resuming at step {run.start_step}" if run.start_step else "")
     )
+    for note in method.prepare_notes():  # what preparation decided: the blocks auto chose, the cache it built
+        run.fabric.print(f"[skip2lora] {note}")
     try:
         if after_setup is not None:
             after_setup(run)

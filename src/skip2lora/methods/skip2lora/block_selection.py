@@ -55,6 +55,15 @@ class BlockSelection:
         """A probe score in the metric's own sign (a loss is reported positive)."""
         return score.value if self.metric == "accuracy" else -score.value
 
+    def describe(self) -> str:
+        """One console line: the blocks chosen and why (the probe scores of the greedy steps and of each block)."""
+        name = "cross-validated accuracy" if self.metric == "accuracy" else "validation loss"
+        steps = ", ".join([f"none {self.base_score:.4g}"] + [f"+{b} {s:.4g}" for b, s in self.greedy])
+        best = sorted(self.block_scores.items(), key=lambda item: item[1], reverse=self.metric == "accuracy")[:5]
+        singles = ", ".join(f"{b}: {s:.4g}" for b, s in best)
+        return (f"auto chose blocks {self.chosen} from the probes' {name} on {self.num_samples} samples (greedy: "
+                f"{steps}; best single blocks {singles})")
+
     def as_dict(self) -> dict:
         payload = asdict(self)
         payload["block_scores"] = {str(b): s for b, s in self.block_scores.items()}

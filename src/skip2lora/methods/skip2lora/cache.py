@@ -19,7 +19,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -262,3 +263,30 @@ class SkipCache:
             "cache_build_s": self.build_time_s,
             "cache_budget_reached": self.full,
         }
+
+
+def fill_cache(cache: SkipCache, samples: list, computed: Callable[[list], Iterator[tuple[Any, CachedFeatures]]],
+               window: int, deadline: Optional[float], batch_size: int) -> tuple[int, int, Optional[str]]:
+    """Put the samples' features into the cache, `window` samples at a time (`computed(chunk)` yields
+    (sample, features)), with a progress bar; stop early at the cache budget, or before a window once
+    time.perf_counter() passes `deadline`. Returns (samples cached, their tokens, "cache_budget_mb" /
+    "max_time_s" / None for what stopped it). The cache is flushed either way."""
+    from tqdm.auto import tqdm
+
+    built, tokens, stopped_by = 0, 0, None
+    with tqdm(total=len(samples), desc="skip-cache build", unit="sample", leave=False, dynamic_ncols=True,
+              disable=len(samples) < 4 * batch_size) as bar:
+        for first in range(0, len(samples), max(1, window)):
+            if deadline is not None and time.perf_counter() >= deadline:
+                stopped_by = "max_time_s"
+                break
+            for sample, feats in computed(samples[first:first + window]):
+                if not cache.put(sample.content_hash, feats):
+                    stopped_by = "cache_budget_mb"  # the rest run the trunk each step
+                    break
+                built, tokens = built + 1, tokens + len(sample.input_ids)
+                bar.update(1)
+            if stopped_by:
+                break
+    cache.flush()
+    return built, tokens, stopped_by

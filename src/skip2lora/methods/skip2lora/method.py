@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...config import FinetuneConfig, Skip2LoRAConfig
 from ...env import synchronize
@@ -29,7 +30,7 @@ from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
 from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
 from .block_selection import BlockSelection, probe_sample, selection_from_probe
-from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name
+from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name, fill_cache
 from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
 from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
@@ -214,39 +215,54 @@ class Skip2LoRAMethod(FinetuneMethod):
         return [CachedFeatures(f.blocks.to(self.feature_dtype), f.final.to(self.feature_dtype), f.targets)
                 for f in result]
 
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device) -> None:
+    def prepare(self, train_samples: list, val_samples: list, device: torch.device, planned: Optional[list] = None,
+                time_budget_s: Optional[float] = None) -> None:
         """With block_indices auto, choose the blocks first (select_blocks: its features land in the cache).
-        Then prebuild the cache: one no-grad pass over every sample not in it, longest first, in large batches."""
+        Then prebuild the cache of the samples the run will use (`planned`; None: every training sample) in one
+        no-grad pass; a sample outside it is cached on first sight. Validation features are cached on first
+        sight during evaluation, whose cost is not training time for any method."""
+        started = time.perf_counter()
         if self.blocks_pending:
             self.selection = self.select_blocks(train_samples, device)
             self.use_blocks(self.selection.chosen)
         if self.cache is None or not self.cfg.cache_prebuild:
             return
-        started = time.perf_counter()
-        # Training samples only: validation features are cached on first sight during evaluation, whose
-        # cost is not training time for any method.
-        pending = [s for s in train_samples if s.content_hash not in self.cache]
-        for sample, feats in self._computed(pending, device):
-            if not self.cache.put(sample.content_hash, feats):
-                break  # the budget is reached: the rest run the trunk each step
-        self.cache.flush()
-        elapsed = time.perf_counter() - started
+        build_started = time.perf_counter()
+        wanted = train_samples if planned is None else planned
+        pending = [s for s in wanted if s.content_hash not in self.cache]
+        # Without a time budget: one window, longest first overall (the least padding). With one: windows in order
+        # of first use, so a budget spent mid-build leaves the first steps' samples cached and the rest to later.
+        window = len(pending) if time_budget_s is None else 8 * self.cfg.cache_build_batch_size
+        deadline = None if time_budget_s is None else started + time_budget_s
+        built, tokens, stopped_by = fill_cache(self.cache, pending, lambda chunk: self._computed(chunk, device),
+                                               window, deadline, self.cfg.cache_build_batch_size)
+        elapsed = time.perf_counter() - build_started
         self.cache.build_time_s += elapsed
         # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
-        tokens = sum(len(s.input_ids) for s in pending)
-        self.prebuild = {"samples": len(pending), "tokens": tokens, "seconds": elapsed,
-                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+        self.prebuild = {"samples": built, "planned_samples": len(wanted), "already_cached": len(wanted) - len(pending),
+                         "train_samples": len(train_samples), "stopped_by": stopped_by, "tokens": tokens,
+                         "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+
+    def prepare_notes(self) -> list[str]:
+        notes = [self.selection.describe()] if self.selection is not None else []
+        if self.prebuild is not None:
+            built = self.prebuild
+            why = {"max_time_s": "; the time budget ran out, the rest are cached on first use",
+                   "cache_budget_mb": "; the cache budget is full"}.get(built["stopped_by"] or "", "")
+            found = f", {built['already_cached']:,} were cached already" if built["already_cached"] else ""
+            notes.append(f"skip-cache: the run's steps use {built['planned_samples']:,} of {built['train_samples']:,} "
+                         f"training samples{found}; prebuilt {built['samples']:,} in {built['seconds']:.1f}s{why}")
+        return notes
 
     def _computed(self, samples: list, device: torch.device) -> Iterator[tuple[Any, CachedFeatures]]:
         """(sample, its trunk features) for every sample: longest first in batches of cache_build_batch_size
         (similar lengths together: little padding), a prompt prefix they all share run once."""
         from ...data import collate
-        from tqdm.auto import tqdm
 
         ordered = sorted(samples, key=lambda s: len(s.input_ids), reverse=True)
         prefix = self._shared_prefix(ordered, device)
         size = max(1, self.cfg.cache_build_batch_size)
-        for start in tqdm(range(0, len(ordered), size), desc="skip-cache", leave=False, disable=len(ordered) < 4 * size):
+        for start in range(0, len(ordered), size):
             chunk = ordered[start:start + size]
             batch = collate(chunk, getattr(self.tokenizer, "pad_token_id", None) or 0)  # padding is masked: any id
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -279,7 +295,9 @@ class Skip2LoRAMethod(FinetuneMethod):
         started = time.perf_counter()
         found = {s.content_hash: self.cache.get(s.content_hash) for s in samples} if self.cache else {}
         missing = [s for s in samples if found.get(s.content_hash) is None]
-        for sample, feats in self._computed(missing, device):
+        surveyed = tqdm(self._computed(missing, device), total=len(missing), desc="block survey", unit="sample",
+                        leave=False, dynamic_ncols=True, disable=len(missing) < 4 * self.cfg.cache_build_batch_size)
+        for sample, feats in surveyed:
             found[sample.content_hash] = feats
             if self.cache is not None and not self.cache.full:
                 self.cache.put(sample.content_hash, feats)
@@ -466,12 +484,13 @@ class Skip2LoRAMethod(FinetuneMethod):
         return hook(self._live_correction)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
         """Base + adapters with the model's own KV-cached generate(): hooks add the correction at the head."""
         if self.kind != "generation":
             raise UserError("this Skip2-LoRA checkpoint is a classifier: use `skip2lora predict`")
         with self.corrections_applied():
-            return super().generate(input_ids, attention_mask, max_new_tokens)
+            return super().generate(input_ids, attention_mask, max_new_tokens, temperature, top_p)
 
     # -- persistence -------------------------------------------------------------------------
     def adapter_config(self) -> Skip2LoRAAdapterConfig:
