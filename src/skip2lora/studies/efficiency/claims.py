@@ -283,7 +283,8 @@ def run_check(check: Check, rows: list[dict]) -> CheckResult:
 
 
 def describe(result: CheckResult, graded: bool = True) -> str:
-    what = f"{result.metric}" + (f" ({result.configuration})" if result.configuration != BEST else " (best LoRA)")
+    label = "LoRA configurations" if result.metric == "mean_reduction" else "best LoRA"
+    what = f"{result.metric}" + (f" ({result.configuration})" if result.configuration != BEST else f" ({label})")
     if result.value is None:
         return f"{what}: no finished runs to compute it from"
     measured = (f"{what} = {result.value:,.3g} ({result.aggregate} over {len(result.groups)} group"

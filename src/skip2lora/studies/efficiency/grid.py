@@ -60,7 +60,7 @@ CONFIGURATIONS: dict[str, dict] = {
 
 SPEC_KEYS = {"name", "description", "out_dir", "models", "tasks", "sizes", "size_scale", "num_val", "configurations",
              "seeds", "budget", "common", "claims", "keep_checkpoints", "report", "precision", "convergence",
-             "shared_core", "lr_grid", "learning_rates"}
+             "shared_core", "lr_grid", "learning_rates", "notes", "see_also"}
 BUDGET_KEYS = {"epochs", "max_steps", "max_time_s"}
 
 
@@ -102,6 +102,10 @@ class EfficiencySpec:
     """Runs whose name contains one of these shared their CPU core with other work: their times are marked."""
     learning_rates: dict[str, float] = field(default_factory=dict)
     """Configuration -> the learning rate the check picked (already merged into `configurations`)."""
+    notes: list[str] = field(default_factory=list)
+    """Sentences the report prints under its settings (why a figure looks as it does)."""
+    see_also: list[Path] = field(default_factory=list)
+    """efficiency.json files of related studies whose verdicts the report lists beside its own."""
 
     def groups(self) -> list[Group]:
         return [Group(group_key(task, model, size), task, model, size, scaled_size(size, self.size_scale))
@@ -219,6 +223,10 @@ def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = N
     shared = spec.get("shared_core") or []
     if not isinstance(shared, list) or not all(isinstance(v, str) and v for v in shared):
         raise UserError(f"efficiency spec: 'shared_core' must list run-name parts (got {shared!r})")
+    notes, see_also = spec.get("notes") or [], spec.get("see_also") or []
+    for key, value in (("notes", notes), ("see_also", see_also)):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"efficiency spec: '{key}' must be a list of texts (got {value!r})")
     return EfficiencySpec(
         name=str(spec["name"]), out_dir=Path(spec.get("out_dir") or Path("out") / str(spec["name"])),
         models=_list(spec, "models", str), tasks=tasks, sizes=sizes, size_scale=float(scale), num_val=num_val,
@@ -228,7 +236,8 @@ def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = N
         claims=None if claims is None else (Path(claims) if Path(claims).is_absolute() else base_dir / claims),
         keep_checkpoints=bool(spec.get("keep_checkpoints", False)),
         report=Path(spec["report"]) if spec.get("report") else None, source=None, precision=precision,
-        convergence=parse_rule(spec.get("convergence")), shared_core=list(shared), learning_rates=rates)
+        convergence=parse_rule(spec.get("convergence")), shared_core=list(shared), learning_rates=rates,
+        notes=list(notes), see_also=[Path(p) for p in see_also])
 
 
 def load_efficiency_spec(path: Path, configurations: Optional[Sequence[str]] = None,

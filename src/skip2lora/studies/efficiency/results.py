@@ -134,6 +134,9 @@ def annotate(records: list[dict], spec: EfficiencySpec) -> None:
         record["base_configuration"] = split_lr_variant(record["configuration"])[0]
         if record["status"] != "finished":
             continue
+        if record.get("lr") is None:  # results read before runs recorded it: the study's setting, which the run used
+            settings = spec.configurations.get(record["configuration"]) or {}
+            record["lr"] = ((settings.get("train") or {}).get("lr") or (spec.common.get("train") or {}).get("lr"))
         record["training_memory_mb"] = memory_above(record.get("peak_memory_mb"), record.get("memory_loaded_mb"))
         record["above_baseline_mb"] = memory_above(record.get("peak_memory_mb"), record.get("memory_baseline_mb"))
         record["epochs_run"] = epochs_run(record, record.get("global_batch_size") or default_batch)
