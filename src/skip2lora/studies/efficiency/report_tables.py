@@ -39,6 +39,7 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("steps run/planned", lambda c: f"{fmt_number(c.get('steps'), '{:,.0f}')}/{fmt_int(c.get('planned_steps'))}"
      if c["seeds_finished"] else MISSING),
     ("epochs", lambda c: fmt_number(c.get("epochs_run"), "{:.2f}")),
+    ("best step", lambda c: _with_std(c, "best_step", "{:,.0f}")),
     ("lr", lambda c: fmt_number(c.get("lr"), "{:g}")),
     ("trainable", lambda c: fmt_int(c.get("trainable_params"))),
     ("reduction vs full", lambda c: fmt_reduction(c.get("reduction_vs_full"))),
@@ -52,7 +53,7 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("eval ppl (kept weights)", lambda c: _with_std(c, "val_ppl", "{:,.2f}")),
     ("weights MB", lambda c: fmt_mb(_mb(c.get("weights_bytes")))),
 ]
-WHY_EMPTY = {"ppl before": "no evaluation before training (eval.initial: false)",
+WHY_EMPTY = {"best step": "not in these results","ppl before": "no evaluation before training (eval.initial: false)",
              "training MB (above loaded model)": "the runs predate the memory marks in run.json",
              "above imports MB": "the runs predate the memory marks in run.json",
              "reserved MB": "CPU runs (reserved memory is a GPU figure)",
