@@ -12,6 +12,7 @@ CONFIGURATION.lrVALUE) and picks, per configuration, the one with the lowest mea
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -125,12 +126,25 @@ def pick_learning_rates(records: list[dict]) -> dict[str, dict]:
     return picks
 
 
+def read_results(path: Path, what: str):
+    """A JSON file the study wrote (a YAML reader would take 3e-05 for text), or a YAML file; errors are one line."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return read_yaml(path, what)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def read_learning_rates(path: Path) -> dict[str, float]:
     """Configuration -> learning rate from the check's learning_rates.json (or a YAML mapping)."""
     if not Path(path).is_file():
         raise UserError(f"learning rates file {path} does not exist: run the learning-rate check first "
                         "(skip2lora efficiency configs/efficiency/lr-check.yaml) or drop 'learning_rates' from the study")
-    loaded = read_yaml(Path(path), "learning rates file")
+    loaded = read_results(Path(path), "learning rates file")
     picks = loaded.get("picks", loaded) if isinstance(loaded, dict) else None
     if not isinstance(picks, dict):
         raise UserError(f"learning rates file {path} must map configurations to learning rates")

@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ...config import read_yaml
 from ...errors import UserError
 from ...experiments.runner import PlannedRun, load_spec, plan_runs, run_experiment, run_state, validate_runs
 from ...outdir import TRAIN_LOG, RunDir
 from ...paths import atomic_write_json
 from .claims import check_claims, load_claims
-from .convergence import pick_learning_rates, split_lr_variant
+from .convergence import pick_learning_rates, read_results, split_lr_variant
 from .grid import EfficiencySpec, load_efficiency_spec, runner_spec
 from .report import conclusion, render_report
 from .results import add_reductions, aggregate_cells, annotate, collect_records
@@ -158,7 +157,7 @@ def related_verdicts(spec: EfficiencySpec) -> list[dict]:
     related = []
     for path in spec.see_also:
         try:
-            other = read_yaml(path, "related efficiency results")
+            other = read_results(path, "related efficiency results")
             claims = [{"name": c["name"], "verdict": c["verdict"],
                        "values": [(check["metric"], check["value"]) for check in c["checks"] + c.get("reported", [])]}
                       for c in other["claims"]]
@@ -228,7 +227,7 @@ def rewrite_from_json(spec: EfficiencySpec, json_path: Path, claim_names: Option
                       report: Optional[Path]) -> dict:
     """Re-derive cells, verdicts and the report from the runs an existing efficiency.json recorded (the run folders
     may be gone); the runs themselves are kept as they were, the JSON is rewritten in place."""
-    old = read_yaml(Path(json_path), "efficiency results")
+    old = read_results(Path(json_path), "efficiency results")
     if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
         raise UserError(f"{json_path} is not an efficiency.json: it has no 'runs' list")
     wanted = set(spec.configurations)
