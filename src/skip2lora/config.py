@@ -42,8 +42,9 @@ class DataConfig:
     """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
     modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
     (--data.path file or folder), japanese (generated Japanese technical text, language modelling; size from
-    num_train / num_val), japanese-v2 (the same with more base sentences, 32 held out for validation), rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best
-    folder of a `rec student` run, whose dataset and item titles it reads)."""
+    num_train / num_val), japanese-v2 (the same with more base sentences, 32 held out for validation),
+    rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best folder of a
+    `rec student` run, whose dataset and item titles it reads)."""
     path: Optional[Path] = None
     """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256

@@ -333,6 +333,8 @@ def fit(run: Run, show_progress: bool = True) -> int:
     if cfg.eval.initial and run.start_step == 0 and run.val_samples:
         first = run_eval(run, 0)
         run.fabric.print(f"[skip2lora] before training: {format_eval(first)}")
+    if progress.stopped_early:  # resumed after early stopping had ended it (killed before finish): nothing to train
+        return run.start_step
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc=method.name,
                disable=not show_progress or not run.is_writer, dynamic_ncols=True)
     current_epoch, step = None, run.start_step

@@ -144,5 +144,6 @@ def ppl_vs_full(cells: list[dict], path: Path, configurations: list[str]) -> Opt
 def draw_all(cells: list[dict], folder: Path, configurations: list[str]) -> list[Path]:
     """Every figure that has data, written into `folder`."""
     drawn = [ppl_vs_params(cells, folder / PPL_VS_PARAMS), memory_time(cells, folder / MEMORY_TIME, configurations),
-             ppl_vs_size(cells, folder / PPL_VS_SIZE, configurations), ppl_vs_full(cells, folder / PPL_VS_FULL, configurations)]
+             ppl_vs_size(cells, folder / PPL_VS_SIZE, configurations),
+             ppl_vs_full(cells, folder / PPL_VS_FULL, configurations)]
     return [path for path in drawn if path is not None]

@@ -32,7 +32,8 @@ def _quality_part(rows: list[dict]) -> tuple[str, Optional[dict]]:
     converged = [r for r in rows if r.get("seeds_converged")]
     quality = _best(converged, "val_ppl")
     if quality:
-        return f"lowest eval perplexity (converged runs): **{quality['configuration']}** ({quality['val_ppl']:,.2f})", quality
+        text = f"lowest eval perplexity (converged runs): **{quality['configuration']}** ({quality['val_ppl']:,.2f})"
+        return text, quality
     return "perplexity not compared: no run here converged (see the minimum-training rule)", None
 
 

@@ -23,7 +23,8 @@ from .grid import EfficiencySpec, Group
 # Metrics averaged over seeds in a cell.
 AVERAGED = ("peak_memory_mb", "peak_reserved_mb", "train_time_s", "tokens_per_s", "initial_val_loss",
             "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "weights_bytes", "steps",
-            "best_val_loss", "best_step", "val_ppl", "training_memory_mb", "above_baseline_mb", "memory_loaded_mb", "epochs_run")
+            "best_val_loss", "best_step", "val_ppl", "training_memory_mb", "above_baseline_mb", "memory_loaded_mb",
+            "epochs_run")
 WEIGHT_FILES = ("*.safetensors", "*.bin")  # the checkpoint itself, without tokenizer files and configs
 
 
