@@ -24,6 +24,13 @@ def finished(cells: list[dict]) -> list[dict]:
     return [c for c in cells if c.get("seeds_finished") and ppl(c) is not None]
 
 
+def size_ticks(ax, sizes: list[int]) -> None:
+    """Training-set sizes on a log axis, labelled as plain numbers (no crowded minor labels)."""
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(sizes)), [f"{n:,}" for n in sorted(set(sizes))])
+    ax.minorticks_off()
+
+
 def log_if_wide(ax, values: list[float], axis: str = "y") -> None:
     """A log scale when the values span more than a decade (a linear one hides the small ones)."""
     positive = [v for v in values if v and v > 0]
@@ -105,7 +112,7 @@ def ppl_vs_size(cells: list[dict], path: Path, configurations: list[str]) -> Opt
                             if series_name(c) == name and c["configuration"] == configuration)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=configuration)
-        ax.set_xscale("log")
+        size_ticks(ax, [c["num_train"] for c in done if series_name(c) == name])
         log_if_wide(ax, [ppl(c) for c in done if series_name(c) == name])
         finish_axis(ax, name, "training examples (log)", f"eval perplexity{' (log)' if ax.get_yscale() == 'log' else ''}")
     return save_figure(fig, path)
@@ -135,7 +142,7 @@ def ppl_vs_full(cells: list[dict], path: Path, configurations: list[str]) -> Opt
                 ratios += [p[1] for p in points]
                 ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o-",
                             capsize=3, label=configuration)
-        ax.set_xscale("log")
+        size_ticks(ax, [c["num_train"] for c in done if series_name(c) == name])
         log_if_wide(ax, ratios + [1.0])
         finish_axis(ax, name, "training examples (log)", "eval perplexity / full fine-tuning's")
     return save_figure(fig, path)

@@ -114,7 +114,8 @@ def scale_lines(payload: dict) -> list[str]:
     lr_text = ", ".join(f"{name} {'/'.join(f'{v:g}' for v in sorted(v for v in lrs if v is not None)) or MISSING}"
                         for name, lrs in rates.items())
     converged = sum(bool(r.get("converged")) for r in done)
-    lines = [f"- **Scale behind these verdicts**: {min(steps):,}–{max(steps):,} optimizer steps per run, "
+    span = f"{min(steps):,}" if min(steps) == max(steps) else f"{min(steps):,}–{max(steps):,}"
+    lines = [f"- **Scale behind these verdicts**: {span} optimizer steps per run, "
              f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per cell, {converged} of {len(done)} "
              f"finished runs converged; learning rates: {lr_text}; precision: "
              f"{settings.get('precision') or 'each run’s default (auto)'}.",
