@@ -201,3 +201,24 @@ def test_the_study_uses_the_picked_learning_rate(lr_check):
     for part in ("Scale behind these verdicts", "Minimum-training rule", "template overlap", "picked by the learning"):
         assert part in text
     assert "## Learning-rate check" in (lr_check / "lr.md").read_text()
+
+
+def test_report_from_a_shipped_json_rederives_everything(lr_check, tmp_path):
+    shipped = tmp_path / "efficiency.json"
+    payload = json.loads((lr_check / "s" / "efficiency.json").read_text())
+    derived = ("converged", "val_ppl", "training_memory_mb", "shared_core")
+    first = {key: payload["runs"][0][key] for key in derived}
+    for run in payload["runs"]:  # as results read before this issue: no derived figures
+        for key in derived:
+            run.pop(key, None)
+    shipped.write_text(json.dumps(payload))
+    report = tmp_path / "again.md"
+    assert main(["efficiency-report", str(lr_check / "s.yaml"), "--from_json", str(shipped), "--report", str(report)]) == 0
+    again = json.loads(shipped.read_text())
+    assert {key: again["runs"][0][key] for key in derived} == first
+    assert "--from_json" in again["command"] and "Scale behind these verdicts" in report.read_text()
+
+def test_report_from_a_json_without_runs_is_one_error_line(lr_check, tmp_path, capsys):
+    (tmp_path / "not.json").write_text("{}")
+    assert main(["efficiency-report", str(lr_check / "s.yaml"), "--from_json", str(tmp_path / "not.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("has no 'runs' list")
