@@ -222,3 +222,30 @@ def test_report_from_a_json_without_runs_is_one_error_line(lr_check, tmp_path, c
     (tmp_path / "not.json").write_text("{}")
     assert main(["efficiency-report", str(lr_check / "s.yaml"), "--from_json", str(tmp_path / "not.json")]) == 2
     assert capsys.readouterr().err.strip().endswith("has no 'runs' list")
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "efficiency"
+
+
+def test_the_shipped_converged_configs_parse_and_say_what_issue_24_asks(tmp_path, monkeypatch):
+    from skip2lora.studies.efficiency.grid import load_efficiency_spec, runner_spec
+
+    monkeypatch.chdir(tmp_path)  # learning_rates is read relative to where the study runs
+    (tmp_path / "out" / "efficiency-lr").mkdir(parents=True)
+    (tmp_path / "out" / "efficiency-lr" / "learning_rates.json").write_text(json.dumps(
+        {"picks": {"full": {"lr": 3e-5}, "skip2lora": {"lr": 1e-3}}}))
+    study = load_efficiency_spec(CONFIGS / "converged.yaml")
+    assert set(study.configurations) == {"full", "lora-r4-qv", "lora-r8-qkvo", "lora-r32-qkvo", "lora-r8-all", "skip2lora"}
+    assert 1000 in study.sizes and study.size_scale == 1.0 and len(study.seeds) >= 3 and study.convergence.min_seeds == 3
+    assert study.configurations["full"]["train"]["lr"] == 3e-5 and study.precision
+    spec = runner_spec(study)
+    assert spec["common"]["eval"]["patience"] and spec["common"]["eval"]["initial"] and spec["common"]["precision"]
+    check = load_efficiency_spec(CONFIGS / "lr-check.yaml")
+    rates = {}
+    for name in check.configurations:
+        base, lr = split_lr_variant(name)
+        rates.setdefault(base, []).append(lr)
+    assert set(rates) == set(study.configurations) and all(len(v) >= 3 for v in rates.values())
+    assert check.precision == study.precision
+    for name in ("pilot", "converged-gemma", "default", "shapes"):
+        load_efficiency_spec(CONFIGS / f"{name}.yaml")
