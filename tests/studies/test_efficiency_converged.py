@@ -136,8 +136,11 @@ def test_lr_grid_and_learning_rates_in_the_spec(tmp_path):
     assert set(grid.configurations) == {"full.lr1e-05", "full.lr0.0001", "lora-r8-qkvo"}
     assert grid.configurations["full.lr0.0001"]["train"]["lr"] == 1e-4
     rates = tmp_path / "lr.json"
-    rates.write_text(json.dumps({"picks": {"full": {"lr": 2e-5}}}))
+    rates.write_text(json.dumps({"picks": {"full": {"lr": 2e-5}, "lora-r8-qkvo": {"lr": 3e-3}}}))
     assert spec(learning_rates=str(rates)).configurations["full"]["train"]["lr"] == 2e-5
+    rates.write_text(json.dumps({"picks": {"full": {"lr": 2e-5}}}))
+    with pytest.raises(UserError, match="no pick for lora-r8-qkvo"):
+        spec(learning_rates=str(rates))
     with pytest.raises(UserError, match="at least 2 learning rates"):
         spec(lr_grid={"full": [1e-5]})
 
@@ -233,7 +236,8 @@ def test_the_shipped_converged_configs_parse_and_say_what_issue_24_asks(tmp_path
     monkeypatch.chdir(tmp_path)  # learning_rates is read relative to where the study runs
     (tmp_path / "out" / "efficiency-lr").mkdir(parents=True)
     (tmp_path / "out" / "efficiency-lr" / "learning_rates.json").write_text(json.dumps(
-        {"picks": {"full": {"lr": 3e-5}, "skip2lora": {"lr": 1e-3}}}))
+        {"picks": {name: {"lr": 1e-3} for name in ("lora-r4-qv", "lora-r8-qkvo", "lora-r32-qkvo", "lora-r8-all",
+                                                    "skip2lora")} | {"full": {"lr": 3e-5}}}))
     study = load_efficiency_spec(CONFIGS / "converged.yaml")
     assert set(study.configurations) == {"full", "lora-r4-qv", "lora-r8-qkvo", "lora-r32-qkvo", "lora-r8-all", "skip2lora"}
     assert 1000 in study.sizes and study.size_scale == 1.0 and len(study.seeds) >= 3 and study.convergence.min_seeds == 3

@@ -181,9 +181,14 @@ def expand_lr_grid(configurations: dict[str, dict], grid: object) -> dict[str, d
     return expanded
 
 
-def apply_learning_rates(configurations: dict[str, dict], rates: dict[str, float]) -> dict[str, dict]:
-    return {name: deep_merge(settings, {"train": {"lr": rates[name]}}) if name in rates else settings
-            for name, settings in configurations.items()}
+def apply_learning_rates(configurations: dict[str, dict], rates: dict[str, float], source: str) -> dict[str, dict]:
+    """Every configuration at the learning rate the check picked; one without a pick stops the study (a hand-set
+    rate beside picked ones would compare unlike things)."""
+    missing = [name for name in configurations if name not in rates]
+    if missing:
+        raise UserError(f"learning rates file {source} has no pick for {', '.join(missing)}: finish the learning-rate "
+                        "check (skip2lora efficiency-report on its config picks over all its runs) or drop them")
+    return {name: deep_merge(settings, {"train": {"lr": rates[name]}}) for name, settings in configurations.items()}
 
 
 def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = None) -> EfficiencySpec:
@@ -214,7 +219,8 @@ def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = N
     claims = spec.get("claims")
     configurations = resolve_configurations(spec.get("configurations"), selected)
     rates = read_learning_rates(Path(spec["learning_rates"])) if spec.get("learning_rates") else {}
-    configurations = apply_learning_rates(configurations, rates)
+    if spec.get("learning_rates"):
+        configurations = apply_learning_rates(configurations, rates, str(spec["learning_rates"]))
     if spec.get("lr_grid") is not None:
         configurations = expand_lr_grid(configurations, spec["lr_grid"])
     precision = spec.get("precision")
