@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 from .errors import UserError
 
 DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays",
-                 "japanese", "rec-teacher")
+                 "japanese", "japanese-v2", "rec-teacher")
 
 
 def _at_least(section: str, name: str, value: Optional[float], minimum: float, unset_ok: bool = False) -> None:
@@ -42,8 +42,9 @@ class DataConfig:
     """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
     modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
     (--data.path file or folder), japanese (generated Japanese technical text, language modelling; size from
-    num_train / num_val), rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best
-    folder of a `rec student` run, whose dataset and item titles it reads)."""
+    num_train / num_val), japanese-v2 (the same with more base sentences, 32 held out for validation),
+    rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best folder of a
+    `rec student` run, whose dataset and item titles it reads)."""
     path: Optional[Path] = None
     """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256
@@ -170,6 +171,9 @@ class EvalConfig:
     costs get validation points at comparable wall-clock times."""
     initial: bool = True
     """Evaluate once before training."""
+    patience: Optional[int] = None
+    """Early stopping: stop after this many evaluations in a row without a better validation result (OUT/best
+    keeps the best weights; unset: train the whole budget)."""
     max_samples: Optional[int] = None
     """Cap on validation samples (unset: all)."""
     accuracy_samples: int = 50
@@ -179,6 +183,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _at_least("eval", "interval", self.interval, 1)
+        _at_least("eval", "patience", self.patience, 1, unset_ok=True)
         _positive("eval", "interval_s", self.interval_s)
         _at_least("eval", "max_samples", self.max_samples, 1, unset_ok=True)
         _at_least("eval", "accuracy_samples", self.accuracy_samples, 0)

@@ -89,6 +89,13 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
 
 
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: allocated tensors on a GPU, the resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / (1024.0 * 1024.0)
+    return current_rss_mb()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / (1024.0 * 1024.0)

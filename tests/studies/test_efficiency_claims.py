@@ -16,9 +16,9 @@ FULL = 100_000_000
 
 def cell(configuration: str, trainable: int, ppl: float, memory: float = 1000.0, size: int = 1000,
          final_bytes: int = 1000, method: str = "lora", total: int = FULL) -> dict:
-    """An aggregated cell as results.aggregate_cells makes it."""
+    """An aggregated cell as results.aggregate_cells makes it (3 converged seeds: quality claims are graded)."""
     return {"task": "japanese", "model": "m", "size": size, "num_train": size, "configuration": configuration,
-            "seeds_finished": 1, "seeds_failed": 0, "method": method, "trainable_params": trainable,
+            "seeds_finished": 3, "seeds_converged": 3, "seeds_failed": 0, "method": method, "trainable_params": trainable,
             "total_params": total, "reduction_vs_full": FULL / trainable, "final_val_ppl": ppl,
             "peak_memory_mb": memory, "weights_bytes": final_bytes}
 

@@ -28,6 +28,7 @@ def _sources() -> dict[str, Callable[[DataConfig], TaskData]]:
         "spelling": shakespeare.load_spelling,
         "plays": shakespeare.load_plays,
         "japanese": japanese.load_japanese,
+        "japanese-v2": japanese.load_japanese_v2,
         "rec-teacher": rec_teacher.load_rec_teacher,
     }
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import TaskData, TokenizedSample, collate, epoch_order, load_task_data, tokenize_examples
 from ..data.tokenize import rank_partition
-from ..env import apply_threads, environment_info, peak_memory_mb, precision_dtype
+from ..env import apply_threads, current_memory_mb, environment_info, peak_memory_mb, precision_dtype
 from ..errors import UserError
 from ..methods import FinetuneMethod, build_method
 from ..models import ModelInfo, model_info_dict
@@ -93,6 +93,8 @@ class RunProgress:
     history: list = field(default_factory=list)
     phase_s: dict = field(default_factory=dict)
     next_eval_s: float = 0.0
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Run:
     accumulation: int
     claim: Optional[RunClaim]  # rank 0's lock on the folder (and the run it replaces), released at the end
     precision_choice: Optional[dict] = None  # what was asked for, what runs and why (auto: the probe's figures)
+    memory_marks: dict = field(default_factory=dict)  # memory after imports and after loading, for "training memory"
 
     @property
     def autocast(self):
@@ -181,8 +184,10 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
     precision = fabric_precision(fabric)
     seed_everything(cfg.seed)
 
+    baseline_mb = current_memory_mb(device)  # the process after its imports, before any model or data
     task = load_task_data(cfg.data)
     method, info = build_method(cfg, task.kind, len(task.label_names or []) or None, device, precision_dtype(precision))
+    memory_marks = {"memory_baseline_mb": baseline_mb, "memory_loaded_mb": current_memory_mb(device)}
     if resume_from is not None:  # before the (possibly long) cache build: a resume with other settings is refused
         ckpt.check_settings(resume_from, ckpt.resume_settings(cfg, method))
     tokenize = task.tokenize or tokenize_examples  # a source may tokenise its own prompts (rec-teacher)
@@ -228,7 +233,7 @@ def build_run(cfg: FinetuneConfig, fabric: Any, claim: Optional[RunClaim]) -> Ru
                    "strategy": type(fabric.strategy).__name__}
     return Run(cfg, fabric, run_dir, device, precision, task, method, module, info, train_samples, val_samples,
                optimizer, scheduler, stream, total_steps, progress, start_step, logger, environment, time_phases,
-               accumulation, claim)
+               accumulation, claim, memory_marks=memory_marks)
 
 
 def compile_decoder(method: FinetuneMethod, backend: str) -> None:
@@ -258,11 +263,13 @@ def run_eval(run: Run, step: int) -> dict:
     if progress.initial_eval is None and step == 0:  # "initial" = before any training, not merely the first one
         progress.initial_eval = result
     elif is_better(result, progress.best_eval):
-        progress.best_eval, progress.best_step = result, step
+        progress.best_eval, progress.best_step, progress.evals_since_best = result, step, 0
         with ckpt.full_parameters(run.fabric, run.module):
             if run.is_writer:
                 run.run_dir.write_result("best", partial(save_result, run))
         run.fabric.barrier()
+    else:
+        progress.evals_since_best += 1
     return result
 
 
@@ -344,6 +351,8 @@ def fit(run: Run, show_progress: bool = True) -> int:
     if cfg.eval.initial and run.start_step == 0 and run.val_samples:
         first = run_eval(run, 0)
         run.fabric.print(f"[skip2lora] before training: {format_eval(first)}")
+    if progress.stopped_early:  # resumed after early stopping had ended it (killed before finish): nothing to train
+        return run.start_step
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc=method.name,
                disable=not show_progress or not run.is_writer, dynamic_ncols=True)
     current_epoch, step = None, run.start_step
@@ -384,11 +393,17 @@ def fit(run: Run, show_progress: bool = True) -> int:
             result_text = format_eval(run_eval(run, step))
             if run.is_writer:
                 bar.write(f"[skip2lora] step {step}: {result_text}")
+            if cfg.eval.patience is not None and progress.evals_since_best >= cfg.eval.patience and not last:
+                progress.stopped_early = last = True  # every rank saw the same (all-reduced) evaluations
+                if run.is_writer:
+                    bar.write(f"[skip2lora] early stop at step {step}: no better validation result in "
+                              f"{cfg.eval.patience} evaluations (best at step {progress.best_step}, kept in OUT/best)")
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or last:
             ckpt.save(run.fabric, run.run_dir, step, method, run.module, run.optimizer, run.scheduler,
                       progress.__dict__, ckpt.resume_settings(cfg, method))
         if out_of_time and run.is_writer:
             bar.write(f"[skip2lora] time budget of {cfg.train.max_time_s:.0f}s reached at step {step}")
+        if out_of_time or progress.stopped_early:
             break
     bar.close()
     del prefetched  # a run stopped early by its time budget ends its loader workers here
@@ -483,6 +498,8 @@ def run_record(run: Run, steps: int) -> dict:
         "best_val_loss": (progress.best_eval or progress.last_eval or {}).get("val_loss"),
         "best_val_acc": (progress.best_eval or progress.last_eval or {}).get("val_acc"),
         "best_step": progress.best_step,
+        "stopped_early": progress.stopped_early,
+        **run.memory_marks,
         "time_breakdown_s": dict(progress.phase_s),
         **method.summary_extras(),
     }

@@ -14,6 +14,11 @@ is one (task, model, data size) and a runner "variant" is one configuration, so 
     configurations: [lora-r4-qv, lora-r8-qkvo, full]   # built-in names, or a mapping name -> settings
     budget: {epochs: 1, max_time_s: 900}
     common: {train: {global_batch_size: 16}}
+    precision: 32-true              # every configuration alike (FinetuneConfig.precision)
+    convergence: {min_seeds: 3}     # the minimum-training rule of quality verdicts (convergence.py)
+    shared_core: [folio]            # runs whose name holds one of these shared their core: times marked
+    lr_grid: {full: [1e-5, 3e-5, 1e-4]}              # the learning-rate check: variants full.lr1e-05, ...
+    learning_rates: out/efficiency-lr/learning_rates.json   # ... or the check's winners, used as train.lr
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Optional, Sequence
 from ...config import read_yaml
 from ...errors import UserError
 from ...experiments.runner import deep_merge
+from .convergence import ConvergenceRule, lr_variant, parse_rule, read_learning_rates
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = QKVO + ["gate_proj", "up_proj", "down_proj"]
@@ -53,7 +59,8 @@ CONFIGURATIONS: dict[str, dict] = {
 }
 
 SPEC_KEYS = {"name", "description", "out_dir", "models", "tasks", "sizes", "size_scale", "num_val", "configurations",
-             "seeds", "budget", "common", "claims", "keep_checkpoints", "report"}
+             "seeds", "budget", "common", "claims", "keep_checkpoints", "report", "precision", "convergence",
+             "shared_core", "lr_grid", "learning_rates", "notes", "see_also"}
 BUDGET_KEYS = {"epochs", "max_steps", "max_time_s"}
 
 
@@ -88,6 +95,17 @@ class EfficiencySpec:
     report: Optional[Path] = None
     """Where the Markdown report goes (default: OUT/report.md); figures go beside it."""
     source: Optional[Path] = None
+    precision: Optional[str] = None
+    """One precision for every configuration (unset: each run's default, `auto`)."""
+    convergence: ConvergenceRule = field(default_factory=ConvergenceRule)
+    shared_core: list[str] = field(default_factory=list)
+    """Runs whose name contains one of these shared their CPU core with other work: their times are marked."""
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    """Configuration -> the learning rate the check picked (already merged into `configurations`)."""
+    notes: list[str] = field(default_factory=list)
+    """Sentences the report prints under its settings (why a figure looks as it does)."""
+    see_also: list[Path] = field(default_factory=list)
+    """efficiency.json files of related studies whose verdicts the report lists beside its own."""
 
     def groups(self) -> list[Group]:
         return [Group(group_key(task, model, size), task, model, size, scaled_size(size, self.size_scale))
@@ -141,6 +159,38 @@ def resolve_configurations(value: Any, selected: Optional[Sequence[str]] = None)
     return resolved
 
 
+def expand_lr_grid(configurations: dict[str, dict], grid: object) -> dict[str, dict]:
+    """The learning-rate check: each configuration named in `grid` becomes one variant per learning rate."""
+    if not isinstance(grid, dict) or not grid:
+        raise UserError("efficiency spec: 'lr_grid' must map configuration names to lists of learning rates")
+    expanded = {}
+    for name, settings in configurations.items():
+        rates = grid.get(name)
+        if rates is None:
+            expanded[name] = settings
+            continue
+        if not isinstance(rates, list) or len(rates) < 2 or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
+            raise UserError(f"efficiency spec: lr_grid.{name} must list at least 2 learning rates > 0 (got {rates!r}; "
+                            "YAML reads 1e-4 as text, write 1.0e-4)")
+        for lr in rates:
+            expanded[lr_variant(name, float(lr))] = deep_merge(settings, {"train": {"lr": float(lr)}})
+    unknown = set(grid) - set(configurations)
+    if unknown:
+        raise UserError(f"efficiency spec: lr_grid names {sorted(unknown)}, which are not among the configurations")
+    return expanded
+
+
+def apply_learning_rates(configurations: dict[str, dict], rates: dict[str, float], source: str) -> dict[str, dict]:
+    """Every configuration at the learning rate the check picked; one without a pick stops the study (a hand-set
+    rate beside picked ones would compare unlike things)."""
+    missing = [name for name in configurations if name not in rates]
+    if missing:
+        raise UserError(f"learning rates file {source} has no pick for {', '.join(missing)}: finish the learning-rate "
+                        "check (skip2lora efficiency-report on its config picks over all its runs) or drop them")
+    return {name: deep_merge(settings, {"train": {"lr": rates[name]}}) for name, settings in configurations.items()}
+
+
 def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = None) -> EfficiencySpec:
     """Check the study's YAML mapping and return it typed; every problem is one UserError line."""
     unknown = set(spec) - SPEC_KEYS
@@ -167,15 +217,33 @@ def parse_spec(spec: dict, base_dir: Path, selected: Optional[Sequence[str]] = N
     if min(sizes) < 1:
         raise UserError(f"efficiency spec: every size must be >= 1 (got {sizes})")
     claims = spec.get("claims")
+    configurations = resolve_configurations(spec.get("configurations"), selected)
+    rates = read_learning_rates(Path(spec["learning_rates"])) if spec.get("learning_rates") else {}
+    if spec.get("learning_rates"):
+        configurations = apply_learning_rates(configurations, rates, str(spec["learning_rates"]))
+    if spec.get("lr_grid") is not None:
+        configurations = expand_lr_grid(configurations, spec["lr_grid"])
+    precision = spec.get("precision")
+    if precision is not None and not isinstance(precision, str):
+        raise UserError(f"efficiency spec: 'precision' must be a Fabric precision name such as 32-true (got {precision!r})")
+    shared = spec.get("shared_core") or []
+    if not isinstance(shared, list) or not all(isinstance(v, str) and v for v in shared):
+        raise UserError(f"efficiency spec: 'shared_core' must list run-name parts (got {shared!r})")
+    notes, see_also = spec.get("notes") or [], spec.get("see_also") or []
+    for key, value in (("notes", notes), ("see_also", see_also)):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"efficiency spec: '{key}' must be a list of texts (got {value!r})")
     return EfficiencySpec(
         name=str(spec["name"]), out_dir=Path(spec.get("out_dir") or Path("out") / str(spec["name"])),
         models=_list(spec, "models", str), tasks=tasks, sizes=sizes, size_scale=float(scale), num_val=num_val,
-        configurations=resolve_configurations(spec.get("configurations"), selected),
+        configurations=configurations,
         seeds=_list(spec, "seeds", int) if "seeds" in spec else [1], budget=dict(budget),
         common=dict(spec.get("common") or {}), description=str(spec.get("description") or ""),
         claims=None if claims is None else (Path(claims) if Path(claims).is_absolute() else base_dir / claims),
         keep_checkpoints=bool(spec.get("keep_checkpoints", False)),
-        report=Path(spec["report"]) if spec.get("report") else None, source=None)
+        report=Path(spec["report"]) if spec.get("report") else None, source=None, precision=precision,
+        convergence=parse_rule(spec.get("convergence")), shared_core=list(shared), learning_rates=rates,
+        notes=list(notes), see_also=[Path(p) for p in see_also])
 
 
 def load_efficiency_spec(path: Path, configurations: Optional[Sequence[str]] = None,
@@ -194,6 +262,8 @@ def load_efficiency_spec(path: Path, configurations: Optional[Sequence[str]] = N
 def runner_spec(spec: EfficiencySpec) -> dict:
     """The experiment-runner spec of the whole grid: tasks = (task, model, size) groups, variants = configurations."""
     common = deep_merge(spec.common, {"train": dict(spec.budget)})
+    if spec.precision:  # the same for every configuration, so no method gets a cheaper number format
+        common["precision"] = spec.precision
     tasks = {}
     for group in spec.groups():
         layer = deep_merge(spec.tasks[group.task], {"model": group.model,

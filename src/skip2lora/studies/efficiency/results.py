@@ -17,11 +17,14 @@ from ...errors import UserError
 from ...experiments.runner import PlannedRun, last_error_line
 from ...outdir import RunDir
 from ...report.stats import mean_std, ratio
+from .convergence import ConvergenceRule, converged, epochs_run, split_lr_variant
 from .grid import EfficiencySpec, Group
 
 # Metrics averaged over seeds in a cell.
 AVERAGED = ("peak_memory_mb", "peak_reserved_mb", "train_time_s", "tokens_per_s", "initial_val_loss",
-            "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "weights_bytes", "steps")
+            "final_val_loss", "final_val_ppl", "initial_val_ppl", "final_bytes", "weights_bytes", "steps",
+            "best_val_loss", "best_step", "val_ppl", "training_memory_mb", "above_baseline_mb", "memory_loaded_mb",
+            "epochs_run")
 WEIGHT_FILES = ("*.safetensors", "*.bin")  # the checkpoint itself, without tokenizer files and configs
 
 
@@ -84,6 +87,14 @@ def run_record(run: PlannedRun, group: Group, state: str) -> dict:
         "final_val_loss": summary.get("final_val_loss"),
         "initial_val_ppl": perplexity(initial_loss),
         "final_val_ppl": perplexity(summary.get("final_val_loss")),
+        "best_val_loss": summary.get("best_val_loss"),
+        "best_step": summary.get("best_step"),
+        "stopped_early": bool(summary.get("stopped_early")),
+        "lr": train.get("lr"),
+        "global_batch_size": train.get("global_batch_size"),
+        "precision": payload.get("precision"),
+        "memory_baseline_mb": summary.get("memory_baseline_mb"),
+        "memory_loaded_mb": summary.get("memory_loaded_mb"),
         "final_bytes": directory_bytes(RunDir(run.out_dir).final),
         "weights_bytes": directory_bytes(RunDir(run.out_dir).final, WEIGHT_FILES),
         "device": environment.get("device"),
@@ -110,11 +121,38 @@ def add_reductions(records: list[dict]) -> None:
         record["reduction_vs_full"] = ratio(record["full_trainable_params"], record.get("trainable_params"))
 
 
+def memory_above(peak: Optional[float], mark: Optional[float]) -> Optional[float]:
+    """Peak memory minus a mark taken earlier in the same process (None when either is missing)."""
+    return None if peak is None or mark is None else peak - mark
+
+
+def annotate(records: list[dict], spec: EfficiencySpec) -> None:
+    """The figures derived from what a run recorded: memory above the loaded model and above the process after its
+    imports, epochs, the perplexity of the kept (best) weights, whether the run converged, a shared core."""
+    default_batch = ((spec.common.get("train") or {}).get("global_batch_size"))
+    for record in records:
+        record["shared_core"] = any(part in record["run"] for part in spec.shared_core)
+        record["base_configuration"] = split_lr_variant(record["configuration"])[0]
+        if record["status"] != "finished":
+            continue
+        if record.get("lr") is None:  # results read before runs recorded it: the study's setting, which the run used
+            settings = spec.configurations.get(record["configuration"]) or {}
+            record["lr"] = ((settings.get("train") or {}).get("lr") or (spec.common.get("train") or {}).get("lr"))
+        record["training_memory_mb"] = memory_above(record.get("peak_memory_mb"), record.get("memory_loaded_mb"))
+        record["above_baseline_mb"] = memory_above(record.get("peak_memory_mb"), record.get("memory_baseline_mb"))
+        record["epochs_run"] = epochs_run(record, record.get("global_batch_size") or default_batch)
+        # OUT/best holds the weights a converged run keeps; runs without it (one evaluation) have the final figure.
+        best = record.get("best_val_loss")
+        record["val_ppl"] = perplexity(best) if best is not None else record.get("final_val_ppl")
+        record["converged"], record["convergence_note"] = converged(record, spec.convergence)
+
+
 def collect_records(spec: EfficiencySpec, planned: list[PlannedRun], states: dict[str, str]) -> list[dict]:
-    """Every planned run's record, in plan order, with reductions filled in."""
+    """Every planned run's record, in plan order, with reductions and derived figures filled in."""
     groups = {group.key: group for group in spec.groups()}
     records = [run_record(run, groups[run.task], states.get(run.name, "not run")) for run in planned]
     add_reductions(records)
+    annotate(records, spec)
     return records
 
 
@@ -129,12 +167,15 @@ def aggregate_cells(records: list[dict]) -> list[dict]:
         done = [m for m in members if m["status"] == "finished"]
         row: dict[str, Any] = {"task": task, "model": model, "size": size, "num_train": members[0]["num_train"],
                                "configuration": configuration, "seeds_finished": len(done),
-                               "seeds_failed": len(members) - len(done)}
+                               "seeds_failed": len(members) - len(done),
+                               "seeds_converged": sum(bool(m.get("converged")) for m in done),
+                               "shared_core": any(m.get("shared_core") for m in members)}
         if done:
             first = done[0]
             row.update({key: first.get(key) for key in ("method", "trainable_params", "total_params", "planned_steps",
                                                          "full_trainable_params", "reduction_vs_full",
-                                                         "reduction_reference", "peak_memory_kind")})
+                                                         "reduction_reference", "peak_memory_kind", "lr",
+                                                         "precision", "convergence_note")})
             for key in AVERAGED:
                 stat = mean_std(m.get(key) for m in done)
                 row[key], row[f"{key}_std"] = stat.mean, stat.std

@@ -23,11 +23,13 @@ from ...experiments.runner import PlannedRun, load_spec, plan_runs, run_experime
 from ...outdir import TRAIN_LOG, RunDir
 from ...paths import atomic_write_json
 from .claims import check_claims, load_claims
+from .convergence import pick_learning_rates, read_results, split_lr_variant
 from .grid import EfficiencySpec, load_efficiency_spec, runner_spec
 from .report import conclusion, render_report
-from .results import aggregate_cells, collect_records
+from .results import add_reductions, aggregate_cells, annotate, collect_records
 
 STUDY_JSON, STUDY_LOG, DEFAULT_REPORT = "efficiency.json", "efficiency.log", "report.md"
+LEARNING_RATES_JSON = "learning_rates.json"  # the learning-rate check's winners, read by the study's learning_rates
 
 
 class _Tee(io.TextIOBase):
@@ -103,7 +105,7 @@ def run_groups(spec: EfficiencySpec, experiment: dict, planned: list[PlannedRun]
 
 def tokenizer_costs(spec: EfficiencySpec) -> dict:
     """Tokens per character of the Japanese task under each model's tokenizer (when a task is Japanese)."""
-    if not any((layer.get("data") or {}).get("name") == "japanese" for layer in spec.tasks.values()):
+    if not any(str((layer.get("data") or {}).get("name")).startswith("japanese") for layer in spec.tasks.values()):
         return {}
     from ...data.sources.japanese import tokens_per_character
     from ...models import load_tokenizer, resolve_model_dir
@@ -127,32 +129,124 @@ def first_environment(records: list[dict]) -> dict:
     return {}
 
 
-def write_outputs(spec: EfficiencySpec, planned: list[PlannedRun], claim_names: Optional[Sequence[str]],
-                  report: Optional[Path]) -> dict:
-    """Read every run, check the claims, write OUT/efficiency.json and the report; return the JSON payload."""
-    records = collect_records(spec, planned, {run.name: final_state(run) for run in planned})
+def data_overlap(spec: EfficiencySpec) -> dict:
+    """Task -> training examples -> share of validation character 4-grams that occur in training (the template
+    overlap between the splits), computed from the same data settings the runs use."""
+    from ...config import DataConfig
+    from ...data import load_task_data
+    from ...data.sources.japanese import ngram_overlap
+
+    overlap: dict = {}
+    for task, layer in spec.tasks.items():
+        settings = {**(spec.common.get("data") or {}), **(layer.get("data") or {})}
+        for group in (g for g in spec.groups() if g.task == task and g.model == spec.models[0]):
+            try:
+                data = load_task_data(DataConfig(**{**settings, "num_train": group.num_train, "num_val": spec.num_val}))
+            except (UserError, TypeError) as exc:
+                overlap.setdefault(task, {})[str(group.num_train)] = {"error": str(exc)}
+                continue
+            texts = lambda examples: [" ".join((e.instruction, e.input, e.output)).strip() for e in examples]  # noqa: E731
+            overlap.setdefault(task, {})[str(group.num_train)] = {
+                "val_4gram_seen_in_train": ngram_overlap(texts(data.train), texts(data.val)),
+                "train_examples": len(data.train), "val_examples": len(data.val)}
+    return overlap
+
+
+def related_verdicts(spec: EfficiencySpec) -> list[dict]:
+    """The claims' verdicts of the related studies the spec names (see_also), to print beside this one's."""
+    related = []
+    for path in spec.see_also:
+        try:
+            other = read_results(path, "related efficiency results")
+            claims = [{"name": c["name"], "verdict": c["verdict"],
+                       "values": [(check["metric"], check["value"]) for check in c["checks"] + c.get("reported", [])]}
+                      for c in other["claims"]]
+            related.append({"study": other.get("study"), "json": str(path), "claims": claims})
+        except (UserError, KeyError, TypeError) as exc:
+            related.append({"study": None, "json": str(path), "claims": [], "error": str(exc)})
+    return related
+
+
+def learning_rate_check(spec: EfficiencySpec, records: list[dict]) -> dict:
+    """The learning-rate check's winners, written to OUT/learning_rates.json (when the study is one)."""
+    if not any(split_lr_variant(name)[1] is not None for name in spec.configurations):
+        return {}
+    picks = pick_learning_rates(records)
+    atomic_write_json(spec.out_dir / LEARNING_RATES_JSON, {
+        "rule": "per configuration, the learning rate whose finished runs reach the lowest mean best validation loss",
+        "picks": picks})
+    print(f"[efficiency] learning rates picked: " + ", ".join(f"{k} {v['lr']:g}" for k, v in picks.items())
+          + f" (wrote {spec.out_dir / LEARNING_RATES_JSON})")
+    return picks
+
+
+def build_payload(spec: EfficiencySpec, records: list[dict], claim_names: Optional[Sequence[str]], json_path: Path,
+                  environment: dict) -> dict:
+    """efficiency.json: the settings, every run, the cells, the claims' verdicts and the derived checks."""
     cells = aggregate_cells(records)
     claims = load_claims(spec.claims, claim_names) if spec.claims else []
-    json_path = spec.out_dir / STUDY_JSON
-    payload = {
+    return {
         "study": spec.name, "description": spec.description,
         "command": (f"skip2lora efficiency-report {spec.source}" if spec.source else "skip2lora efficiency-report")
         + (f" --claims {' '.join(claim_names)}" if claim_names else ""),
         "json": str(json_path), "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {"models": spec.models, "tasks": spec.tasks, "sizes": spec.sizes, "size_scale": spec.size_scale,
                      "num_val": spec.num_val, "seeds": spec.seeds, "budget": spec.budget, "common": spec.common,
-                     "configurations": spec.configurations},
-        "environment": first_environment(records),
-        "runs": records, "cells": cells, "tokenizers": tokenizer_costs(spec),
-        "claims": check_claims(claims, cells), "conclusion": conclusion(cells),
+                     "configurations": spec.configurations, "precision": spec.precision,
+                     "convergence": spec.convergence.to_dict(), "convergence_rule": spec.convergence.text(),
+                     "shared_core": spec.shared_core, "learning_rates": spec.learning_rates},
+        "environment": environment,
+        "runs": records, "cells": cells, "tokenizers": tokenizer_costs(spec), "data_overlap": data_overlap(spec),
+        "learning_rate_check": learning_rate_check(spec, records), "notes": spec.notes,
+        "see_also": related_verdicts(spec),
+        "claims": check_claims(claims, cells, spec.convergence), "conclusion": conclusion(cells),
     }
+
+
+def publish(spec: EfficiencySpec, payload: dict, json_path: Path, report: Optional[Path]) -> dict:
     atomic_write_json(json_path, payload)
     md_path = render_report(payload, report or spec.report or spec.out_dir / DEFAULT_REPORT)
+    records = payload["runs"]
     finished = sum(r["status"] == "finished" for r in records)
     print(f"[efficiency] {finished} of {len(records)} runs finished; wrote {json_path} and {md_path}")
     for claim in payload["claims"]:
         print(f"[efficiency] claim {claim['name']}: {claim['verdict']}")
     return payload
+
+
+def write_outputs(spec: EfficiencySpec, planned: list[PlannedRun], claim_names: Optional[Sequence[str]],
+                  report: Optional[Path]) -> dict:
+    """Read every run, check the claims, write OUT/efficiency.json and the report; return the JSON payload."""
+    records = collect_records(spec, planned, {run.name: final_state(run) for run in planned})
+    json_path = spec.out_dir / STUDY_JSON
+    return publish(spec, build_payload(spec, records, claim_names, json_path, first_environment(records)),
+                   json_path, report)
+
+
+def rewrite_from_json(spec: EfficiencySpec, json_path: Path, claim_names: Optional[Sequence[str]],
+                      report: Optional[Path]) -> dict:
+    """Re-derive cells, verdicts and the report from the runs an existing efficiency.json recorded (the run folders
+    may be gone); the runs themselves are kept as they were, the JSON is rewritten in place."""
+    old = read_results(Path(json_path), "efficiency results")
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
+        raise UserError(f"{json_path} is not an efficiency.json: it has no 'runs' list")
+    wanted = set(spec.configurations)
+    records = [r for r in old["runs"] if r.get("configuration") in wanted]
+    recorded = {r["run"] for r in records}
+    for group in spec.groups():  # configurations added to the spec after these runs: listed as not run yet
+        for configuration in spec.configurations:
+            for seed in spec.seeds:
+                name = f"{group.key}--{configuration}--seed{seed}"
+                if name not in recorded:
+                    records.append({"run": name, "run_dir": None, "task": group.task, "model": group.model,
+                                    "size": group.size, "num_train": group.num_train, "configuration": configuration,
+                                    "seed": seed, "status": "not run", "error": None})
+    add_reductions(records)
+    annotate(records, spec)
+    payload = build_payload(spec, records, claim_names, Path(json_path), old.get("environment") or {})
+    payload["generated"] = old.get("generated", payload["generated"])  # when the runs were read, not re-rendered
+    payload["command"] += f" --from_json {json_path}"
+    return publish(spec, payload, Path(json_path), report)
 
 
 def efficiency_command(spec: Path, out_dir: Optional[Path] = None, configurations: Optional[list[str]] = None,
@@ -195,7 +289,7 @@ def efficiency_command(spec: Path, out_dir: Optional[Path] = None, configuration
 
 def efficiency_report_command(spec: Path, out_dir: Optional[Path] = None,
                               configurations: Optional[list[str]] = None, claims: Optional[list[str]] = None,
-                              report: Optional[Path] = None) -> int:
+                              report: Optional[Path] = None, from_json: Optional[Path] = None) -> int:
     """Read the efficiency study's runs (training nothing), check the claims and write the JSON, report and figures.
 
     Args:
@@ -204,8 +298,14 @@ def efficiency_report_command(spec: Path, out_dir: Optional[Path] = None,
         configurations: Report only these configurations.
         claims: Check only these claims.
         report: Markdown report path (default: the study's report, else OUT/report.md).
+        from_json: Re-derive everything from the runs this efficiency.json recorded (rewritten in place) instead of
+            reading run folders, e.g. docs/efficiency/efficiency.json after the run folders are gone.
     """
     study = load_efficiency_spec(Path(spec), configurations, out_dir)
+    if from_json is not None:
+        with study_log(Path(from_json).parent / STUDY_LOG):
+            rewrite_from_json(study, Path(from_json), claims, report)
+        return 0
     _, planned = plan(study)
     with study_log(study.out_dir / STUDY_LOG):
         write_outputs(study, planned, claims, report)
