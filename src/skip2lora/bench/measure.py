@@ -19,6 +19,7 @@ from ..config import DataConfig, FinetuneConfig
 from ..data import collate, epoch_order, load_task_data, tokenize_examples
 from ..env import current_rss_mb, peak_rss_mb, precision_dtype, synchronize
 from ..methods import FinetuneMethod, build_method
+from ..methods.base import ParameterCounts, stored_numel
 from ..report.stats import time_stats
 from ..train.evaluate import to_device
 from ..train.fabric import build_fabric
@@ -185,7 +186,6 @@ def cache_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict]
 def run_inference_benchmark(spec: dict) -> dict:
     """The reference every training peak is held against: the frozen model's forward with its loss, under
     no_grad, on the batches the training rows use."""
-    from ..methods.base import ParameterCounts, stored_numel
     from ..models import load_base_model
 
     fabric = launched(finetune_config(spec, DataConfig(name=BENCH_DATA)), spec.get("threads"))
@@ -220,15 +220,24 @@ def run_inference_benchmark(spec: dict) -> dict:
     timed_peak = memory.take_peak()
     zero = time_stats([0.0] * len(seconds))
     timing = {"forward": time_stats(seconds), "backward": zero, "optimizer": zero, "step": time_stats(seconds)}
+    return plain_model_row(spec, model, info, timing, batches, losses, memory.report(warmup_peak, timed_peak),
+                           load_s=load_s, precision=precision)
+
+
+def plain_model_row(spec: dict, model: torch.nn.Module, info, timing: dict, batches: list[dict], losses: list[float],
+                    memory: dict, load_s: float, precision: str, trainable: int = 0,
+                    adapter: Optional[int] = None) -> dict:
+    """A result row for a model timed outside the methods (inference, a plain PEFT step): the row format the
+    method rows use, with nothing method-specific (no cache, no forward parts, no head floor)."""
     tokens = spec["batch_size"] * spec["seq_len"]
     tensors = [*model.parameters(), *model.buffers()]
-    counts = ParameterCounts(total=sum(stored_numel(p) for p in model.parameters()), trainable=0, adapter=None,
-                             weights_mb=sum(t.numel() * t.element_size() for t in tensors) / 2**20)
+    counts = ParameterCounts(total=sum(stored_numel(p) for p in model.parameters()), trainable=trainable,
+                             adapter=adapter, weights_mb=sum(t.numel() * t.element_size() for t in tensors) / 2**20)
     return {
         "parameters": counts.as_dict(), "timing": timing, "tokens_per_batch": tokens,
         "loss_tokens_per_batch": statistics.fmean(b["num_loss_positions"] for b in batches),
-        "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0), "distinct_batches": distinct,
-        "memory": memory.report(warmup_peak, timed_peak), "cache": None, "forward_parts_ms": None,
+        "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0), "distinct_batches": len(batches),
+        "memory": memory, "cache": None, "forward_parts_ms": None,
         "head_floor_ms": None, "loss": {"first": losses[0], "last": losses[-1]}, "load_s": load_s,
         "precision": precision, "threads": torch.get_num_threads(), "model_parameters": info.num_parameters,
     }

@@ -9,7 +9,6 @@ row over repeated windows, the baseline does more than a PEFT user's step and th
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -19,7 +18,7 @@ from ..env import synchronize
 from ..report.stats import time_stats
 from ..train.evaluate import to_device
 from .batches import benchmark_batches
-from .measure import MemoryProbe, page_in_weights
+from .measure import MemoryProbe, page_in_weights, plain_model_row
 
 
 def peft_model(spec: dict, precision: str, device: torch.device) -> tuple:
@@ -41,7 +40,6 @@ def peft_model(spec: dict, precision: str, device: torch.device) -> tuple:
 
 def run_peft_step_benchmark(spec: dict) -> dict:
     """Warm-up, then timed plain PEFT steps (forward, backward, AdamW) on the rows' fixed batches."""
-    from ..methods.base import ParameterCounts, stored_numel
     from ..precision import choose_precision, compute_dtype
 
     if spec.get("threads"):
@@ -89,17 +87,7 @@ def run_peft_step_benchmark(spec: dict) -> dict:
         losses.append(loss_value)
     timed_peak = memory.take_peak()
     timing = {name: time_stats(values) for name, values in phases.items()}
-    tensors = [*model.parameters(), *model.buffers()]
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    counts = ParameterCounts(total=sum(stored_numel(p) for p in model.parameters()),
-                             trainable=sum(p.numel() for p in trainable), adapter=adapter,
-                             weights_mb=sum(t.numel() * t.element_size() for t in tensors) / 2**20)
-    tokens = spec["batch_size"] * spec["seq_len"]
-    return {
-        "parameters": counts.as_dict(), "timing": timing, "tokens_per_batch": tokens,
-        "loss_tokens_per_batch": statistics.fmean(b["num_loss_positions"] for b in batches),
-        "tokens_per_s": tokens / (timing["step"]["mean_ms"] / 1000.0), "distinct_batches": distinct,
-        "memory": memory.report(warmup_peak, timed_peak), "cache": None, "forward_parts_ms": None,
-        "head_floor_ms": None, "loss": {"first": losses[0], "last": losses[-1]}, "load_s": load_s,
-        "precision": precision, "threads": torch.get_num_threads(), "model_parameters": info.num_parameters,
-    }
+    return plain_model_row(spec, model, info, timing, batches, losses, memory.report(warmup_peak, timed_peak),
+                           load_s=load_s, precision=precision, trainable=sum(p.numel() for p in trainable),
+                           adapter=adapter)
