@@ -134,7 +134,7 @@ def test_two_nodes_on_loopback_equal_two_devices(two_rank_run, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--strategy", "fsdp", "--devices", "2"], "--strategy fsdp needs GPUs"),
-    (["--method", "qlora", "--devices", "2"], "4-bit weights (qlora) run on one device only"),
+    (["--method", "qlora", "--devices", "2"], "4-bit weights (method qlora) run on one device only"),
     (["--method", "skip2lora", "--skip2lora.quantize_trunk", "true", "--devices", "2"], "run on one device only"),
     (["--devices", "3"], "must be a multiple of micro_batch_size x devices x nodes"),
 ])

@@ -1,4 +1,4 @@
-"""The paper study (skip2lora.studies.paper): methods, Skip-Cache, HAR loader, timing and report."""
+"""The paper study (skip2lora.studies.paper.study): methods, Skip-Cache, HAR loader, timing and report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from skip2lora.cli import run_function
 from skip2lora.errors import UserError
-from skip2lora.studies.paper import (
+from skip2lora.studies.paper.study import (
     DATASET_SHAPES,
     TINY_SHAPES,
     default_settings,
@@ -20,8 +20,8 @@ from skip2lora.studies.paper import (
     run_dataset,
     run_paper_study,
 )
-from skip2lora.studies.paper_data import HAR_CLASSES, load_domain_shift, read_har_split
-from skip2lora.studies.paper_models import (
+from skip2lora.studies.paper.data import HAR_CLASSES, load_domain_shift, read_har_split
+from skip2lora.studies.paper.models import (
     METHODS,
     MLP,
     build_tuner,
@@ -29,8 +29,8 @@ from skip2lora.studies.paper_models import (
     matched_lora_ranks,
     skip_params,
 )
-from skip2lora.studies.paper_report import paper_report_command
-from skip2lora.studies.paper_train import PHASES, fine_tune, pretrain
+from skip2lora.studies.paper.document import paper_report_command
+from skip2lora.studies.paper.training import PHASES, fine_tune, pretrain
 
 HAR_FEATURES = 561
 

@@ -9,7 +9,7 @@ import pytest
 
 from skip2lora.errors import UserError
 from skip2lora.report.stats import mean_std
-from skip2lora.studies.paper_report import paper_report_command, results_table, summary_table
+from skip2lora.studies.paper.document import paper_report_command, results_table, summary_table
 
 METHOD_NAMES = ("FT-All", "FT-Last", "LoRA-All", "LoRA-Last", "Skip-LoRA", "Skip2-LoRA")
 PHASES = ("forward", "backward", "update", "data")

@@ -10,12 +10,12 @@ from pathlib import Path
 from fake_teacher import FakeTeacher
 from rec_fixtures import synthetic_sequences, write_ml1m
 
-from skip2lora.rec.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecEvalConfig,
+from skip2lora.rec.student.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecEvalConfig,
                                   RecStudentConfig, RecTrainConfig, SASRecConfig)
-from skip2lora.rec.config import RecOutputsConfig
-from skip2lora.rec.data import load_dataset
-from skip2lora.rec.outputs import write_teacher_outputs
-from skip2lora.rec.train import run_student
+from skip2lora.rec.student.config import RecOutputsConfig
+from skip2lora.rec.student.data import load_dataset
+from skip2lora.rec.teacher.outputs import write_teacher_outputs
+from skip2lora.rec.student.training import run_student
 
 
 def record() -> dict:
@@ -54,8 +54,8 @@ def record_paper_pretrain() -> dict:
     """The paper study's source-domain pretraining of a small MLP (fixed seed, with a remainder batch)."""
     import torch
 
-    from skip2lora.studies.paper_models import MLP
-    from skip2lora.studies.paper_train import pretrain
+    from skip2lora.studies.paper.models import MLP
+    from skip2lora.studies.paper.training import pretrain
 
     torch.manual_seed(5)
     x, y = torch.randn(150, 12), torch.randint(0, 4, (150,))

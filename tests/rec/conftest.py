@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rec_fixtures import synthetic_sequences, write_ml1m
 
-from skip2lora.rec.config import RecDataConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
+from skip2lora.rec.student.config import RecDataConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
 
 
 @pytest.fixture

@@ -16,18 +16,18 @@ from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
-from skip2lora.rec import train as rec_train
-from skip2lora.rec.checkpoint import load_checkpoint
+from skip2lora.rec.student import training as rec_train
+from skip2lora.rec.student.checkpoint import load_checkpoint
 from skip2lora.rec.cli import main_rec
-from skip2lora.rec.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
+from skip2lora.rec.student.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
                                   SASRecConfig)
-from skip2lora.rec.data import PAD, load_dataset
-from skip2lora.rec.distill import (RankingDistillationLoss, confidence_weights, position_weights,
+from skip2lora.rec.student.data import PAD, load_dataset
+from skip2lora.rec.distill.losses import (RankingDistillationLoss, confidence_weights, position_weights,
                                    sample_negatives)
-from skip2lora.rec.distill_embedding import EmbeddingDistillation, attach_embedding_distillation
-from skip2lora.rec.distill_train import setup_distillation, shuffled_between_users, user_of
-from skip2lora.rec.outputs import write_teacher_outputs
-from skip2lora.rec.sasrec import SASRec
+from skip2lora.rec.distill.embedding import EmbeddingDistillation, attach_embedding_distillation
+from skip2lora.rec.distill.training import setup_distillation, shuffled_between_users, user_of
+from skip2lora.rec.teacher.outputs import write_teacher_outputs
+from skip2lora.rec.student.sasrec import SASRec
 
 
 
@@ -199,7 +199,7 @@ def test_distilled_step_is_student_loss_plus_lam_times_ranking_loss(dataset, tea
     torch.manual_seed(11)
     step = module(inputs, targets, index)
 
-    from skip2lora.rec.outputs_reader import load_teacher_outputs
+    from skip2lora.rec.teacher.outputs_reader import load_teacher_outputs
 
     outputs = load_teacher_outputs(teacher_outputs, dataset)
     keep = targets != PAD

@@ -13,9 +13,9 @@ from rec_fixtures import one_line
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.paths import remove_path
-from skip2lora.rec import pipeline as rec_pipeline
+from skip2lora.rec.pipeline import run as rec_pipeline
 from skip2lora.rec.cli import main_rec, parse, pipeline_parser
-from skip2lora.rec.pipeline_config import pipeline_config
+from skip2lora.rec.pipeline.config import pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "pipeline-tiny.yaml"
@@ -151,7 +151,7 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
         assert role in text
     assert "beyond the seed-to-seed spread when" in text and "the real teacher vs a teacher shuffled" in text
     # The baseline's cells are its runs' test metrics, mean ± std over the two seeds.
-    from skip2lora.rec.report_common import fmt
+    from skip2lora.rec.results.common import fmt
 
     ndcg = [RunDir(finished / "student" / f"seed-{s}").read_run_json()["summary"]["test"]["ndcg@10"] for s in (1, 2)]
     assert fmt(ndcg) in text.split("| sasrec | baseline | 2 |")[1].split("\n")[0]
@@ -248,7 +248,7 @@ def test_the_shipped_skip2lora_teacher_config_parses():
 def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
     """docs/rec.md's records: the whole-dataset students and the pipeline's subset students get one timing table
     each, never one average over both."""
-    from skip2lora.rec.report import load_runs, render
+    from skip2lora.rec.results.document import load_runs, render
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "student-ml100k.json", docs / "pipeline-ml100k-cpu.json"])
@@ -260,7 +260,7 @@ def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
 
 def test_two_pipelines_are_never_averaged_together():
     """Two pipelines share their students' seeds and differ in the teacher: each keeps its own rows."""
-    from skip2lora.rec.report import load_runs, render
+    from skip2lora.rec.results.document import load_runs, render
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "pipeline-ml100k-cpu.json", docs / "pipeline-ml100k-cpu-skip2lora.json"])

@@ -15,9 +15,9 @@ import torch
 from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
-from skip2lora.rec import speed_knobs
+from skip2lora.rec.speed import knobs as speed_knobs
 from skip2lora.rec.cli import main_rec, parse, speed_parser
-from skip2lora.rec.speed_config import KNOBS, speed_config
+from skip2lora.rec.speed.config import KNOBS, speed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "speed-tiny.yaml"
@@ -205,8 +205,8 @@ def test_shipped_speed_configs_parse(name):
 # -- one measurement in its own process ----------------------------------------------------------------------
 def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir):
     from skip2lora.config import to_plain_dict
-    from skip2lora.rec.speed import reference_teacher
-    from skip2lora.rec.speed_worker import run_isolated, worker_result
+    from skip2lora.rec.speed.run import reference_teacher
+    from skip2lora.rec.speed.worker import run_isolated, worker_result
 
     cfg = speed_config(parse(speed_parser(), tiny_argv(tmp_path / "unused", data_dir)[1:],
                              config_positional=True).as_dict())
@@ -286,17 +286,17 @@ def test_compile_option_compiles_the_decoder_in_place(make_config, monkeypatch):
 
 def test_kv_cache_off_recomputes_the_whole_sequence_and_answers_the_same(tmp_path, data_dir):
     """The KV-cache row must time what it says: without the cache every new token runs the whole sequence again."""
-    from skip2lora.config import ILoRAConfig
+    from skip2lora.rec.teacher.config import ILoRAConfig
     from skip2lora.methods.skip2lora.trunk import find_decoder
     from skip2lora.models import load_base_model
     from skip2lora.outdir import RunDir
-    from skip2lora.rec.checkpoint import load_checkpoint, save_checkpoint
-    from skip2lora.rec.config import RecDataConfig, RecStudentConfig, SASRecConfig
-    from skip2lora.rec.data import load_dataset
-    from skip2lora.rec.prompts import PromptSettings, split_samples
-    from skip2lora.rec.sasrec import SASRec
-    from skip2lora.rec.teacher import ILoRATeacher
-    from skip2lora.rec.teacher_eval import TeacherScorer
+    from skip2lora.rec.student.checkpoint import load_checkpoint, save_checkpoint
+    from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+    from skip2lora.rec.student.data import load_dataset
+    from skip2lora.rec.teacher.prompts import PromptSettings, split_samples
+    from skip2lora.rec.student.sasrec import SASRec
+    from skip2lora.rec.teacher.ilora import ILoRATeacher
+    from skip2lora.rec.teacher.evaluate import TeacherScorer
 
     data = RecDataConfig(name="ml-1m", path=data_dir, max_seq_len=8)
     dataset = load_dataset(data)

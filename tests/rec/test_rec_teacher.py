@@ -12,19 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skip2lora.config import ILoRAConfig
+from skip2lora.rec.teacher.config import ILoRAConfig
 from skip2lora.data.tokenize import IGNORE_INDEX, TokenizedSample, collate
 from skip2lora.errors import UserError
 from skip2lora.models import load_base_model
 from skip2lora.outdir import RunDir
-from skip2lora.rec.checkpoint import load_checkpoint, save_checkpoint
-from skip2lora.rec.config import RecDataConfig, RecStudentConfig, SASRecConfig
-from skip2lora.rec.data import RecSample, load_dataset
-from skip2lora.rec.moe_lora import moe_lora_layers
-from skip2lora.rec.prompts import PromptSettings, RecPromptBuilder, candidate_items, display_titles, split_samples
-from skip2lora.rec.sasrec import SASRec
-from skip2lora.rec.teacher import ILoRATeacher, load_ilora
-from skip2lora.rec.teacher_eval import TeacherScorer, catalogue_metrics
+from skip2lora.rec.student.checkpoint import load_checkpoint, save_checkpoint
+from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+from skip2lora.rec.student.data import RecSample, load_dataset
+from skip2lora.rec.teacher.moe_lora import moe_lora_layers
+from skip2lora.rec.teacher.prompts import PromptSettings, RecPromptBuilder, candidate_items, display_titles, split_samples
+from skip2lora.rec.student.sasrec import SASRec
+from skip2lora.rec.teacher.ilora import ILoRATeacher, load_ilora
+from skip2lora.rec.teacher.evaluate import TeacherScorer, catalogue_metrics
 
 SETTINGS = PromptSettings(candidates=5, history_items=4, max_tokens=400, style="plain", seed=7)
 
@@ -258,9 +258,9 @@ def test_teacher_fine_tunes_through_the_one_loop_and_scores_the_catalogue(make_c
     assert {"adapter_config.json", "adapter_model.safetensors", "sasrec", "task.json"} <= {p.name for p in
                                                                                            final.iterdir()}
 
-    from skip2lora.inference import checkpoint_kind, load_for_inference, merge_lora
+    from skip2lora.inference import checkpoint_method, load_for_inference, merge_lora
 
-    assert checkpoint_kind(final) == "ilora"
+    assert checkpoint_method(final) == "ilora"
     assert isinstance(load_for_inference(final, torch.device("cpu")), ILoRATeacher)
     with pytest.raises(UserError, match="cannot be merged"):
         merge_lora(final, cfg.out_dir / "merged", torch.device("cpu"))
@@ -347,8 +347,8 @@ def test_skip2lora_teacher_variant_trains_and_scores_the_catalogue(make_config, 
 
     # The saved variant scores through evaluate_teacher like the iLoRA teacher: its prompt settings and dataset come
     # from the run's config (run.json beside final/).
-    from skip2lora.rec.teacher_eval import evaluate_teacher
-    from skip2lora.rec.teacher_load import load_teacher
+    from skip2lora.rec.teacher.evaluate import evaluate_teacher
+    from skip2lora.rec.teacher.load import load_teacher
 
     loaded, settings, dataset_folder = load_teacher(cfg.out_dir / "final", "cpu")
     assert PromptSettings(**settings) == SETTINGS and dataset_folder == sasrec_best
@@ -363,7 +363,7 @@ def test_skip2lora_teacher_variant_trains_and_scores_the_catalogue(make_config, 
 
 
 def test_a_checkpoint_not_trained_on_rec_teacher_is_refused_in_one_line(make_config):
-    from skip2lora.rec.teacher_eval import evaluate_teacher
+    from skip2lora.rec.teacher.evaluate import evaluate_teacher
     from skip2lora.train.loop import run_finetune
 
     cfg = make_config("skip2lora", train__max_steps=1, eval__interval=1, eval__accuracy_samples=0)
@@ -375,3 +375,15 @@ def test_a_checkpoint_not_trained_on_rec_teacher_is_refused_in_one_line(make_con
     (cfg.out_dir / "run.json").unlink()
     with pytest.raises(UserError, match="has no run.json beside it"):
         evaluate_teacher(cfg.out_dir / "final", max_users=2)
+
+
+def test_an_ilora_teacher_with_a_4bit_base_is_refused_on_several_devices(tmp_path, capsys):
+    """The loop asks the method (four_bit_setting), not its name: iLoRA's 4-bit base is refused like QLoRA's."""
+    from skip2lora.cli import main
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", "tiny", "--device", "cpu", "--method", "ilora", "--data.name", "rec-teacher",
+                 "--ilora.quantize_base", "true", "--devices", "2", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 4-bit weights (ilora.quantize_base) run on one device only") and "\n" not in err
+    assert not out.exists()

@@ -10,10 +10,10 @@ import torch
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir, read_metrics_csv
-from skip2lora.rec import train as rec_train
-from skip2lora.rec.checkpoint import load_checkpoint
+from skip2lora.rec.student import training as rec_train
+from skip2lora.rec.student.checkpoint import load_checkpoint
 from skip2lora.rec.cli import main_rec, one_line
-from skip2lora.rec.data import load_dataset
+from skip2lora.rec.student.data import load_dataset
 
 
 def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):

@@ -131,6 +131,12 @@ class FinetuneMethod(nn.Module):
         return {"task": kind, "quantize_4bit": False}
 
     @classmethod
+    def four_bit_setting(cls, cfg: "FinetuneConfig") -> Optional[str]:
+        """The setting that makes load_options ask for 4-bit base weights (named in refusals), or None when
+        this config loads them in full precision."""
+        return None
+
+    @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: "ModelInfo", cfg: "FinetuneConfig", kind: str,
                num_labels: Optional[int]) -> "FinetuneMethod":
         raise NotImplementedError

@@ -82,7 +82,7 @@ def _parser(prog: str, description: str):
 def student_parser():
     from jsonargparse import ActionConfigFile
 
-    from .config import RecStudentConfig
+    from .student.config import RecStudentConfig
 
     parser = _parser("skip2lora rec student", "Train the SASRec student and evaluate it with full ranking.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
@@ -92,7 +92,7 @@ def student_parser():
 
 def student_config(values: dict, config_class=None):
     """Parsed values -> RecStudentConfig (or `config_class`, e.g. RecDistilledStudentConfig), sections built."""
-    from .config import RecDataConfig, RecDistillConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
+    from .student.config import RecDataConfig, RecDistillConfig, RecEvalConfig, RecStudentConfig, RecTrainConfig, SASRecConfig
 
     values = dict(values)
     values.pop("config", None)
@@ -105,7 +105,7 @@ def student_config(values: dict, config_class=None):
 
 
 def cmd_student(argv: list[str]) -> int:
-    from .train import run_student
+    from .student.training import run_student
 
     run_student(student_config(parse(student_parser(), argv, config_positional=True).as_dict()))
     return 0
@@ -114,7 +114,7 @@ def cmd_student(argv: list[str]) -> int:
 def distill_parser():
     from jsonargparse import ActionConfigFile
 
-    from .config import RecDistilledStudentConfig
+    from .student.config import RecDistilledStudentConfig
 
     parser = _parser("skip2lora rec distill", "Train the SASRec student with DLLM2Rec-style distillation from "
                      "saved teacher outputs (ranking and/or embedding distillation), selected on validation.")
@@ -124,8 +124,8 @@ def distill_parser():
 
 
 def cmd_distill(argv: list[str]) -> int:
-    from .config import RecDistilledStudentConfig
-    from .train import run_student
+    from .student.config import RecDistilledStudentConfig
+    from .student.training import run_student
 
     values = parse(distill_parser(), argv, config_positional=True).as_dict()
     run_student(student_config(values, RecDistilledStudentConfig))
@@ -136,10 +136,10 @@ def cmd_evaluate(argv: list[str]) -> int:
     import torch
 
     from ..env import resolve_device, synchronize
-    from .checkpoint import check_checkpoint_items, load_checkpoint
-    from .data import load_dataset
-    from .metrics import evaluate_ranking
-    from .train import check_cutoffs, set_threads
+    from .student.checkpoint import check_checkpoint_items, load_checkpoint
+    from .student.data import load_dataset
+    from .student.metrics import evaluate_ranking
+    from .student.training import check_cutoffs, set_threads
 
     parser = _parser("skip2lora rec evaluate", "Full-ranking metrics of a trained student on its own split.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="OUT/best of a `rec student` run")
@@ -179,7 +179,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def _data_eval_parser(prog: str, description: str):
-    from .config import RecDataConfig, RecEvalConfig
+    from .student.config import RecDataConfig, RecEvalConfig
 
     parser = _parser(prog, description)
     parser.add_class_arguments(RecDataConfig, nested_key="data")
@@ -189,10 +189,10 @@ def _data_eval_parser(prog: str, description: str):
 
 def cmd_baselines(argv: list[str]) -> int:
     from ..paths import atomic_write_json
-    from .baselines import run_baseline
-    from .config import RecDataConfig, RecEvalConfig
-    from .data import format_stats, load_dataset
-    from .train import check_cutoffs
+    from .student.baselines import run_baseline
+    from .student.config import RecDataConfig, RecEvalConfig
+    from .student.data import format_stats, load_dataset
+    from .student.training import check_cutoffs
 
     parser = _data_eval_parser("skip2lora rec baselines", "Random and most-popular rankers, same evaluation.")
     parser.add_argument("--seeds", type=list[int], default=[1, 2, 3], help="seeds of the random ranker")
@@ -218,8 +218,8 @@ def cmd_baselines(argv: list[str]) -> int:
 
 def cmd_stats(argv: list[str]) -> int:
     from ..paths import atomic_write_json
-    from .config import RecDataConfig
-    from .data import format_stats, load_dataset
+    from .student.config import RecDataConfig
+    from .student.data import format_stats, load_dataset
 
     parser = _parser("skip2lora rec stats", "Print and save the leave-one-out split statistics.")
     parser.add_class_arguments(RecDataConfig, nested_key="data")
@@ -233,7 +233,7 @@ def cmd_stats(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from .report import write_report
+    from .results.document import write_report
 
     parser = _parser("skip2lora rec report", "Render docs/rec.md from run folders and rec result JSON files.")
     parser.add_argument("inputs", type=str, nargs="+", help="run folders, run.json files or result JSON files")
@@ -253,8 +253,8 @@ def command_line(command: str, argv: list[str]) -> str:
 def cmd_teacher_eval(argv: list[str]) -> int:
     from ..env import resolve_device
     from ..paths import atomic_write_json
-    from .teacher_eval import evaluate_teacher
-    from .train import set_threads
+    from .teacher.evaluate import evaluate_teacher
+    from .student.training import set_threads
 
     parser = _parser("skip2lora rec teacher-eval", "A saved iLoRA or Skip2-LoRA teacher: HR@1 among its candidates "
                      "and the valid ratio (greedy generation), full-catalogue HR/NDCG@K of its grounded scores, and "
@@ -294,7 +294,7 @@ def config_class_parser(prog: str, description: str, cls: type):
 
 
 def pipeline_parser():
-    from .pipeline_config import RecPipelineConfig
+    from .pipeline.config import RecPipelineConfig
 
     return config_class_parser("skip2lora rec pipeline", "SASRec student -> iLoRA teacher (finetune) -> teacher "
                                "evaluation -> teacher outputs -> distilled students and controls, over the seeds, "
@@ -302,8 +302,8 @@ def pipeline_parser():
 
 
 def cmd_pipeline(argv: list[str]) -> int:
-    from .pipeline import run_pipeline
-    from .pipeline_config import pipeline_config
+    from .pipeline.run import run_pipeline
+    from .pipeline.config import pipeline_config
 
     cfg = pipeline_config(parse(pipeline_parser(), argv, config_positional=True).as_dict())
     record = run_pipeline(cfg, command_line("pipeline", argv))
@@ -312,7 +312,7 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 
 def speed_parser():
-    from .speed_config import RecSpeedConfig
+    from .speed.config import RecSpeedConfig
 
     return config_class_parser("skip2lora rec speed", "The teacher's speed knobs, each against its baseline in one "
                                "run on the same data: warm-up steps untimed, timed steps as mean ± std, each "
@@ -320,9 +320,9 @@ def speed_parser():
 
 
 def cmd_speed(argv: list[str]) -> int:
-    from .speed import SPEED_JSON, run_speed
-    from .speed_config import speed_config
-    from .speed_report import render_section
+    from .speed.run import SPEED_JSON, run_speed
+    from .speed.config import speed_config
+    from .speed.table import render_section
 
     cfg = speed_config(parse(speed_parser(), argv, config_positional=True).as_dict())
     record = run_speed(cfg, command_line("speed", argv))
@@ -332,7 +332,7 @@ def cmd_speed(argv: list[str]) -> int:
 
 
 def cmd_speed_report(argv: list[str]) -> int:
-    from .speed_report import write_speed_report
+    from .speed.table import write_speed_report
 
     parser = _parser("skip2lora rec speed-report", "Render the teacher speed table from `rec speed` results.")
     parser.add_argument("inputs", type=str, nargs="+", help="speed.json files or the folders of `rec speed` runs")

@@ -11,6 +11,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..errors import UserError
+from ..methods import method_class
 
 
 def resolve_accelerator(device: str) -> str:
@@ -35,10 +36,10 @@ def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
     world = cfg.devices * cfg.num_nodes
     if cfg.strategy == "fsdp" and accelerator == "cpu":
         raise UserError("--strategy fsdp needs GPUs (Fabric shards parameters with NCCL): use --strategy ddp on CPU")
-    four_bit = cfg.method == "qlora" or (cfg.method == "skip2lora" and cfg.skip2lora.quantize_trunk)
+    four_bit = method_class(cfg.method).four_bit_setting(cfg)  # each method says when it loads 4-bit weights
     if four_bit and world > 1:
-        raise UserError(f"4-bit weights ({'qlora' if cfg.method == 'qlora' else 'skip2lora.quantize_trunk'}) run on one "
-                        f"device only, not {world}: use --devices 1 --num_nodes 1, or --method lora")
+        raise UserError(f"4-bit weights ({four_bit}) run on one device only, not {world}: use --devices 1 "
+                        "--num_nodes 1, or a method without 4-bit weights (--method lora)")
     if cfg.method == "skip2lora" and cfg.skip2lora.block_indices == "auto" and world > 1:
         # Each rank sees its own share of the data, so each could choose other blocks than the rest.
         raise UserError(f"skip2lora.block_indices auto chooses blocks in one process, not {world}: run `skip2lora "

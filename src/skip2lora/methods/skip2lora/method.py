@@ -142,6 +142,10 @@ class Skip2LoRAMethod(FinetuneMethod):
         return {"task": "generation", "quantize_4bit": cfg.skip2lora.quantize_trunk}
 
     @classmethod
+    def four_bit_setting(cls, cfg: FinetuneConfig) -> Optional[str]:
+        return "skip2lora.quantize_trunk" if cfg.skip2lora.quantize_trunk else None
+
+    @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "Skip2LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
