@@ -1,4 +1,4 @@
-"""`skip2lora benchmark` and `skip2lora report-bench` on the tiny model.
+"""`skip2lora benchmark` and `skip2lora benchmark-report` on the tiny model.
 
 One benchmark run (module fixture) serves most tests: each configuration is a subprocess that costs
 seconds to start, so the run holds just a baseline, a cached Skip2-LoRA and a configuration that must

@@ -29,3 +29,24 @@ def one_line(exc_info) -> str:
     message = str(exc_info.value)
     assert "\n" not in message
     return message
+
+
+def main_rec(argv: list[str]) -> int:
+    """Run `skip2lora rec ARGV...` through the one command table; bad input raises UserError (as the table's
+    caller sees it before printing its one line)."""
+    from skip2lora.cli import COMMANDS, run_function
+
+    name = f"rec {argv[0]}"
+    return run_function(name, COMMANDS[name].load(), list(argv[1:]))
+
+
+def parse_config(command: str, argv: list[str]):
+    """The config dataclass `skip2lora rec COMMAND ARGV...` would run with (CONFIG.yaml may come first)."""
+    from skip2lora.cli import COMMANDS, build_options, config_file_first, function_parser, options_class, parse
+
+    name = f"rec {command}"
+    function = COMMANDS[name].load()
+    values = parse(function_parser(name, function), config_file_first(list(argv))).as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    return build_options(options_class(function), values)

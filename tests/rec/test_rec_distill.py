@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_teacher import LLM_DIM, FakeTeacher
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.rec.student import training as rec_train
 from skip2lora.rec.student.checkpoint import load_checkpoint
-from skip2lora.rec.cli import main_rec
 from skip2lora.rec.student.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
                                   SASRecConfig)
 from skip2lora.rec.student.data import PAD, load_dataset

@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line, parse_config
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.paths import remove_path
 from skip2lora.rec.pipeline import run as rec_pipeline
-from skip2lora.rec.cli import main_rec, parse, pipeline_parser
 from skip2lora.rec.pipeline.config import pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
@@ -223,7 +222,7 @@ def test_a_folder_holding_something_else_is_refused(tmp_path, data_dir):
 
 @pytest.mark.parametrize("name", ["ilora-ml100k.yaml", "ilora-ml100k-cpu.yaml", "pipeline-tiny.yaml"])
 def test_shipped_pipeline_configs_parse(name):
-    cfg = pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)], config_positional=True).as_dict())
+    cfg = parse_config("pipeline", [str(CONFIGS / name)])
     assert cfg.teacher.method == "ilora" and cfg.data.name == "ml-100k"
     assert cfg.variants == ["rd+ed", "rd", "ed", "rd+ed-shuffled"]
     if name == "ilora-ml100k-cpu.yaml":  # the CPU run states its subset
@@ -235,8 +234,7 @@ def test_shipped_pipeline_configs_parse(name):
 
 def test_the_shipped_skip2lora_teacher_config_parses():
     """ilora-ml100k-cpu-skip2lora.yaml: the CPU pipeline with a Skip2-LoRA teacher on the same subset and budget."""
-    load = lambda name: pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)],  # noqa: E731
-                                              config_positional=True).as_dict())
+    load = lambda name: parse_config("pipeline", [str(CONFIGS / name)])  # noqa: E731
     cfg, ilora = load("ilora-ml100k-cpu-skip2lora.yaml"), load("ilora-ml100k-cpu.yaml")
     assert cfg.teacher.method == "skip2lora" and cfg.teacher.skip2lora.output == "hidden"
     assert cfg.teacher.skip2lora.block_indices == [0, 1, 2, 3, 4, 5] and cfg.teacher.skip2lora.cache == "memory"

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line, parse_config
 
 from skip2lora.errors import UserError
 from skip2lora.rec.speed import knobs as speed_knobs
-from skip2lora.rec.cli import main_rec, parse, speed_parser
 from skip2lora.rec.speed.config import KNOBS, speed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
@@ -191,7 +190,7 @@ def test_speed_report_refuses_what_is_not_a_speed_result(tmp_path):
 
 @pytest.mark.parametrize("name", ["speed-tiny.yaml", "speed-cpu.yaml", "speed-gpu.yaml"])
 def test_shipped_speed_configs_parse(name):
-    cfg = speed_config(parse(speed_parser(), [str(CONFIGS / name)], config_positional=True).as_dict())
+    cfg = parse_config("speed", [str(CONFIGS / name)])
     assert cfg.knobs == list(KNOBS) and cfg.teacher.method == "ilora" and cfg.isolate
     if name != "speed-tiny.yaml":
         assert cfg.loader_workers == [0, 4] and cfg.accumulation == [1, 4, 8]
@@ -208,8 +207,7 @@ def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir):
     from skip2lora.rec.speed.run import reference_teacher
     from skip2lora.rec.speed.worker import run_isolated, worker_result
 
-    cfg = speed_config(parse(speed_parser(), tiny_argv(tmp_path / "unused", data_dir)[1:],
-                             config_positional=True).as_dict())
+    cfg = parse_config("speed", tiny_argv(tmp_path / "unused", data_dir)[1:])
     main_rec(["student", "--out_dir", str(tmp_path / "student"), "--device", "cpu", "--threads", "1",
               "--tensorboard", "false", "--data.name", "ml-1m", "--data.path", str(data_dir), "--data.max_users", "12",
               "--data.max_seq_len", "8", "--model.hidden", "16", "--model.blocks", "1", "--train.epochs", "1"])

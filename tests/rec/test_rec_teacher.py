@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from rec_fixtures import main_rec
 import torch
 import torch.nn.functional as F
 
@@ -290,16 +291,14 @@ def test_teacher_fine_tunes_through_the_one_loop_and_scores_the_catalogue(make_c
     metrics = catalogue_metrics(scorer, "validation", [1, 10], max_users=5)
     assert metrics["users"] == 5 and 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
 
-    from skip2lora.rec.cli import COMMANDS
-
     out = cfg.out_dir / "teacher-eval.json"
-    assert COMMANDS["teacher-eval"](["--checkpoint", str(final), "--max_users", "3", "--batch_size", "2",
+    assert main_rec(["teacher-eval", "--checkpoint", str(final), "--max_users", "3", "--batch_size", "2",
                                      "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["catalogue"]["users"] == 3 and written["candidates"]["samples"] == 3
     assert written["cost"]["prompt_forward_s_per_sample"] > 0 and "teacher-eval" in written["generated_by"]
     with pytest.raises(UserError, match="--split must be validation or test"):
-        COMMANDS["teacher-eval"](["--checkpoint", str(final), "--split", "train", "--device", "cpu"])
+        main_rec(["teacher-eval", "--checkpoint", str(final), "--split", "train", "--device", "cpu"])
 
 
 def test_teacher_trains_on_a_4bit_base(sasrec_best, dataset):

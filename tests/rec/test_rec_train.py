@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from rec_fixtures import main_rec, parse_config
+from skip2lora.config import one_line
 import torch
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir, read_metrics_csv
 from skip2lora.rec.student import training as rec_train
 from skip2lora.rec.student.checkpoint import load_checkpoint
-from skip2lora.rec.cli import main_rec, one_line
 from skip2lora.rec.student.data import load_dataset
 
 
@@ -128,7 +129,6 @@ def test_bad_command_inputs_give_one_line(tmp_path, synthetic_dir):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train: [1, 2\n")
     cases = [
-        (["teacher"], "unknown rec command 'teacher'"),
         (["student", str(bad_yaml)], "malformed YAML at line"),
         (["evaluate", "--checkpoint", str(tmp_path)], "has no rec.json"),
         (["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.md")], "does not exist"),
@@ -140,19 +140,25 @@ def test_bad_command_inputs_give_one_line(tmp_path, synthetic_dir):
         assert "\n" not in str(caught.value)
 
 
-def test_standalone_entry_prints_one_error_line(capsys):
-    from skip2lora.rec.cli import main
+def test_an_unknown_rec_command_is_one_line(capsys):
+    from skip2lora.cli import main
 
-    assert main(["student", "--data.name", "netflix"]) == 2
+    assert main(["rec", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown rec command 'teacher': use one of student")
+    assert main(["rec"]) == 0 and "rec speed-report" in capsys.readouterr().out
+
+
+def test_standalone_entry_prints_one_error_line(capsys):
+    from skip2lora.cli import main
+
+    assert main(["rec", "student", "--data.name", "netflix"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: unknown dataset")
 
 
 def test_config_file_runs_through_the_parser(tmp_path):
-    from skip2lora.rec.cli import parse, student_config, student_parser
-
     config = Path(__file__).resolve().parents[2] / "configs" / "rec" / "sasrec-ml100k.yaml"
-    cfg = student_config(parse(student_parser(), [str(config), "--seed", "3"],
-                               config_positional=True).as_dict())
+    cfg = parse_config("student", [str(config), "--seed", "3"])
     assert (cfg.seed, cfg.data.name, cfg.model.hidden, cfg.eval.mask_history) == (3, "ml-100k", 64, False)
     assert load_dataset(cfg.data).n_items >= max(cfg.eval.ks)

@@ -3,7 +3,7 @@ fine-tuning configuration on real batches, then a COMPARISON SUMMARY against the
 LoRA), and optionally the paper's "fine-tuning time" over whole epochs.
 
 Each configuration runs in a fresh worker process (bench/worker.py), so its peak memory is its own. The
-results go to OUT_DIR/skip2lora_benchmark_*.json, which `skip2lora report-bench` renders.
+results go to OUT_DIR/skip2lora_benchmark_*.json, which `skip2lora benchmark-report` renders.
 """
 
 from __future__ import annotations

@@ -2,5 +2,5 @@
 
 tables.py (the one table type and its renderers), stats.py (mean ± std, ratios, the spread rule),
 plots.py (figure helpers), runs.py (run folders for compare), compare.py + compare_report.py
-(`skip2lora compare`), bench_report.py (`skip2lora report-bench`).
+(`skip2lora compare`), bench_report.py (`skip2lora benchmark-report`).
 """

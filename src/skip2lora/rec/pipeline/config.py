@@ -98,6 +98,11 @@ class RecPipelineConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     """Distilled students to train per seed: rd+ed (the distilled student), rd+ed-shuffled, ed, rd (controls)."""
 
+    @classmethod
+    def from_values(cls, values: dict) -> "RecPipelineConfig":
+        """Parsed values (sections as dicts) -> the config, every section's checks run."""
+        return pipeline_config(values)
+
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

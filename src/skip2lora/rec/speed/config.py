@@ -88,6 +88,11 @@ class RecSpeedConfig:
     """The reference teacher, a `skip2lora finetune` config (method ilora); out_dir, device, data.name, data.path,
     max_steps, evaluation and logging are set per measurement."""
 
+    @classmethod
+    def from_values(cls, values: dict) -> "RecSpeedConfig":
+        """Parsed values (sections as dicts) -> the config, every section's checks run."""
+        return speed_config(values)
+
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         for name in ("sasrec_checkpoint", "teacher_checkpoint"):
