@@ -18,6 +18,7 @@ from torch import nn
 from ...env import environment_info, peak_memory_mb, resolve_device, synchronize
 from ...errors import UserError
 from ...outdir import RunClaim, RunDir
+from ...train.step import build_optimizer, train_step
 from .baselines import protocol
 from .checkpoint import save_checkpoint
 from .config import RecDistilledStudentConfig, RecStudentConfig, config_to_dict
@@ -28,7 +29,7 @@ from .sasrec import SASRec
 
 
 class LossModule(nn.Module):
-    """The training loss as `forward`, so Fabric's precision context wraps it."""
+    """The student's training loss from (inputs, targets, window_index)."""
 
     def __init__(self, model: SASRec) -> None:
         super().__init__()
@@ -38,6 +39,20 @@ class LossModule(nn.Module):
                 window_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         # window_index (which training windows these are) is for step modules that look rows up (distillation).
         return self.model.loss(inputs, targets)
+
+
+class WindowBatchLoss(nn.Module):
+    """A student loss module seen through train_step's contract: forward(batch) -> (loss, count).
+
+    The loss is already the batch mean, so its count is 1 (train_step divides by it: the same number).
+    Fabric wraps this module, so its precision context covers the whole loss."""
+
+    def __init__(self, loss_module: nn.Module) -> None:
+        super().__init__()
+        self.loss_module = loss_module
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return self.loss_module(batch["inputs"], batch["targets"], batch["window_index"]), 1
 
 
 def set_threads(threads: int) -> int:
@@ -97,18 +112,16 @@ def validate(model: SASRec, dataset: RecDataset, split: EvalSplit, cfg: RecStude
 
 def train_epoch(fabric, step_module, optimizer, windows: TrainWindows, batch_size: int,
                 generator: torch.Generator) -> float:
-    """One pass over the training windows in a seeded order; the mean loss (one host sync per epoch)."""
+    """One pass over the training windows in a seeded order, each batch one train_step; the mean loss (one
+    host sync per epoch)."""
     order = torch.randperm(len(windows), generator=generator)
     total = torch.zeros((), device=fabric.device)
     steps = 0
     for start in range(0, len(windows), batch_size):
         index = order[start:start + batch_size]
-        loss = step_module(windows.inputs[index].to(fabric.device), windows.targets[index].to(fabric.device),
-                           index.to(fabric.device))
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += loss.detach()
+        batch = {"inputs": windows.inputs[index].to(fabric.device), "targets": windows.targets[index].to(fabric.device),
+                 "window_index": index.to(fabric.device)}
+        total += train_step(step_module, optimizer, [batch], fabric=fabric, device=fabric.device).loss
         steps += 1
     return float(total) / steps
 
@@ -123,8 +136,8 @@ def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: 
     """Epochs until `train.epochs`, patience or the time limit; best/ holds the best-validation weights.
     `loss_module` (default LossModule(model)) computes a step's loss from (inputs, targets, window_index)."""
     run_dir = claim.run_dir
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    step_module, optimizer = fabric.setup(loss_module or LossModule(model), optimizer)
+    optimizer = build_optimizer(model.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    step_module, optimizer = fabric.setup(WindowBatchLoss(loss_module or LossModule(model)), optimizer)
     logger = claim.start_logger(columns=metric_columns(cfg.eval.k), tensorboard=cfg.tensorboard, step_key="epoch")
     generator = torch.Generator().manual_seed(cfg.seed)
     key = f"ndcg@{cfg.eval.k}"

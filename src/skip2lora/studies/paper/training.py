@@ -90,6 +90,18 @@ class TunerLoss(nn.Module):
         return loss, targets.numel()
 
 
+class MeanLoss(nn.Module):
+    """The pretraining loss through train_step's contract: (batch-mean cross-entropy, count 1)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        inputs, targets = batch
+        return F.cross_entropy(self.model(inputs), targets), 1
+
+
 def fine_tune(tuner: Tuner, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int) -> FitResult:
     """Train `tuner` on (x, y) through the project's one train_step, timing every phase of every batch."""
     module = TunerLoss(tuner)
@@ -135,6 +147,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def pretrain(model: MLP, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int) -> PretrainResult:
     """Plain supervised training on the source domain; the result is the frozen starting point."""
     optimizer = make_optimizer(list(model.parameters()), lr)
+    module = MeanLoss(model)
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     start_time = time.perf_counter()
@@ -143,10 +156,7 @@ def pretrain(model: MLP, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_si
         order = torch.randperm(len(x), generator=shuffle)
         for start in range(0, len(x), batch_size):
             rows = order[start : start + batch_size]
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(module, optimizer, [(x[rows], y[rows])], device=x.device).loss
     seconds = time.perf_counter() - start_time
     model.eval()
     with torch.no_grad():
