@@ -291,7 +291,7 @@ def blocks_parser():
     """`skip2lora blocks`: finetune's options plus block_search_options' own, help from their docstrings."""
     from .blocks.command import DEFAULT_OUT_DIR, block_search_options
 
-    parser = finetune_parser()
+    parser = finetune_parser(cached=False)  # changed below: not the shared finetune parser
     parser.prog = "skip2lora blocks"
     parser.description = (inspect.getdoc(block_search_options) or "").split("\n\nArgs:")[0]
     parser.add_function_arguments(block_search_options, as_group=False)

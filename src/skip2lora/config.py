@@ -408,8 +408,17 @@ FLAG_ALIASES = {
 }
 
 
-def finetune_parser():
-    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help."""
+_PARSERS: dict[type, Any] = {}
+
+
+def finetune_parser(cached: bool = True):
+    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help.
+
+    Building one takes ~0.1 s, and the experiment runner checks every cell with it: one parser per config
+    class is kept (`cached=False` gives a fresh one a caller may change)."""
+    config_class = finetune_config_class()
+    if cached and config_class in _PARSERS:
+        return _PARSERS[config_class]
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -418,7 +427,9 @@ def finetune_parser():
                                         "(or a method an application registers).")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
     # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
-    parser.add_class_arguments(finetune_config_class(), nested_key=None, instantiate=False)
+    parser.add_class_arguments(config_class, nested_key=None, instantiate=False)
+    if cached:
+        _PARSERS[config_class] = parser
     return parser
 
 

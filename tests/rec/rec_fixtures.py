@@ -50,3 +50,22 @@ def parse_config(command: str, argv: list[str]):
     values.pop("config", None)
     values.pop("__path__", None)
     return build_options(options_class(function), values)
+
+
+def untrained_student(folder: Path) -> Path:
+    """OUT/best of a seeded, untrained SASRec student on the synthetic ML-1M data: what an iLoRA teacher's gate
+    reads and what data.name rec-teacher takes as data.path."""
+    import torch
+
+    from skip2lora.outdir import RunDir
+    from skip2lora.rec.student.checkpoint import save_checkpoint
+    from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+    from skip2lora.rec.student.data import load_dataset
+    from skip2lora.rec.student.sasrec import SASRec
+
+    data = RecDataConfig(name="ml-1m", path=write_ml1m(folder / "ml1m", synthetic_sequences(), 30), max_seq_len=8)
+    cfg = RecStudentConfig(out_dir=folder / "student", data=data,
+                           model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1))
+    dataset = load_dataset(data)
+    torch.manual_seed(0)
+    return save_checkpoint(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})

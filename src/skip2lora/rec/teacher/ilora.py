@@ -214,6 +214,7 @@ class ILoRATeacher(FinetuneMethod):
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)  # as the other methods' save does
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.adapter_state_dict().items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS))
         (directory / ADAPTER_CONFIG).write_text(json.dumps(self.adapter_config(), indent=2) + "\n")
