@@ -58,7 +58,7 @@ def untrained_student(folder: Path) -> Path:
     import torch
 
     from skip2lora.outdir import RunDir
-    from skip2lora.rec.student.checkpoint import save_checkpoint
+    from skip2lora.rec.student.saved import save_best_student
     from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
     from skip2lora.rec.student.data import load_dataset
     from skip2lora.rec.student.sasrec import SASRec
@@ -68,4 +68,4 @@ def untrained_student(folder: Path) -> Path:
                            model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1))
     dataset = load_dataset(data)
     torch.manual_seed(0)
-    return save_checkpoint(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})
+    return save_best_student(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})

@@ -17,7 +17,7 @@ from rec_fixtures import main_rec, one_line
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.rec.student import training as rec_train
-from skip2lora.rec.student.checkpoint import load_checkpoint
+from skip2lora.rec.student.saved import load_student
 from skip2lora.rec.student.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
                                   SASRecConfig)
 from skip2lora.rec.student.data import PAD, load_dataset
@@ -222,7 +222,7 @@ def test_distilled_student_end_to_end_and_evaluate_reloads_it(dataset, teacher_o
     assert run["summary"]["selection"] == "validation ndcg@10"
     rec_json = json.loads((cfg.out_dir / "best" / "rec.json").read_text())
     assert rec_json["embedding_distillation"] == {"llm_dim": LLM_DIM, "ed_weight": 0.2}
-    assert load_checkpoint(cfg.out_dir / "best").model.input_distillation.projection.weight.shape == (16, LLM_DIM)
+    assert load_student(cfg.out_dir / "best").model.input_distillation.projection.weight.shape == (16, LLM_DIM)
 
     capsys.readouterr()
     assert main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--device", "cpu"]) == 0

@@ -288,7 +288,7 @@ def test_kv_cache_off_recomputes_the_whole_sequence_and_answers_the_same(tmp_pat
     from skip2lora.methods.skip2lora.trunk import find_decoder
     from skip2lora.models import load_base_model
     from skip2lora.outdir import RunDir
-    from skip2lora.rec.student.checkpoint import load_checkpoint, save_checkpoint
+    from skip2lora.rec.student.saved import load_student, save_best_student
     from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
     from skip2lora.rec.student.data import load_dataset
     from skip2lora.rec.teacher.prompts import PromptSettings, split_samples
@@ -300,10 +300,10 @@ def test_kv_cache_off_recomputes_the_whole_sequence_and_answers_the_same(tmp_pat
     dataset = load_dataset(data)
     student = RecStudentConfig(out_dir=tmp_path / "student", data=data,
                                model=SASRecConfig(hidden=16, blocks=1, heads=2))
-    best = save_checkpoint(RunDir(student.out_dir), SASRec(dataset.n_items, 8, student.model), dataset, student, 0, {})
+    best = save_best_student(RunDir(student.out_dir), SASRec(dataset.n_items, 8, student.model), dataset, student, 0, {})
     model, tokenizer, _ = load_base_model("tiny")
     model.requires_grad_(False)
-    teacher = ILoRATeacher(model, tokenizer, load_checkpoint(best).model, best, ILoRAConfig(r=8, dropout=0.0)).eval()
+    teacher = ILoRATeacher(model, tokenizer, load_student(best).model, best, ILoRAConfig(r=8, dropout=0.0)).eval()
     lengths: list[int] = []
     find_decoder(model).register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].size(1)), with_kwargs=True)

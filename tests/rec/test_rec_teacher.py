@@ -18,7 +18,7 @@ from skip2lora.data.tokenize import IGNORE_INDEX, TokenizedSample, collate
 from skip2lora.errors import UserError
 from skip2lora.models import load_base_model
 from skip2lora.outdir import RunDir
-from skip2lora.rec.student.checkpoint import load_checkpoint, save_checkpoint
+from skip2lora.rec.student.saved import load_student, save_best_student
 from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
 from skip2lora.rec.student.data import RecSample, load_dataset
 from skip2lora.rec.teacher.moe_lora import moe_lora_layers
@@ -42,7 +42,7 @@ def sasrec_best(tmp_path, synthetic_dir, dataset) -> Path:
                                                                            max_seq_len=8),
                            model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1))
     torch.manual_seed(0)
-    return save_checkpoint(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})
+    return save_best_student(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})
 
 
 def make_teacher(sasrec_best: Path, experts: int = 4, r: int = 8, dropout: float = 0.0, seed: int = 0,
@@ -51,7 +51,7 @@ def make_teacher(sasrec_best: Path, experts: int = 4, r: int = 8, dropout: float
     model.requires_grad_(False)
     torch.manual_seed(seed)
     cfg = ILoRAConfig(experts=experts, r=r, alpha=16, dropout=dropout)
-    return ILoRATeacher(model, tokenizer, load_checkpoint(sasrec_best).model, sasrec_best, cfg,
+    return ILoRATeacher(model, tokenizer, load_student(sasrec_best).model, sasrec_best, cfg,
                         gradient_checkpointing=gradient_checkpointing)
 
 
@@ -306,7 +306,7 @@ def test_teacher_trains_on_a_4bit_base(sasrec_best, dataset):
     model, tokenizer, _ = load_base_model("tiny", quantize_4bit=True)
     model.requires_grad_(False)
     torch.manual_seed(0)
-    teacher = ILoRATeacher(model, tokenizer, load_checkpoint(sasrec_best).model, sasrec_best, ILoRAConfig(r=8),
+    teacher = ILoRATeacher(model, tokenizer, load_student(sasrec_best).model, sasrec_best, ILoRAConfig(r=8),
                            quantized=True).train()
     assert any(type(p).__name__ == "Params4bit" for p in teacher.model.parameters())
     randomise_experts(teacher)

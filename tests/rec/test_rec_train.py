@@ -13,7 +13,7 @@ import torch
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir, read_metrics_csv
 from skip2lora.rec.student import training as rec_train
-from skip2lora.rec.student.checkpoint import load_checkpoint
+from skip2lora.rec.student.saved import load_student
 from skip2lora.rec.student.data import load_dataset
 
 
@@ -64,7 +64,7 @@ def test_validation_not_test_selects_the_checkpoint(quick_config, monkeypatch):
     assert chosen == 1 + test_ndcg.index(min(test_ndcg))
     assert chosen != 1 + test_ndcg.index(max(test_ndcg))
     assert run["summary"]["test"]["ndcg@10"] == pytest.approx(min(test_ndcg))  # best/ holds the chosen epoch
-    loaded = load_checkpoint(cfg.out_dir / "best")
+    loaded = load_student(cfg.out_dir / "best")
     assert loaded.info["epoch"] == chosen
 
 
@@ -73,7 +73,7 @@ def test_training_learns_the_synthetic_pattern_and_seeds_repeat(quick_config):
     again = rec_train.run_student(quick_config("b", epochs=8))
     assert first["summary"]["test"]["hr@10"] > 0.5  # random would be about 10 / 30
     assert first["summary"]["test"] == again["summary"]["test"]
-    state = load_checkpoint(quick_config("a").out_dir / "best").model.item_emb.weight
+    state = load_student(quick_config("a").out_dir / "best").model.item_emb.weight
     assert torch.count_nonzero(state[0]) == 0
 
 

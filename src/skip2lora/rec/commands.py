@@ -63,7 +63,7 @@ def evaluate(checkpoint: Path, split: str = "test", mask_history: Optional[bool]
     import torch
 
     from ..env import resolve_device, synchronize
-    from .student.checkpoint import check_checkpoint_items, load_checkpoint
+    from .student.saved import check_student_items, load_student
     from .student.data import load_dataset
     from .student.metrics import evaluate_ranking
     from .student.training import check_cutoffs, set_threads
@@ -72,12 +72,12 @@ def evaluate(checkpoint: Path, split: str = "test", mask_history: Optional[bool]
         raise UserError(f"--split must be test or validation, got '{split}'")
     set_threads(threads)
     torch_device = resolve_device(device)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_student(checkpoint)
     if data_path is not None:
         loaded.data.path = Path(data_path)
     eval_cfg = loaded.eval if mask_history is None else replace(loaded.eval, mask_history=mask_history)
     dataset = load_dataset(loaded.data)
-    check_checkpoint_items(loaded, dataset, checkpoint)
+    check_student_items(loaded, dataset, checkpoint)
     check_cutoffs(eval_cfg.ks, dataset.n_items)
     model = loaded.model.to(torch_device)
     started = time.perf_counter()

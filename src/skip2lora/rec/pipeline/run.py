@@ -162,7 +162,7 @@ def teacher_identity(final: Path) -> dict:
 
 
 def write_outputs_phase(cfg: RecPipelineConfig, device: torch.device, log: Log) -> dict:
-    from ..student.checkpoint import checkpoint_dataset
+    from ..student.saved import student_dataset
     from ..teacher.outputs import write_teacher_outputs
     from ..teacher.prompts import PromptSettings
     from ..teacher.evaluate import TeacherScorer
@@ -170,7 +170,7 @@ def write_outputs_phase(cfg: RecPipelineConfig, device: torch.device, log: Log) 
 
     final = teacher_checkpoint(cfg)
     teacher, settings, dataset_folder = load_teacher(final, device)
-    dataset = checkpoint_dataset(dataset_folder)
+    dataset = student_dataset(dataset_folder)
     scorer = TeacherScorer(teacher, dataset, PromptSettings(**settings), device,
                            cfg.outputs.inference_batch_size, cfg.outputs.use_cache)
     index = write_teacher_outputs(cfg.out_dir / OUTPUTS_DIR, dataset, scorer.catalogue_scores, cfg.outputs,

@@ -117,7 +117,7 @@ def measure_training(spec: dict) -> dict:
 def inference_teacher(spec: dict, device: torch.device) -> tuple:
     """(teacher method, its dataset, its prompt settings): a saved teacher, or the reference teacher untrained."""
     from ...config import build_finetune_config
-    from ..student.checkpoint import checkpoint_dataset
+    from ..student.saved import student_dataset
     from ..teacher.prompts import PromptSettings
 
     if spec.get("teacher_checkpoint"):
@@ -127,14 +127,14 @@ def inference_teacher(spec: dict, device: torch.device) -> tuple:
         teacher = load_ilora(folder, device)
         if not teacher.prompt_settings:
             raise UserError(f"{folder} records no prompt settings: it was not trained on data.name rec-teacher")
-        return teacher, checkpoint_dataset(folder / SASREC_DIR), PromptSettings(**teacher.prompt_settings)
+        return teacher, student_dataset(folder / SASREC_DIR), PromptSettings(**teacher.prompt_settings)
     from ...env import resolve_precision
     from ...methods import build_method
 
     cfg = build_finetune_config(spec["teacher"])
     dtype = precision_dtype(resolve_precision(cfg.precision, device))
     teacher, _ = build_method(cfg, "generation", None, device, dtype)
-    return teacher.eval(), checkpoint_dataset(cfg.data.path), PromptSettings.from_data_config(cfg.data)
+    return teacher.eval(), student_dataset(cfg.data.path), PromptSettings.from_data_config(cfg.data)
 
 
 def _fresh(folder: Path) -> Path:

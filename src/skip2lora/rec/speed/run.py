@@ -69,12 +69,12 @@ def student_checkpoint(cfg: RecSpeedConfig, log: Log) -> Path:
 def dataset_facts(cfg: RecSpeedConfig) -> dict:
     """The data every side reads (the given student's, or the one a student will be trained on): the dataset, its
     size, the subset it was cut to. Read before anything is written, so a sample count too large is refused first."""
-    from ..student.checkpoint import checkpoint_dataset, load_checkpoint
+    from ..student.saved import student_dataset, load_student
     from ..student.data import load_dataset
     from ..teacher.prompts import split_samples
 
     if cfg.sasrec_checkpoint is not None:
-        dataset, data = checkpoint_dataset(cfg.sasrec_checkpoint), load_checkpoint(cfg.sasrec_checkpoint).data
+        dataset, data = student_dataset(cfg.sasrec_checkpoint), load_student(cfg.sasrec_checkpoint).data
     else:
         dataset, data = load_dataset(cfg.data), cfg.data
     return {"name": dataset.name, "users": dataset.n_users, "items": dataset.n_items,

@@ -20,7 +20,7 @@ from ...errors import UserError
 from ...outdir import RunClaim, RunDir
 from ...train.step import build_optimizer, train_step
 from .baselines import protocol
-from .checkpoint import save_checkpoint
+from .saved import save_best_student
 from .config import RecDistilledStudentConfig, RecStudentConfig, config_to_dict
 from .data import EvalSplit, RecDataset, TrainWindows, format_stats, load_dataset
 from ..distill.training import setup_distillation
@@ -158,7 +158,7 @@ def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: 
             if best["validation"] is None or val_metrics[key] > best["validation"][key]:
                 best = {"epoch": epoch, "validation": val_metrics,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                save_checkpoint(run_dir, model, dataset, cfg, epoch, val_metrics)
+                save_best_student(run_dir, model, dataset, cfg, epoch, val_metrics)
             elapsed = time.perf_counter() - fit_start
             logger.log({"epoch": epoch, "train_loss": train_loss,
                         f"val_hr@{cfg.eval.k}": val_metrics[f"hr@{cfg.eval.k}"],

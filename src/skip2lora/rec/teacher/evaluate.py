@@ -254,13 +254,13 @@ def evaluate_teacher(checkpoint: Path, split: str = "validation", ks: Sequence[i
     split: full-catalogue metrics of its grounded scores on the first `max_users` users, iLoRA's candidate
     protocol on the first `protocol_users` (default max_users; 0 skips it), and the cost of each per sample."""
     from ...inference import checkpoint_method
-    from ..student.checkpoint import checkpoint_dataset
+    from ..student.saved import student_dataset
     from .load import load_teacher
 
     if split not in ("validation", "test"):
         raise UserError(f"--split must be validation or test, got '{split}'")
     teacher, settings, dataset_folder = load_teacher(checkpoint, torch.device(device))
-    dataset = checkpoint_dataset(dataset_folder)
+    dataset = student_dataset(dataset_folder)
     scorer = TeacherScorer(teacher, dataset, PromptSettings(**settings), device, batch_size)
     result = {"checkpoint": str(checkpoint), "method": checkpoint_method(Path(checkpoint)), "split": split,
               "catalogue": catalogue_metrics(scorer, split, ks, mask_history, max_users)}

@@ -34,7 +34,7 @@ from ...errors import UserError
 from ...methods.base import FinetuneMethod, copy_checked, probe_batch, register_method
 from ...models import ModelInfo
 from ...outdir import read_json_file
-from ..student.checkpoint import ITEMS_JSON, REC_JSON, WEIGHTS, load_checkpoint
+from ..student.saved import ITEMS_JSON, REC_JSON, WEIGHTS, load_student
 from .moe_lora import ExpertGate, add_moe_lora, attention_projections, moe_lora_layers
 from ..student.sasrec import SASRec
 
@@ -106,7 +106,7 @@ class ILoRATeacher(FinetuneMethod):
         if folder is None:
             raise UserError("method ilora needs the frozen SASRec for its gate: --ilora.sasrec_checkpoint OUT/best "
                             "of a `rec student` run (or --data.path, which rec-teacher reads)")
-        loaded = load_checkpoint(folder)
+        loaded = load_student(folder)
         if cfg.data.path is not None and Path(folder) != Path(cfg.data.path):
             data_items = json.loads((Path(cfg.data.path) / ITEMS_JSON).read_text())["item_ids"]
             if data_items != loaded.item_ids:
@@ -255,7 +255,7 @@ def load_ilora(folder: Path, device: torch.device, base_model: Optional[str] = N
                                dropout=config["dropout"], target_modules=config["target_modules"])
     except KeyError as exc:
         raise UserError(f"{folder / ADAPTER_CONFIG} lacks {exc}: the teacher folder is damaged") from exc
-    sasrec = load_checkpoint(folder / SASREC_DIR).model
+    sasrec = load_student(folder / SASREC_DIR).model
     teacher = ILoRATeacher(model, tokenizer, sasrec, folder / SASREC_DIR, settings,
                            quantized=bool(config.get("quantized_base")))
     try:

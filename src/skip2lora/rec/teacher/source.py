@@ -23,14 +23,14 @@ def _subset(samples: list, limit, seed: int, what: str) -> list:
 
 
 def load_rec_teacher(cfg: DataConfig) -> TaskData:
-    from ..student.checkpoint import checkpoint_dataset
+    from ..student.saved import student_dataset
     from .prompts import PromptSettings, RecPromptBuilder, display_titles, split_samples
 
     if cfg.path is None:
         raise UserError("data.name rec-teacher needs --data.path: the OUT/best folder of a `rec student` run")
     if not (cfg.path / "rec.json").is_file():
         raise UserError(f"data.path {cfg.path} holds no rec.json: point --data.path at OUT/best of a `rec student` run")
-    dataset = checkpoint_dataset(cfg.path)
+    dataset = student_dataset(cfg.path)
     settings = PromptSettings.from_data_config(cfg)
     settings.check(dataset)
     every_train = list(dataset.training_samples())

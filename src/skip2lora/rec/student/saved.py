@@ -25,7 +25,7 @@ REC_JSON, ITEMS_JSON, WEIGHTS = "rec.json", "items.json", "model.safetensors"
 
 
 @dataclass
-class LoadedCheckpoint:
+class LoadedStudent:
     model: SASRec
     info: dict
     data: RecDataConfig
@@ -33,7 +33,7 @@ class LoadedCheckpoint:
     item_ids: list[str]
 
 
-def save_checkpoint(run_dir: RunDir, model: SASRec, dataset, cfg, epoch: int, validation: dict) -> Path:
+def save_best_student(run_dir: RunDir, model: SASRec, dataset, cfg, epoch: int, validation: dict) -> Path:
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -52,7 +52,7 @@ def save_checkpoint(run_dir: RunDir, model: SASRec, dataset, cfg, epoch: int, va
     return run_dir.write_result("best", fill)
 
 
-def load_checkpoint(folder: Path) -> LoadedCheckpoint:
+def load_student(folder: Path) -> LoadedStudent:
     """A best/ folder back into a model (eval mode, CPU) and the configs that made its data."""
     from safetensors.torch import load_file
 
@@ -73,10 +73,10 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     model.eval()
     item_ids = read_json_file(folder / ITEMS_JSON, ITEMS_JSON)["item_ids"]
-    return LoadedCheckpoint(model, info, RecDataConfig(**info["data"]), RecEvalConfig(**info["eval"]), item_ids)
+    return LoadedStudent(model, info, RecDataConfig(**info["data"]), RecEvalConfig(**info["eval"]), item_ids)
 
 
-def check_checkpoint_items(loaded: LoadedCheckpoint, dataset, where: Path) -> None:
+def check_student_items(loaded: LoadedStudent, dataset, where: Path) -> None:
     """The checkpoint must score the dataset's items: the same count, then the same raw ids."""
     if loaded.model.n_items != dataset.n_items:
         raise UserError(f"checkpoint {where} scores {loaded.model.n_items} items, the {dataset.name} data has "
@@ -86,12 +86,12 @@ def check_checkpoint_items(loaded: LoadedCheckpoint, dataset, where: Path) -> No
                         "--data_path at the files the checkpoint was trained on")
 
 
-def checkpoint_dataset(folder: Path):
+def student_dataset(folder: Path):
     """The dataset a checkpoint was trained on (from its rec.json), refused unless its items are the checkpoint's
     items in the same order: a model or teacher over another catalogue would score the wrong items."""
     from .data import load_dataset
 
-    loaded = load_checkpoint(folder)
+    loaded = load_student(folder)
     dataset = load_dataset(loaded.data)
     if dataset.item_ids != loaded.item_ids:
         raise UserError(f"{folder} was trained on {len(loaded.item_ids)} items, its dataset {dataset.name} now has "
