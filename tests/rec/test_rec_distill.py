@@ -225,7 +225,7 @@ def test_distilled_student_end_to_end_and_evaluate_reloads_it(dataset, teacher_o
     assert load_student(cfg.out_dir / "best").model.input_distillation.projection.weight.shape == (16, LLM_DIM)
 
     capsys.readouterr()
-    assert main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--device", "cpu"]) == 0
+    assert main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--device", "cpu", "--threads", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("hr@10", "ndcg@10", "loss"):
         assert evaluated[key] == pytest.approx(run["summary"]["test"][key], abs=1e-6)
@@ -236,7 +236,7 @@ def test_distilled_student_end_to_end_and_evaluate_reloads_it(dataset, teacher_o
                                            (["--distill.shuffle_between_users", "true"], "sasrec+rd+ed-shuffled")])
 def test_the_controls_run_from_the_command_line(tmp_path, synthetic_dir, teacher_outputs, flags, method):
     out = tmp_path / "run"
-    assert main_rec(["distill", "--out_dir", str(out), "--device", "cpu", "--tensorboard", "false",
+    assert main_rec(["distill", "--out_dir", str(out), "--device", "cpu", "--threads", "1", "--tensorboard", "false",
                      "--data.name", "ml-1m", "--data.path", str(synthetic_dir), "--data.max_seq_len", "8",
                      "--model.hidden", "16", "--model.blocks", "1", "--train.epochs", "1", "--train.batch_size", "16",
                      "--eval.ks", "[1, 5, 10]", "--distill.teacher_outputs", str(teacher_outputs), *flags]) == 0

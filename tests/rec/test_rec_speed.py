@@ -25,7 +25,7 @@ TRAINING_KNOBS = ("precision", "loader_workers", "compile", "qlora", "accumulati
 
 def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
     """The tiny config on synthetic data (12 of its 40 users), every measurement in this process: seconds."""
-    return ["speed", str(TINY), "--out_dir", str(out), "--isolate", "false", "--data.name", "ml-1m",
+    return ["speed", str(TINY), "--out_dir", str(out), "--isolate", "false", "--threads", "1", "--data.name", "ml-1m",
             "--data.path", str(data), "--data.max_users", "12", "--data.recent_interactions", "null", *extra]
 
 

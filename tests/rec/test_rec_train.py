@@ -19,7 +19,7 @@ from skip2lora.rec.student.data import load_dataset
 
 def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "student"
-    code = main_rec(["student", "--out_dir", str(out), "--device", "cpu", "--data.name", "ml-1m", "--data.path",
+    code = main_rec(["student", "--out_dir", str(out), "--device", "cpu", "--threads", "1", "--data.name", "ml-1m", "--data.path",
                      str(synthetic_dir), "--data.max_seq_len", "8", "--model.hidden", "16", "--train.epochs", "1",
                      "--train.batch_size", "16", "--eval.ks", "[1, 5, 10]"])
     assert code == 0
@@ -40,7 +40,7 @@ def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):
 
     # evaluate reproduces the run's test metrics from best/.
     capsys.readouterr()
-    assert main_rec(["evaluate", "--checkpoint", str(out / "best"), "--device", "cpu"]) == 0
+    assert main_rec(["evaluate", "--checkpoint", str(out / "best"), "--device", "cpu", "--threads", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("hr@10", "ndcg@10", "loss"):
         assert evaluated[key] == pytest.approx(run["summary"]["test"][key], abs=1e-6)
@@ -107,7 +107,7 @@ def test_baselines_and_report(tmp_path, synthetic_dir, quick_config):
 
 
 def student_argv(tmp_path, synthetic_dir, *extra):
-    return ["student", "--out_dir", str(tmp_path / "x"), "--device", "cpu", "--data.name", "ml-1m",
+    return ["student", "--out_dir", str(tmp_path / "x"), "--device", "cpu", "--threads", "1", "--data.name", "ml-1m",
             "--data.path", str(synthetic_dir), "--tensorboard", "false", "--train.epochs", "1", *extra]
 
 
