@@ -202,16 +202,14 @@ def test_shipped_speed_configs_parse(name):
 
 
 # -- one measurement in its own process ----------------------------------------------------------------------
-def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir):
+def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir, finished):
     from skip2lora.config import to_plain_dict
-    from skip2lora.rec.speed.run import reference_teacher
+    from skip2lora.rec.speed.run import STUDENT_DIR, reference_teacher
     from skip2lora.rec.speed.worker import run_isolated, worker_result
 
     cfg = parse_config("speed", tiny_argv(tmp_path / "unused", data_dir)[1:])
-    main_rec(["student", "--out_dir", str(tmp_path / "student"), "--device", "cpu", "--threads", "1",
-              "--tensorboard", "false", "--data.name", "ml-1m", "--data.path", str(data_dir), "--data.max_users", "12",
-              "--data.max_seq_len", "8", "--model.hidden", "16", "--model.blocks", "1", "--train.epochs", "1"])
-    spec = {"kind": "generate", "teacher": to_plain_dict(reference_teacher(cfg, tmp_path / "student" / "best")),
+    student = finished / STUDENT_DIR / "best"  # the finished run's student: what its teacher's gate read
+    spec = {"kind": "generate", "teacher": to_plain_dict(reference_teacher(cfg, student)),
             "teacher_checkpoint": None, "device": "cpu", "threads": 1, "samples": 2, "batch_size": 2,
             "use_cache": True, "warmup": 1, "timed": 2, "out_dir": str(tmp_path / "runs")}
     result = run_isolated(spec)
