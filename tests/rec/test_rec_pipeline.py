@@ -14,7 +14,6 @@ from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.paths import remove_path
 from skip2lora.rec.pipeline import run as rec_pipeline
-from skip2lora.rec.pipeline.config import pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "pipeline-tiny.yaml"

@@ -16,7 +16,7 @@ from rec_fixtures import main_rec, one_line, parse_config
 
 from skip2lora.errors import UserError
 from skip2lora.rec.speed import knobs as speed_knobs
-from skip2lora.rec.speed.config import KNOBS, speed_config
+from skip2lora.rec.speed.config import KNOBS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "speed-tiny.yaml"
@@ -64,7 +64,7 @@ def test_every_knob_is_one_row_with_every_side_measured(finished):
             timed = result["timed_s"]
             assert timed["n"] == 2 and timed["mean"] > 0 and timed["std"] is not None
             assert result["peak_memory_mb"] > 0 and result["load_peak_memory_mb"] > 0  # the window starts after loading
-            if result["kind"] == "train":
+            if result["measurement"] == "train":
                 assert len(result["warmup_s"]) == 1 and result["samples_per_step"] == 4  # warm-up left out
     # Every training knob's baseline is the reference teacher: one measurement, shared.
     baselines = {rows[k]["sides"][0]["measurement_id"] for k in TRAINING_KNOBS if rows[k]["status"] == "ok"}
@@ -209,15 +209,15 @@ def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir, fin
 
     cfg = parse_config("speed", tiny_argv(tmp_path / "unused", data_dir)[1:])
     student = finished / STUDENT_DIR / "best"  # the finished run's student: what its teacher's gate read
-    spec = {"kind": "generate", "teacher": to_plain_dict(reference_teacher(cfg, student)),
+    spec = {"measurement": "generate", "teacher": to_plain_dict(reference_teacher(cfg, student)),
             "teacher_checkpoint": None, "device": "cpu", "threads": 1, "samples": 2, "batch_size": 2,
             "use_cache": True, "warmup": 1, "timed": 2, "out_dir": str(tmp_path / "runs")}
     result = run_isolated(spec)
     assert result["status"] == "ok", result.get("error")
     assert result["isolated"] is True and result["pid"] != os.getpid() and result["peak_memory_mb"] > 0
     assert result["timed_s"]["n"] == 2 and result["wall_s"] > 0
-    failed = worker_result({**spec, "kind": "bench"})  # what the worker reports for a spec it cannot run
-    assert failed == {"status": "failed", "error": "unknown speed measurement kind 'bench': use train, outputs or "
+    failed = worker_result({**spec, "measurement": "bench"})  # what the worker reports for a spec it cannot run
+    assert failed == {"status": "failed", "error": "unknown speed measurement 'bench': use train, outputs or "
                                                    "generate"}
 
 

@@ -220,8 +220,8 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
     ks = first["summary"]["protocol"]["ks"]
     grouped = groups(runs)
     names = {"ilora": "iLoRA", "skip2lora": "Skip2-LoRA"}
-    kinds = sorted({names.get(m, m) for m in (p["settings"]["teacher"].get("method", "ilora") for p in pipelines)})
-    teachers = " and ".join(kinds) + (" teachers" if len(kinds) > 1 else " teacher")
+    teacher_names = sorted({names.get(m, m) for m in (p["settings"]["teacher"].get("method", "ilora") for p in pipelines)})
+    teachers = " and ".join(teacher_names) + (" teachers" if len(teacher_names) > 1 else " teacher")
     title = (f"the SASRec student, the {teachers} and distillation on {dataset_label(first['split'])}"
              if pipelines else f"the SASRec student on {first['split']['dataset']}")
     records = f" and {len(pipelines)} pipeline record{'s' if len(pipelines) > 1 else ''}" if pipelines else ""

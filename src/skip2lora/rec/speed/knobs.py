@@ -26,7 +26,7 @@ PRECISION_LABELS = {"32-true": "fp32", "bf16-true": "bf16 (bf16-true)", "bf16-mi
 class Side:
     label: str
     """What the table shows for this side (fp32, 4 workers, ...)."""
-    kind: str
+    measurement: str
     """What is timed: train (teacher training steps), outputs (teacher-output generation), generate (greedy)."""
     changes: dict = field(default_factory=dict)
     """What differs from the reference: dotted teacher keys (train) or inference settings; {} = the reference."""
@@ -35,9 +35,9 @@ class Side:
     def measurement_id(self) -> str:
         """Equal for equal measurements, so a shared baseline is measured once; also its run folder's name."""
         if not self.changes:
-            return f"{self.kind}-reference"
+            return f"{self.measurement}-reference"
         words = [f"{key.split('.')[-1]}-{str(value).lower()}" for key, value in sorted(self.changes.items())]
-        return "-".join([self.kind, *words]).replace("_", "-")
+        return "-".join([self.measurement, *words]).replace("_", "-")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 A spec is plain JSON (speed.py builds it):
 
-    {"kind": "train", "teacher": {FinetuneConfig as a dict}, "warmup": W, "timed": T, "threads": n}
-    {"kind": "outputs" | "generate", "teacher": {...}, "teacher_checkpoint": PATH | null, "device": "cpu",
+    {"measurement": "train", "teacher": {FinetuneConfig as a dict}, "warmup": W, "timed": T, "threads": n}
+    {"measurement": "outputs" | "generate", "teacher": {...}, "teacher_checkpoint": PATH | null, "device": "cpu",
      "threads": n, "samples": N, "batch_size": B, "use_cache": true, "warmup": W, "timed": P, "out_dir": PATH}
 
 Training runs `skip2lora finetune` itself (`run_finetune`, the one loop) for W + T optimizer steps and reads each
@@ -33,11 +33,11 @@ from .knobs import GENERATE, OUTPUTS, TRAIN
 
 def measure(spec: dict) -> dict:
     """Measure one spec in this process; a bad spec or a failed run raises."""
-    if spec.get("kind") == TRAIN:
+    if spec.get("measurement") == TRAIN:
         return measure_training(spec)
-    if spec.get("kind") in (OUTPUTS, GENERATE):
+    if spec.get("measurement") in (OUTPUTS, GENERATE):
         return measure_inference(spec)
-    raise UserError(f"unknown speed measurement kind {spec.get('kind')!r}: use {TRAIN}, {OUTPUTS} or {GENERATE}")
+    raise UserError(f"unknown speed measurement {spec.get('measurement')!r}: use {TRAIN}, {OUTPUTS} or {GENERATE}")
 
 
 def _threads(count: int) -> int:
@@ -95,7 +95,7 @@ def measure_training(spec: dict) -> dict:
     batch = cfg.train.global_batch_size
     summary = record["summary"]
     result = {
-        "kind": TRAIN, "unit": "s/step", "timed_s": mean_std(seconds).to_dict(),
+        "measurement": TRAIN, "unit": "s/step", "timed_s": mean_std(seconds).to_dict(),
         "per_sample_s": mean_std([s / batch for s in seconds]).to_dict(),
         "warmup_s": [row["step_time_s"] for row in warmup],
         "tokens_per_s": mean_std([row["tokens_per_s"] for row in timed]).mean,
@@ -158,7 +158,7 @@ def measure_inference(spec: dict) -> dict:
     memory = start_memory_window(device)
     batch = spec["batch_size"]
     scorer = TeacherScorer(teacher, dataset, settings, device, batch, spec["use_cache"])
-    outputs = spec["kind"] == OUTPUTS
+    outputs = spec["measurement"] == OUTPUTS
     pool = list(dataset.training_samples()) if outputs else split_samples(dataset, "validation")
     samples = pool[:spec["samples"]]
     if len(samples) < spec["samples"]:
@@ -177,7 +177,7 @@ def measure_inference(spec: dict) -> dict:
         else:
             scorer.generate_answers(samples)
         passes.append(time.perf_counter() - clock)
-    return {"kind": spec["kind"], "unit": "s/sample", "timed_s": mean_std([s / len(samples) for s in passes]).to_dict(),
+    return {"measurement": spec["measurement"], "unit": "s/sample", "timed_s": mean_std([s / len(samples) for s in passes]).to_dict(),
             "pass_s": passes, "samples": len(samples), "batch_size": batch, "use_cache": spec["use_cache"],
             "teacher": "saved" if spec.get("teacher_checkpoint") else "untrained reference (zero experts)",
             "load_s": load_s, "item_embeddings_s": scorer.timing["item_embeddings_s"],

@@ -127,13 +127,13 @@ def training_spec(cfg: RecSpeedConfig, reference: FinetuneConfig, side: Side, fo
         build_finetune_config(values)  # every side checked before the first measurement starts
     except UserError as exc:
         raise UserError(f"the {side.label} side: {exc}") from None
-    return {"kind": TRAIN, "teacher": values, "warmup": cfg.warmup_steps, "timed": cfg.timed_steps,
+    return {"measurement": TRAIN, "teacher": values, "warmup": cfg.warmup_steps, "timed": cfg.timed_steps,
             "threads": cfg.threads}
 
 
 def inference_spec(cfg: RecSpeedConfig, reference: FinetuneConfig, side: Side, folder: Path) -> dict:
-    outputs = side.kind == OUTPUTS
-    return {"kind": side.kind, "teacher": to_plain_dict(reference),
+    outputs = side.measurement == OUTPUTS
+    return {"measurement": side.measurement, "teacher": to_plain_dict(reference),
             "teacher_checkpoint": str(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None,
             "device": cfg.device, "threads": cfg.threads,
             "samples": cfg.inference_samples if outputs else cfg.generation_samples,
@@ -150,7 +150,7 @@ def side_specs(cfg: RecSpeedConfig, knobs: list[Knob], reference: FinetuneConfig
         for side in knob.sides:
             folder = cfg.out_dir / RUNS_DIR / side.measurement_id
             if side.measurement_id not in specs:
-                build = training_spec if side.kind == TRAIN else inference_spec
+                build = training_spec if side.measurement == TRAIN else inference_spec
                 specs[side.measurement_id] = build(cfg, reference, side, folder)
     return specs
 

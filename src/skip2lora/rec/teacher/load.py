@@ -61,11 +61,11 @@ def load_teacher(folder: Path, device: torch.device | str) -> tuple[Any, dict, P
     from .ilora import SASREC_DIR, load_ilora
 
     folder, device = Path(folder), torch.device(device)
-    kind = checkpoint_method(folder)
-    if kind == "full":
+    method_name = checkpoint_method(folder)
+    if method_name == "full":
         raise UserError(f"{folder} is a full model checkpoint, not a recommendation teacher: point at OUT/final of "
                         "an ilora or skip2lora run on data.name rec-teacher")
-    if kind == "ilora":
+    if method_name == "ilora":
         teacher = load_ilora(folder, device)
         if not teacher.prompt_settings:
             raise UserError(f"{folder} records no prompt settings: it was not trained on data.name {REC_TEACHER}")
