@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .errors import UserError
+from .errors import UserError, one_line  # noqa: F401 - one_line and read_yaml stay importable from here
+from .paths import read_yaml  # noqa: F401
 
 # The built-in sources; an application adds its own through data.register_source.
 DATASET_NAMES = ["instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays", "japanese"]
@@ -393,6 +394,7 @@ def config_sections(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls) if is_dataclass(hints[f.name])}
 
+
 # Short flags the seed documents use, mapped to their place in the nested config.
 FLAG_ALIASES = {
     "--max_steps": "--train.max_steps",
@@ -456,28 +458,6 @@ def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
     except (ArgumentError, TypeError, ValueError) as exc:
         raise UserError(one_line(exc)) from exc
     return build_finetune_config(namespace.as_dict())
-
-
-def one_line(message: Any) -> str:
-    """A message folded onto one line (jsonargparse's errors span several)."""
-    return re.sub(r"\s+", " ", str(message)).strip()
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """Parse a YAML file; a missing file or bad syntax becomes one UserError line naming the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist: check the path")
-    try:
-        return yaml.safe_load(path.read_text())
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not a text file: {exc.reason}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{what} {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
 
 
 def to_plain_dict(cfg: Any) -> dict:

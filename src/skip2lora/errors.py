@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import warnings
 
 
@@ -46,3 +47,8 @@ def os_user_error(exc: OSError, doing: str) -> UserError:
     error = UserError(describe_os_error(exc, doing))
     error.__cause__ = exc
     return error
+
+
+def one_line(message: object) -> str:
+    """A message folded onto one line (jsonargparse's errors span several)."""
+    return re.sub(r"\s+", " ", str(message)).strip()
