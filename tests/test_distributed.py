@@ -151,7 +151,7 @@ def test_benchmark_times_a_ddp_step_on_two_ranks(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "skip2lora.cli", "benchmark", "--model", "tiny", "--device", "cpu", "--devices", "2",
          "--iters", "1", "--warmup", "1", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
-         "--config_file", str(suite), "--out_dir", str(tmp_path / "out")],
+         "--suite", str(suite), "--out_dir", str(tmp_path / "out")],
         env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finished(process)
     payload = json.loads(next((tmp_path / "out").glob("skip2lora_benchmark_*.json")).read_text())
