@@ -15,6 +15,7 @@ from ...errors import UserError
 from ...outdir import RunDir, read_json_file
 from ...paths import atomic_write_bytes, atomic_write_json
 from ...report.stats import mean_std
+from ...report.tables import Table, render_markdown
 from .common import dataset_label, fmt, subset_line
 from .pipeline import distillation_lines, is_pipeline_folder, load_pipeline, pipeline_sections
 
@@ -84,19 +85,19 @@ def _label(key: tuple) -> str:
 
 def metric_table(grouped, split: str, ks: list[int], anchors: bool) -> list[str]:
     head = ["ranker", "runs", "HR@10", "NDCG@10", "Recall@10"] + [f"HR@{k} / NDCG@{k}" for k in ks if k != 10]
-    lines = ["| " + " | ".join(head + ["CE loss"]) + " |", "|" + "---|" * (len(head) + 1)]
+    rows = []
     for key, runs in grouped:
         values = lambda name: [r["summary"][split].get(name) for r in runs]  # noqa: E731
         cells = [_label(key), str(len(runs)), fmt(values("hr@10")), fmt(values("ndcg@10")), fmt(values("recall@10"))]
         cells += [f"{fmt(values(f'hr@{k}'))} / {fmt(values(f'ndcg@{k}'))}" for k in ks if k != 10]
-        lines.append("| " + " | ".join(cells + [fmt(values("loss"))]) + " |")
+        rows.append(cells + [fmt(values("loss"))])
     if anchors:
         for anchor in ANCHORS:
             if anchor["split"] == split:
                 cells = [f"{anchor['name']}: {anchor['protocol']}", "–", f"{anchor['hr@10']:.4f}",
                          f"{anchor['ndcg@10']:.4f}", "–"] + ["–" for k in ks if k != 10]
-                lines.append("| " + " | ".join(cells + ["–"]) + " |")
-    return lines
+                rows.append(cells + ["–"])
+    return render_markdown(Table(f"{split} metrics", head + ["CE loss"], rows), level=0).split("\n")
 
 
 def protocol_lines(student: dict) -> list[str]:
@@ -136,16 +137,16 @@ def _cpu(timing: dict) -> str:
 
 
 def run_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | seed | best epoch / run | stopped | val NDCG@10 | test HR@10 | test NDCG@10 | fit s | "
-             "fit CPU s | training s | s per epoch | test eval s | peak MB (fit) |", "|" + "---|" * 13]
+    head = ["run", "seed", "best epoch / run", "stopped", "val NDCG@10", "test HR@10", "test NDCG@10", "fit s",
+            "fit CPU s", "training s", "s per epoch", "test eval s", "peak MB (fit)"]
+    rows = []
     for run in runs:
         t, s = run["timing"], run["summary"]
-        lines.append(f"| {run['name']} | {run['seed']} | {s['best_epoch']} / {s['epochs_run']} | {s['stopped']} | "
-                     f"{s['validation']['ndcg@10']:.4f} | {s['test']['hr@10']:.4f} | {s['test']['ndcg@10']:.4f} | "
-                     f"{t['fit_s']:.1f} | {_cpu(t)} | {t['train_s']:.1f} | {t['epoch_time_s']['mean']:.2f} | "
-                     f"{t['test_eval_s']:.3f} | "
-                     f"{t['memory']['fit']['peak_memory_mb']:.0f} |")
-    return lines
+        rows.append([run["name"], str(run["seed"]), f"{s['best_epoch']} / {s['epochs_run']}", s["stopped"],
+                     f"{s['validation']['ndcg@10']:.4f}", f"{s['test']['hr@10']:.4f}", f"{s['test']['ndcg@10']:.4f}",
+                     f"{t['fit_s']:.1f}", _cpu(t), f"{t['train_s']:.1f}", f"{t['epoch_time_s']['mean']:.2f}",
+                     f"{t['test_eval_s']:.3f}", f"{t['memory']['fit']['peak_memory_mb']:.0f}"])
+    return render_markdown(Table("student runs", head, rows, text_columns=4), level=0).split("\n")
 
 
 def timing_table(runs: list[dict]) -> list[str]:
@@ -164,8 +165,8 @@ def timing_table(runs: list[dict]) -> list[str]:
          col(lambda t: t["test_eval_s"]),
          col(lambda t: t["memory"]["test_eval"]["peak_memory_mb"], 0)),
     ]
-    lines = ["| phase | seconds | peak memory MB |", "|---|---|---|"]
-    return lines + [f"| {name} | {secs} | {mem} |" for name, secs, mem in rows]
+    table = Table("student phases", ["phase", "seconds", "peak memory MB"], [list(row) for row in rows])
+    return render_markdown(table, level=0).split("\n")
 
 
 def timing_tables(students: list[dict]) -> list[str]:
