@@ -131,8 +131,9 @@ def metric_columns(k: int) -> list[str]:
             "elapsed_s", "peak_memory_mb"]
 
 
-def fit(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: EvalSplit, cfg: RecStudentConfig,
-        claim: RunClaim, device: torch.device, loss_module: Optional[nn.Module] = None) -> dict:
+def run_epochs(fabric, model: SASRec, dataset: RecDataset, windows: TrainWindows, val: EvalSplit,
+               cfg: RecStudentConfig, claim: RunClaim, device: torch.device,
+               loss_module: Optional[nn.Module] = None) -> dict:
     """Epochs until `train.epochs`, patience or the time limit; best/ holds the best-validation weights.
     `loss_module` (default LossModule(model)) computes a step's loss from (inputs, targets, window_index)."""
     run_dir = claim.run_dir
@@ -235,7 +236,7 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
     if isinstance(cfg, RecDistilledStudentConfig):  # teacher outputs read and aligned here, timed on their own
         loss_module, distillation = setup_distillation(cfg, model, dataset, windows)
     reset_peak_memory(device)
-    fitted = fit(fabric, model, dataset, windows, val, cfg, claim, device, loss_module)
+    fitted = run_epochs(fabric, model, dataset, windows, val, cfg, claim, device, loss_module)
     fit_memory = memory_facts(device)
 
     reset_peak_memory(device)
