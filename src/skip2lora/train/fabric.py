@@ -7,6 +7,8 @@ refusals below are the settings Fabric or this project cannot honour, each said 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..config import FinetuneConfig
@@ -31,12 +33,22 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-true" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def four_bit_setting(cfg: FinetuneConfig) -> Optional[str]:
+    """The setting that makes cfg's method load 4-bit weights (each method says so itself), or None; None too
+    for a name no method registers (the benchmark's frozen-forward reference), which build_method refuses."""
+    try:
+        method = method_class(cfg.method)
+    except UserError:
+        return None
+    return method.four_bit_setting(cfg)
+
+
 def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
     """Refuse what cannot run, before any process is launched."""
     world = cfg.devices * cfg.num_nodes
     if cfg.strategy == "fsdp" and accelerator == "cpu":
         raise UserError("--strategy fsdp needs GPUs (Fabric shards parameters with NCCL): use --strategy ddp on CPU")
-    four_bit = method_class(cfg.method).four_bit_setting(cfg)  # each method says when it loads 4-bit weights
+    four_bit = four_bit_setting(cfg)
     if four_bit and world > 1:
         raise UserError(f"4-bit weights ({four_bit}) run on one device only, not {world}: use --devices 1 "
                         "--num_nodes 1, or a method without 4-bit weights (--method lora)")
