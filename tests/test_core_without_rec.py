@@ -69,7 +69,10 @@ def test_the_registries_work_without_rec_and_name_its_parts_when_it_is_there():
     from skip2lora.methods import method_class
     from skip2lora.report.registry import run_report
 
+    from skip2lora.plugins import load_plugins
+
     assert method_class("ilora").__name__ == "ILoRATeacher"  # the plug-in loads on the first unknown name
+    load_plugins()  # (a no-op once loaded; other tests may have imported rec's method module directly)
     assert "rec-teacher" in DATASET_NAMES and "ilora" in CHECKPOINT_LOADERS and run_report("rec") is not None
     assert "ilora" in {f.name for f in __import__("dataclasses").fields(finetune_config_class())}
 
@@ -88,3 +91,17 @@ def test_no_two_folders_import_each_other():
             if a != b and target != "skip2lora":
                 edges.add((a, b))
     assert sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b) == []
+
+
+def test_the_loop_asks_the_method_what_several_devices_cannot_do(tmp_path, capsys):
+    """train/fabric.py names no method: Skip2-LoRA's own multi_device_refusal refuses an automatic block choice."""
+    from skip2lora.cli import main
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", "tiny", "--device", "cpu", "--method", "skip2lora",
+                 "--skip2lora.block_indices", "auto", "--devices", "2", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: skip2lora.block_indices auto chooses blocks in one process, not 2") and "\n" not in err
+    assert not out.exists()
+    fabric_source = (PACKAGE / "train" / "fabric.py").read_text()
+    assert not any(f'"{name}"' in fabric_source for name in ("lora", "qlora", "skip2lora", "full", "ilora"))

@@ -33,14 +33,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-true" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def four_bit_setting(cfg: FinetuneConfig) -> Optional[str]:
-    """The setting that makes cfg's method load 4-bit weights (each method says so itself), or None; None too
-    for a name no method registers (the benchmark's frozen-forward reference), which build_method refuses."""
+def registered_method(cfg: FinetuneConfig) -> Optional[type]:
+    """cfg's method class, or None for a name no method registers (the benchmark's frozen-forward reference;
+    build_method refuses unknown names itself)."""
     try:
-        method = method_class(cfg.method)
+        return method_class(cfg.method)
     except UserError:
         return None
-    return method.four_bit_setting(cfg)
 
 
 def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
@@ -48,14 +47,14 @@ def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
     world = cfg.devices * cfg.num_nodes
     if cfg.strategy == "fsdp" and accelerator == "cpu":
         raise UserError("--strategy fsdp needs GPUs (Fabric shards parameters with NCCL): use --strategy ddp on CPU")
-    four_bit = four_bit_setting(cfg)
+    method = registered_method(cfg)  # the loop asks the method, never its name
+    four_bit = method.four_bit_setting(cfg) if method else None
     if four_bit and world > 1:
         raise UserError(f"4-bit weights ({four_bit}) run on one device only, not {world}: use --devices 1 "
                         "--num_nodes 1, or a method without 4-bit weights (--method lora)")
-    if cfg.method == "skip2lora" and cfg.skip2lora.block_indices == "auto" and world > 1:
-        # Each rank sees its own share of the data, so each could choose other blocks than the rest.
-        raise UserError(f"skip2lora.block_indices auto chooses blocks in one process, not {world}: run `skip2lora "
-                        "blocks CONFIG.yaml` first and pass the block_indices it prints")
+    refusal = method.multi_device_refusal(cfg, world) if method and world > 1 else None
+    if refusal:
+        raise UserError(refusal)
     per_step = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
