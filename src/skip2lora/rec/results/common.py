@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ...report.stats import mean_std
+from ...report.tables import fmt_mean_std
 
 
 def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
     """Mean ± sample std (the project's one mean_std); the mean alone for one value."""
     stat = mean_std(values)
-    if stat.mean is None:
-        return "–"
-    return f"{stat.mean:.{digits}f}" if stat.std is None else f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
+    return "–" if stat.mean is None else fmt_mean_std(stat.to_dict(), f"{{:.{digits}f}}")
 
 
 def dataset_label(split: dict) -> str:

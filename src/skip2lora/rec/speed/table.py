@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
 from ...errors import UserError
 from ...report.stats import MeanStd, beyond_spread, ratio
+from ...report.tables import Table, render_markdown
 from .run import FORMAT, FORMAT_VERSION
 
-HEADER = ("| knob | what is timed | side | seconds (mean ± std) | vs baseline | peak memory | note |\n"
-          "|---|---|---|---|---|---|---|")
+HEADERS = ["knob", "what is timed", "side", "seconds (mean ± std)", "vs baseline", "peak memory", "note"]
 
 
 def read_speed_json(path: Path) -> dict:
@@ -87,11 +88,11 @@ def side_note(knob: str, side: dict, record: dict) -> str:
     return ""
 
 
-def knob_lines(row: dict, record: dict) -> list[str]:
-    """The knob's lines: its baseline, then each variant against it; one line with the reason when skipped."""
+def knob_lines(row: dict, record: dict) -> list[list[str]]:
+    """The knob's table rows: its baseline, then each variant against it; one line with the reason when skipped."""
     title, measured = row["title"], row["measured"]
     if row["status"] == "skipped":
-        return [f"| {title} | {measured} | skipped: {row['reason']} | – | – | – | |"]
+        return [[title, measured, f"skipped: {row['reason']}", "–", "–", "–", ""]]
     baseline = row["sides"][0]["result"]
     lines = []
     for index, side in enumerate(row["sides"]):
@@ -99,11 +100,11 @@ def knob_lines(row: dict, record: dict) -> list[str]:
         label = side["label"] + (" (baseline)" if index == 0 else "")
         first = (title, measured) if index == 0 else ("", "")
         if result["status"] != "ok":
-            lines.append(f"| {first[0]} | {first[1]} | {label} | failed: {result['error']} | – | – | |")
+            lines.append([first[0], first[1], label, f"failed: {result['error']}", "–", "–", ""])
             continue
         versus = "–" if index == 0 or baseline["status"] != "ok" else versus_cell(baseline, result)
-        lines.append(f"| {first[0]} | {first[1]} | {label} | {seconds_cell(result)} | {versus} | "
-                     f"{memory_cell(result, record['isolated'])} | {side_note(row['knob'], side, record)} |")
+        lines.append([first[0], first[1], label, seconds_cell(result), versus, memory_cell(result, record["isolated"]),
+                      side_note(row["knob"], side, record)])
     return lines
 
 
@@ -137,9 +138,9 @@ def render_section(record: dict) -> str:
         f"{record['timed_steps']} timed ones (each waits for the device before its clock stops), or "
         f"{record['warmup_batches']} untimed inference batch(es), then {record['timed_passes']} timed passes over "
         "the same samples.",
-        f"- **bf16 here**: {record['bf16']['summary']}.", "", HEADER]
-    for row in record["rows"]:
-        lines += knob_lines(row, record)
+        f"- **bf16 here**: {record['bf16']['summary']}.", ""]
+    rows = [cells for row in record["rows"] for cells in knob_lines(row, record)]
+    lines.append(render_markdown(Table("speed knobs", HEADERS, rows, text_columns=3), level=0))
     return "\n".join(lines) + "\n"
 
 
