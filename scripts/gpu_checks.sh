@@ -2,7 +2,7 @@
 # GPU checks, as one script for a machine with CUDA and the project's dependencies importable:
 # the CUDA tests; bf16-mixed and bf16-true fine-tuning; QLoRA on GPU; Skip2-LoRA cached and uncached;
 # FSDP on one GPU; FSDP bf16 run -> kill -> resume equals the uninterrupted run (all GPUs); the benchmark on SmolLM2-135M (4 x 256) and on a ~1.1B random Llama (4 x 512).
-# Every result lands in OUT_DIR (JSON, run folders, logs); `skip2lora report-bench OUT_DIR/*.json` renders them.
+# Every result lands in OUT_DIR (JSON, run folders, logs); `skip2lora benchmark-report OUT_DIR/*.json` renders them.
 # Usage: scripts/gpu_checks.sh [OUT_DIR]
 set -uo pipefail
 out=${1:-out/gpu}

@@ -6,13 +6,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from skip2lora.config import DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig
+from skip2lora.config import (DataConfig, EvalConfig, FinetuneConfig, LoRAConfig, Skip2LoRAConfig, TrainConfig,
+                              finetune_config_class)
 from skip2lora.outdir import RunDir, read_metrics_csv
 
 
 def tiny_config(out_dir: Path, method: str = "lora", model: str = "tiny", **changes) -> FinetuneConfig:
     """A run that takes a second or two on the tiny model."""
-    cfg = FinetuneConfig(
+    core = method in ("lora", "qlora", "full", "skip2lora")
+    cfg = (FinetuneConfig if core else finetune_config_class())(  # a plug-in's method: its config extension
         model=model,
         method=method,
         out_dir=out_dir,

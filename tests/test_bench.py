@@ -1,4 +1,4 @@
-"""`skip2lora benchmark` and `skip2lora report-bench` on the tiny model.
+"""`skip2lora benchmark` and `skip2lora benchmark-report` on the tiny model.
 
 One benchmark run (module fixture) serves most tests: each configuration is a subprocess that costs
 seconds to start, so the run holds just a baseline, a cached Skip2-LoRA and a configuration that must
@@ -66,7 +66,7 @@ def write_suite(directory) -> str:
 def run(tmp_path_factory):
     """One benchmark in worker processes; returns (exit code, printed text, JSON, JSON path)."""
     directory = tmp_path_factory.mktemp("bench")
-    argv = COMMON + ["--config_file", write_suite(directory), "--out_dir", str(directory / "out")]
+    argv = COMMON + ["--suite", write_suite(directory), "--out_dir", str(directory / "out")]
     return run_benchmark(argv, directory / "out")
 
 
@@ -182,7 +182,7 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
     threads = torch.get_num_threads()
     monkeypatch.setattr(command, "run_worker", lambda spec: {**worker.worker_result(spec), "wall_s": 0.0})
     request.addfinalizer(lambda: torch.set_num_threads(threads))  # the workers' --threads 1 must not stick
-    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "lora",
+    argv = COMMON + ["--suite", write_suite(tmp_path), "--out_dir", str(tmp_path), "--only", "lora",
                      "--epochs", "2", "--samples", "8"]
     code, printed, payload, path = run_benchmark(argv, tmp_path)
     assert code == 0
@@ -203,16 +203,16 @@ def test_epoch_benchmark_covers_the_generative_and_the_classification_task(tmp_p
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--configs", "nope"], "unknown configuration 'nope'"),
+    (["--only", "nope"], "unknown configuration 'nope'"),
     (["--iters", "0"], "--iters must be at least 1"),
     (["--seq_len", "1024"], "exceeds the context of tiny (512 positions)"),
     (["--model", "no/such/model"], "does not exist"),
-    (["--epochs", "2", "--epoch_configs", "nope"], "unknown configuration 'nope'"),
+    (["--epochs", "2", "--epoch_only", "nope"], "unknown configuration 'nope'"),
     (["--epochs", "2", "--epoch_tasks", "poetry"], "unknown epoch task 'poetry'"),
 ])
 def test_bad_input_is_one_user_error_before_any_worker_starts(tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr(command, "run_worker", lambda spec: pytest.fail("a worker started"))
-    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path / "out")] + extra
+    argv = COMMON + ["--suite", write_suite(tmp_path), "--out_dir", str(tmp_path / "out")] + extra
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         main_benchmark(argv)
 
@@ -222,7 +222,7 @@ def test_a_model_whose_config_does_not_load_is_a_user_error(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="does not load"):
-        main_benchmark(COMMON + ["--config_file", write_suite(tmp_path), "--model", str(model_dir)])
+        main_benchmark(COMMON + ["--suite", write_suite(tmp_path), "--model", str(model_dir)])
 
 
 def test_unknown_override_field_in_the_yaml_is_a_user_error(tmp_path):
@@ -268,7 +268,7 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
     # Weights that do not load fail in every worker; the reason reaches the user once, and the JSON is kept.
     monkeypatch.setattr(command, "run_worker", lambda spec: {"status": "failed", "error": "weights are damaged",
                                                            "wall_s": 0.0})
-    argv = COMMON + ["--config_file", write_suite(tmp_path), "--out_dir", str(tmp_path), "--configs", "s2-cached"]
+    argv = COMMON + ["--suite", write_suite(tmp_path), "--out_dir", str(tmp_path), "--only", "s2-cached"]
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(UserError, match="every configuration failed, "
                                                                    "first lora: weights are damaged"):
         main_benchmark(argv)

@@ -134,7 +134,7 @@ def test_two_nodes_on_loopback_equal_two_devices(two_rank_run, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--strategy", "fsdp", "--devices", "2"], "--strategy fsdp needs GPUs"),
-    (["--method", "qlora", "--devices", "2"], "4-bit weights (qlora) run on one device only"),
+    (["--method", "qlora", "--devices", "2"], "4-bit weights (method qlora) run on one device only"),
     (["--method", "skip2lora", "--skip2lora.quantize_trunk", "true", "--devices", "2"], "run on one device only"),
     (["--devices", "3"], "must be a multiple of micro_batch_size x devices x nodes"),
 ])
@@ -151,7 +151,7 @@ def test_benchmark_times_a_ddp_step_on_two_ranks(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "skip2lora.cli", "benchmark", "--model", "tiny", "--device", "cpu", "--devices", "2",
          "--iters", "1", "--warmup", "1", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
-         "--config_file", str(suite), "--out_dir", str(tmp_path / "out")],
+         "--suite", str(suite), "--out_dir", str(tmp_path / "out")],
         env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finished(process)
     payload = json.loads(next((tmp_path / "out").glob("skip2lora_benchmark_*.json")).read_text())

@@ -321,7 +321,7 @@ def test_benchmark_skips_configurations_the_model_cannot_take_and_says_so(tmp_pa
     threads = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     monkeypatch.setattr(command, "run_worker", lambda spec: {**worker.worker_result(spec), "wall_s": 0.0})
-    code, _, err = run_cli(["benchmark", "--model", "tiny", "--configs", "lora-qv", "skip2lora-2-cached", "skip2lora-6",
+    code, _, err = run_cli(["benchmark", "--model", "tiny", "--only", "lora-qv", "skip2lora-2-cached", "skip2lora-6",
                             "--iters", "1", "--warmup", "1", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
                             "--device", "cpu", "--out_dir", tmp_path], capsys)
     assert code == 0, err

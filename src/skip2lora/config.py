@@ -14,10 +14,18 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .errors import UserError
+from .errors import UserError, one_line  # noqa: F401 - one_line and read_yaml stay importable from here
+from .paths import read_yaml  # noqa: F401
 
-DATASET_NAMES = ("instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays",
-                 "japanese", "japanese-v2", "rec-teacher")
+# The built-in sources; an application adds its own through data.register_source.
+DATASET_NAMES = ["instruct", "alpaca", "text", "shakespeare-folio", "authorship", "spelling", "plays", "japanese",
+                 "japanese-v2"]
+
+
+def register_dataset_name(name: str) -> None:
+    """Accept `data.name NAME` (data.register_source calls this for a source an application adds)."""
+    if name not in DATASET_NAMES:
+        DATASET_NAMES.append(name)
 
 
 def _at_least(section: str, name: str, value: Optional[float], minimum: float, unset_ok: bool = False) -> None:
@@ -42,9 +50,9 @@ class DataConfig:
     """Dataset: instruct (built-in reverse/uppercase/add with exact answers), shakespeare-folio (language
     modelling), authorship | spelling | plays (classification), alpaca (--data.path JSON/JSONL), text
     (--data.path file or folder), japanese (generated Japanese technical text, language modelling; size from
-    num_train / num_val), japanese-v2 (the same with more base sentences, 32 held out for validation),
-    rec-teacher (next-item prompts of a recommendation dataset: --data.path is the OUT/best folder of a
-    `rec student` run, whose dataset and item titles it reads)."""
+    num_train / num_val), japanese-v2 (the same with more base sentences, 32 held out for validation), or a
+    source an application registers (rec-teacher: next-item prompts of a recommendation dataset, --data.path is
+    the OUT/best folder of a `rec student` run)."""
     path: Optional[Path] = None
     """File or folder for the alpaca and text datasets."""
     max_seq_length: int = 256
@@ -62,12 +70,16 @@ class DataConfig:
     seed: int = 42
     """Seed of the train/validation split and of generated data."""
     candidates: int = 20
-    """rec-teacher: items offered in each prompt, the target and candidates - 1 random negatives (fixed per sample
+    """Sources that offer candidates in a prompt (rec-teacher): items offered in each prompt, the target and candidates - 1 random negatives (fixed per sample
     and seed)."""
     history_items: int = 10
-    """rec-teacher: most recent history items a prompt shows; the oldest are dropped first to fit max_seq_length."""
+    """Sources that show a history in a prompt (rec-teacher): most recent history items a prompt shows; the oldest are dropped first to fit max_seq_length."""
 
     def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            from .plugins import load_plugins
+
+            load_plugins()  # an application's source registers its name
         if self.name not in DATASET_NAMES:
             raise UserError(f"unknown data.name {self.name!r}; choose one of: {', '.join(DATASET_NAMES)}")
         if self.path is not None:
@@ -284,49 +296,14 @@ class Skip2LoRAConfig:
 
 
 @dataclass
-class ILoRAConfig:
-    """The iLoRA recommendation teacher: a mixture of LoRA experts mixed per sample by a gate that reads a frozen
-    SASRec's user representation (one gate for all layers)."""
-
-    experts: int = 4
-    """LoRA experts; they split the rank r evenly (iLoRA: 4 experts of rank 2)."""
-    r: int = 8
-    """Total rank of the mixture (each expert has rank r / experts)."""
-    alpha: float = 32
-    """Scale numerator: each expert's update is multiplied by alpha / r and its gate weight."""
-    dropout: float = 0.1
-    """Dropout on the experts' input."""
-    target_modules: Optional[list[str]] = None
-    """Module names to adapt; unset: the attention's query, key, value and output projections."""
-    sasrec_checkpoint: Optional[Path] = None
-    """OUT/best of the `rec student` run whose frozen SASRec drives the gate (unset: data.path)."""
-    quantize_base: bool = False
-    """Load the base model in 4-bit NF4 (QLoRA; needs bitsandbytes)."""
-
-    def __post_init__(self) -> None:
-        _at_least("ilora", "experts", self.experts, 1)
-        _at_least("ilora", "r", self.r, 1)
-        if self.r % self.experts:
-            raise UserError(f"ilora.r ({self.r}) must be a multiple of ilora.experts ({self.experts}): each expert "
-                            "gets rank r / experts")
-        _positive("ilora", "alpha", self.alpha, unset_ok=False)
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"ilora.dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None and not self.target_modules:
-            raise UserError("ilora.target_modules is empty: list module names, or leave it unset for q, k, v, o")
-        if self.sasrec_checkpoint is not None:
-            self.sasrec_checkpoint = Path(self.sasrec_checkpoint)
-
-
-@dataclass
 class FinetuneConfig:
     """Everything one fine-tuning run needs."""
 
     model: str = "smollm2-135m"
     """A built-in name (smollm2-135m, gemma3-270m, tiny, tiny-gpt2, random-llama-1b), a local Hugging Face
     directory or a .gguf file."""
-    method: Literal["lora", "qlora", "full", "skip2lora", "ilora"] = "lora"
-    """Fine-tuning method."""
+    method: Literal["lora", "qlora", "full", "skip2lora"] = "lora"
+    """Fine-tuning method (an application's config extension may add its own, e.g. ilora)."""
     out_dir: Path = Path("out/finetune")
     """Run folder: run.json, final/, best/, checkpoints/, logs/."""
     precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "auto"
@@ -354,7 +331,6 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     skip2lora: Skip2LoRAConfig = field(default_factory=Skip2LoRAConfig)
-    ilora: ILoRAConfig = field(default_factory=ILoRAConfig)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -392,7 +368,43 @@ class FinetuneConfig:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig,
-                             "skip2lora": Skip2LoRAConfig, "ilora": ILoRAConfig}
+                             "skip2lora": Skip2LoRAConfig}
+
+# Subclasses of FinetuneConfig that applications register: each adds its method's section (and method name).
+CONFIG_EXTENSIONS: list[type] = []
+_MERGED: dict[tuple, type] = {}
+
+
+def register_config_extension(cls: type) -> None:
+    """Let `skip2lora finetune` (and every FinetuneConfig built from values) take `cls`'s extra sections."""
+    if not (isinstance(cls, type) and issubclass(cls, FinetuneConfig)):
+        raise TypeError(f"{cls!r} must be a dataclass subclass of FinetuneConfig")
+    if cls not in CONFIG_EXTENSIONS:
+        CONFIG_EXTENSIONS.append(cls)
+
+
+def finetune_config_class() -> type:
+    """FinetuneConfig with every registered application's sections (the plain class when there are none)."""
+    from .plugins import load_plugins
+
+    load_plugins()
+    if len(CONFIG_EXTENSIONS) <= 1:
+        return CONFIG_EXTENSIONS[0] if CONFIG_EXTENSIONS else FinetuneConfig
+    key = tuple(CONFIG_EXTENSIONS)
+    if key not in _MERGED:
+        from dataclasses import make_dataclass
+
+        _MERGED[key] = make_dataclass("FinetuneConfig", [], bases=key, namespace={"__doc__": FinetuneConfig.__doc__})
+    return _MERGED[key]
+
+
+def config_sections(cls: type) -> dict[str, type]:
+    """The nested dataclass sections of a FinetuneConfig class: name -> dataclass."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if is_dataclass(hints[f.name])}
+
 
 # Short flags the seed documents use, mapped to their place in the nested config.
 FLAG_ALIASES = {
@@ -409,29 +421,41 @@ FLAG_ALIASES = {
 }
 
 
-def finetune_parser():
-    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help."""
+_PARSERS: dict[type, Any] = {}
+
+
+def finetune_parser(cached: bool = True):
+    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help.
+
+    Building one takes ~0.1 s, and the experiment runner checks every cell with it: one parser per config
+    class is kept (`cached=False` gives a fresh one a caller may change)."""
+    config_class = finetune_config_class()
+    if cached and config_class in _PARSERS:
+        return _PARSERS[config_class]
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     short = ", ".join(f"{alias} = {full}" for alias, full in FLAG_ALIASES.items())
     parser = ArgumentParser(prog="skip2lora finetune", exit_on_error=False,
                             description="Fine-tune a causal LM or classifier with lora | qlora | full | skip2lora "
-                                        "| ilora (the recommendation teacher). Options take dashes or underscores "
-                                        f"(--max-steps = --max_steps). Short forms: {short}.")
+                                        "(or a method an application registers). Options take dashes or "
+                                        f"underscores (--max-steps = --max_steps). Short forms: {short}.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (may also be given first, positionally)")
     # Nested dataclasses are built by us (`build_finetune_config`), so their checks raise our UserError.
-    parser.add_class_arguments(FinetuneConfig, nested_key=None, instantiate=False)
+    parser.add_class_arguments(config_class, nested_key=None, instantiate=False)
+    if cached:
+        _PARSERS[config_class] = parser
     return parser
 
 
 def build_finetune_config(values: dict) -> FinetuneConfig:
     """FinetuneConfig from parsed values (sections as dicts); every `__post_init__` check runs."""
     values = {k: v for k, v in values.items() if k not in ("config", "__path__")}
-    for key, cls in SECTIONS.items():
+    config_class = finetune_config_class()
+    for key, cls in config_sections(config_class).items():
         section = values.get(key) or {}
         values[key] = section if isinstance(section, cls) else cls(**dict(section))
-    return FinetuneConfig(**values)
+    return config_class(**values)
 
 
 def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
@@ -447,28 +471,6 @@ def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
     except (ArgumentError, TypeError, ValueError) as exc:
         raise UserError(one_line(exc)) from exc
     return build_finetune_config(namespace.as_dict())
-
-
-def one_line(message: Any) -> str:
-    """A message folded onto one line (jsonargparse's errors span several)."""
-    return re.sub(r"\s+", " ", str(message)).strip()
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """Parse a YAML file; a missing file or bad syntax becomes one UserError line naming the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist: check the path")
-    try:
-        return yaml.safe_load(path.read_text())
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not a text file: {exc.reason}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{what} {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc
 
 
 def to_plain_dict(cfg: Any) -> dict:

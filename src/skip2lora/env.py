@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import resource
@@ -180,42 +179,3 @@ def warn_if_oversubscribed(threads: int, cores: Optional[int] = None, busy: Opti
     if threads > 1 and threads + busy > cores:
         warn(f"{threads} torch threads + {busy} other runnable thread(s) on {cores} core(s): the machine is "
              "oversubscribed and steps may run many times slower; pass --threads 1 (or fewer threads)")
-
-
-# -- library notices -----------------------------------------------------------------------------------------
-class HeldNotices(logging.Handler):
-    """Keeps a library's log lines instead of printing them, to be shown once they concern the run."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-_held: dict[str, HeldNotices] = {}
-
-
-def hold_notices(*loggers: str) -> None:
-    """Hold these loggers' warnings (bitsandbytes logs about its CPU kernels on import, 4-bit or not)."""
-    for name in loggers:
-        if name not in _held:
-            _held[name] = HeldNotices()
-            logger = logging.getLogger(name)
-            logger.addHandler(_held[name])
-            logger.propagate = False
-
-
-def show_held_notices(*loggers: str) -> None:
-    """Show what the loggers said so far as one warning line each (4-bit weights are about to be used)."""
-    for name in loggers:
-        held = _held.get(name)
-        for message in held.messages if held else []:
-            warn(f"{name}: {one_line_text(message)}")
-        if held:
-            held.messages.clear()
-
-
-def one_line_text(message: str) -> str:
-    return " ".join(message.split())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import logging
+import re
 import warnings
 
 
@@ -46,3 +48,43 @@ def os_user_error(exc: OSError, doing: str) -> UserError:
     error = UserError(describe_os_error(exc, doing))
     error.__cause__ = exc
     return error
+
+
+def one_line(message: object) -> str:
+    """A message folded onto one line (jsonargparse's errors span several)."""
+    return re.sub(r"\s+", " ", str(message)).strip()
+
+
+# -- library notices -----------------------------------------------------------------------------------------
+class HeldNotices(logging.Handler):
+    """Keeps a library's log lines instead of printing them, to be shown once they concern the run."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_held: dict[str, HeldNotices] = {}
+
+
+def hold_notices(*loggers: str) -> None:
+    """Hold these loggers' warnings (bitsandbytes logs about its CPU kernels on import, 4-bit or not)."""
+    for name in loggers:
+        if name not in _held:
+            _held[name] = HeldNotices()
+            logger = logging.getLogger(name)
+            logger.addHandler(_held[name])
+            logger.propagate = False
+
+
+def show_held_notices(*loggers: str) -> None:
+    """Show what the loggers said so far as one warning line each (4-bit weights are about to be used)."""
+    for name in loggers:
+        held = _held.get(name)
+        for message in held.messages if held else []:
+            warn(f"{name}: {one_line(message)}")
+        if held:
+            held.messages.clear()

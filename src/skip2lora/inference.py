@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
 
 from .errors import UserError
 from .methods.base import FinetuneMethod
 from .models import load_base_model, load_tokenizer, resolve_model_dir
+
+if TYPE_CHECKING:
+    from .data import Example
 
 
 def read_adapter_config(checkpoint: Path) -> Optional[dict]:
@@ -23,14 +26,35 @@ def read_adapter_config(checkpoint: Path) -> Optional[dict]:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is damaged") from exc
 
 
-def checkpoint_kind(checkpoint: Path) -> str:
-    """'skip2lora', 'ilora' (the recommendation teacher), 'lora' (PEFT adapter) or 'full' (complete HF checkpoint)."""
+# Loaders of checkpoints whose adapter_config.json names a method an application registers:
+# method -> loader(checkpoint, device, base_model).
+CheckpointLoader = Callable[[Path, torch.device, Optional[str]], FinetuneMethod]
+CHECKPOINT_LOADERS: dict[str, CheckpointLoader] = {}
+
+
+def register_checkpoint_loader(method: str, loader: CheckpointLoader) -> None:
+    """Load checkpoints whose adapter_config.json says `"method": method` with `loader`."""
+    CHECKPOINT_LOADERS[method] = loader
+
+
+def registered_loader(method: Optional[str]) -> Optional[CheckpointLoader]:
+    if method and method not in CHECKPOINT_LOADERS and method not in ("skip2lora", "lora"):
+        from .plugins import load_plugins
+
+        load_plugins()
+    return CHECKPOINT_LOADERS.get(method) if method else None
+
+
+def checkpoint_method(checkpoint: Path) -> str:
+    """'skip2lora', 'lora' (PEFT adapter), 'full' (complete HF checkpoint) or a method whose loader an
+    application registered (ilora: the recommendation teacher)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} does not exist: point --checkpoint at OUT/final of a run")
     adapter = read_adapter_config(checkpoint)
     if adapter is not None:
-        return adapter["method"] if adapter.get("method") in ("skip2lora", "ilora") else "lora"
+        method = adapter.get("method")
+        return method if method == "skip2lora" or registered_loader(method) else "lora"
     if (checkpoint / "config.json").exists():
         return "full"
     raise UserError(f"{checkpoint} holds neither adapter_config.json nor config.json: point --checkpoint at OUT/final of a run")
@@ -39,16 +63,14 @@ def checkpoint_kind(checkpoint: Path) -> str:
 def load_for_inference(checkpoint: Path, device: torch.device, base_model: Optional[str] = None) -> FinetuneMethod:
     """A method object ready for generate()/classify(), whatever produced the checkpoint."""
     checkpoint = Path(checkpoint)
-    kind = checkpoint_kind(checkpoint)
-    if kind == "skip2lora":
+    method = checkpoint_method(checkpoint)
+    if method == "skip2lora":
         from .methods.skip2lora.method import load_skip2lora
 
         return load_skip2lora(checkpoint, device, base_model)
-    if kind == "ilora":
-        from .rec.teacher import load_ilora
-
-        return load_ilora(checkpoint, device, base_model)
-    if kind == "lora":
+    if method in CHECKPOINT_LOADERS:
+        return CHECKPOINT_LOADERS[method](checkpoint, device, base_model)
+    if method == "lora":
         from peft import PeftModel
 
         adapter = read_adapter_config(checkpoint)
@@ -107,17 +129,17 @@ def merge_lora(checkpoint: Path, out_dir: Path, device: torch.device, overwrite:
     """
     from .paths import atomic_directory, check_output_dir
 
-    kind = checkpoint_kind(checkpoint)
-    if kind == "skip2lora":
+    method_name = checkpoint_method(checkpoint)
+    if method_name == "skip2lora":
         raise UserError(
             "Skip2-LoRA adapters read intermediate blocks and add at the last layer, so they cannot be merged "
             "into the base weights: use `skip2lora generate --checkpoint ...` (base + adapters) instead"
         )
-    if kind == "full":
+    if method_name == "full":
         raise UserError(f"{checkpoint} is already a full checkpoint: nothing to merge")
-    if kind == "ilora":
-        raise UserError("an iLoRA teacher mixes its experts per sample (its gate reads the user's history), so they "
-                        "cannot be merged into the base weights: load it with rec.teacher.load_ilora")
+    if method_name != "lora":
+        raise UserError(f"a {method_name} checkpoint cannot be merged into the base weights (only a plain LoRA "
+                        "adapter folds into them): load it with `skip2lora generate --checkpoint ...` instead")
     base = (read_adapter_config(Path(checkpoint)) or {}).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{checkpoint}/adapter_config.json names no base model: the checkpoint is damaged")
@@ -315,5 +337,5 @@ def merge_command(checkpoint: Path, out_dir: Path, device: str = "cpu", overwrit
     return 0
 
 
-__all__ = ["checkpoint_kind", "generate_command", "load_for_inference", "merge_command", "merge_lora",
+__all__ = ["checkpoint_method", "register_checkpoint_loader", "generate_command", "load_for_inference", "merge_command", "merge_lora",
            "predict_command", "resolve_model_dir"]

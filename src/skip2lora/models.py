@@ -313,7 +313,7 @@ def load_base_model(
     if not quantize_4bit:
         model.to(device)
     else:
-        from .env import show_held_notices
+        from .errors import show_held_notices
 
         show_held_notices("bitsandbytes", "kernels")  # its kernel notices concern 4-bit runs only
     if model.config.pad_token_id is None:

@@ -143,3 +143,20 @@ def replace_marked_block(path: Path, name: str, body: str) -> None:
     before, rest = text.split(start, 1)
     after = rest.split(end, 1)[1]
     atomic_write_bytes(Path(path), (before + f"{start}\n{body.strip()}\n{end}" + after).encode())
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad syntax becomes one UserError line naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not a text file: {exc.reason}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} {path} is malformed YAML{where}: {getattr(exc, 'problem', exc)}") from exc

@@ -29,3 +29,43 @@ def one_line(exc_info) -> str:
     message = str(exc_info.value)
     assert "\n" not in message
     return message
+
+
+def main_rec(argv: list[str]) -> int:
+    """Run `skip2lora rec ARGV...` through the one command table; bad input raises UserError (as the table's
+    caller sees it before printing its one line)."""
+    from skip2lora.cli import COMMANDS, run_function
+
+    name = f"rec {argv[0]}"
+    return run_function(name, COMMANDS[name].load(), list(argv[1:]))
+
+
+def parse_config(command: str, argv: list[str]):
+    """The config dataclass `skip2lora rec COMMAND ARGV...` would run with (CONFIG.yaml may come first)."""
+    from skip2lora.cli import COMMANDS, build_options, config_file_first, function_parser, options_class, parse
+
+    name = f"rec {command}"
+    function = COMMANDS[name].load()
+    values = parse(function_parser(name, function), config_file_first(list(argv))).as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    return build_options(options_class(function), values)
+
+
+def untrained_student(folder: Path) -> Path:
+    """OUT/best of a seeded, untrained SASRec student on the synthetic ML-1M data: what an iLoRA teacher's gate
+    reads and what data.name rec-teacher takes as data.path."""
+    import torch
+
+    from skip2lora.outdir import RunDir
+    from skip2lora.rec.student.saved import save_best_student
+    from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+    from skip2lora.rec.student.data import load_dataset
+    from skip2lora.rec.student.sasrec import SASRec
+
+    data = RecDataConfig(name="ml-1m", path=write_ml1m(folder / "ml1m", synthetic_sequences(), 30), max_seq_len=8)
+    cfg = RecStudentConfig(out_dir=folder / "student", data=data,
+                           model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1))
+    dataset = load_dataset(data)
+    torch.manual_seed(0)
+    return save_best_student(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})

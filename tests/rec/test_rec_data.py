@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from skip2lora.errors import UserError
-from skip2lora.rec.config import RecDataConfig
-from skip2lora.rec.data import load_dataset
+from skip2lora.rec.student.config import RecDataConfig
+from skip2lora.rec.student.data import load_dataset
 
 from rec_fixtures import write_ml1m
 

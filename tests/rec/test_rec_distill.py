@@ -12,22 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_teacher import LLM_DIM, FakeTeacher
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
-from skip2lora.rec import train as rec_train
-from skip2lora.rec.checkpoint import load_checkpoint
-from skip2lora.rec.cli import main_rec
-from skip2lora.rec.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
+from skip2lora.rec.student import training as rec_train
+from skip2lora.rec.student.saved import load_student
+from skip2lora.rec.student.config import (RecDataConfig, RecDistillConfig, RecDistilledStudentConfig, RecOutputsConfig,
                                   SASRecConfig)
-from skip2lora.rec.data import PAD, load_dataset
-from skip2lora.rec.distill import (RankingDistillationLoss, confidence_weights, position_weights,
+from skip2lora.rec.student.data import PAD, load_dataset
+from skip2lora.rec.distill.losses import (RankingDistillationLoss, confidence_weights, position_weights,
                                    sample_negatives)
-from skip2lora.rec.distill_embedding import EmbeddingDistillation, attach_embedding_distillation
-from skip2lora.rec.distill_train import setup_distillation, shuffled_between_users, user_of
-from skip2lora.rec.outputs import write_teacher_outputs
-from skip2lora.rec.sasrec import SASRec
+from skip2lora.rec.distill.embedding import EmbeddingDistillation, attach_embedding_distillation
+from skip2lora.rec.distill.training import setup_distillation, shuffled_between_users, user_of
+from skip2lora.rec.teacher.outputs import write_teacher_outputs
+from skip2lora.rec.student.sasrec import SASRec
 
 
 
@@ -199,7 +198,7 @@ def test_distilled_step_is_student_loss_plus_lam_times_ranking_loss(dataset, tea
     torch.manual_seed(11)
     step = module(inputs, targets, index)
 
-    from skip2lora.rec.outputs_reader import load_teacher_outputs
+    from skip2lora.rec.teacher.outputs_reader import load_teacher_outputs
 
     outputs = load_teacher_outputs(teacher_outputs, dataset)
     keep = targets != PAD
@@ -223,10 +222,10 @@ def test_distilled_student_end_to_end_and_evaluate_reloads_it(dataset, teacher_o
     assert run["summary"]["selection"] == "validation ndcg@10"
     rec_json = json.loads((cfg.out_dir / "best" / "rec.json").read_text())
     assert rec_json["embedding_distillation"] == {"llm_dim": LLM_DIM, "ed_weight": 0.2}
-    assert load_checkpoint(cfg.out_dir / "best").model.input_distillation.projection.weight.shape == (16, LLM_DIM)
+    assert load_student(cfg.out_dir / "best").model.input_distillation.projection.weight.shape == (16, LLM_DIM)
 
     capsys.readouterr()
-    assert main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--device", "cpu"]) == 0
+    assert main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--device", "cpu", "--threads", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("hr@10", "ndcg@10", "loss"):
         assert evaluated[key] == pytest.approx(run["summary"]["test"][key], abs=1e-6)
@@ -237,7 +236,7 @@ def test_distilled_student_end_to_end_and_evaluate_reloads_it(dataset, teacher_o
                                            (["--distill.shuffle_between_users", "true"], "sasrec+rd+ed-shuffled")])
 def test_the_controls_run_from_the_command_line(tmp_path, synthetic_dir, teacher_outputs, flags, method):
     out = tmp_path / "run"
-    assert main_rec(["distill", "--out_dir", str(out), "--device", "cpu", "--tensorboard", "false",
+    assert main_rec(["distill", "--out_dir", str(out), "--device", "cpu", "--threads", "1", "--tensorboard", "false",
                      "--data.name", "ml-1m", "--data.path", str(synthetic_dir), "--data.max_seq_len", "8",
                      "--model.hidden", "16", "--model.blocks", "1", "--train.epochs", "1", "--train.batch_size", "16",
                      "--eval.ks", "[1, 5, 10]", "--distill.teacher_outputs", str(teacher_outputs), *flags]) == 0

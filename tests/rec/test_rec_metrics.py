@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skip2lora.rec.data import EvalSplit
-from skip2lora.rec.metrics import NDCG, HitRate, Recall, evaluate_ranking, hits_from_ranks, target_ranks
+from skip2lora.rec.student.data import EvalSplit
+from skip2lora.rec.student.metrics import NDCG, HitRate, Recall, evaluate_ranking, hits_from_ranks, target_ranks
 
 NEG = float("-inf")
 

@@ -11,10 +11,10 @@ from fake_teacher import LLM_DIM, FakeTeacher, sample_scores
 from rec_fixtures import one_line
 
 from skip2lora.errors import UserError
-from skip2lora.rec.config import RecDataConfig, RecOutputsConfig
-from skip2lora.rec.data import load_dataset
-from skip2lora.rec.outputs import INDEX, write_teacher_outputs
-from skip2lora.rec.outputs_reader import load_teacher_outputs, read_teacher_outputs
+from skip2lora.rec.student.config import RecDataConfig, RecOutputsConfig
+from skip2lora.rec.student.data import load_dataset
+from skip2lora.rec.teacher.outputs import INDEX, write_teacher_outputs
+from skip2lora.rec.teacher.outputs_reader import load_teacher_outputs, read_teacher_outputs
 
 
 @pytest.fixture

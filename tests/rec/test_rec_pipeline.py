@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line, parse_config
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir
 from skip2lora.paths import remove_path
-from skip2lora.rec import pipeline as rec_pipeline
-from skip2lora.rec.cli import main_rec, parse, pipeline_parser
-from skip2lora.rec.pipeline_config import pipeline_config
+from skip2lora.rec.pipeline import run as rec_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "pipeline-tiny.yaml"
@@ -151,7 +149,7 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
         assert role in text
     assert "beyond the seed-to-seed spread when" in text and "the real teacher vs a teacher shuffled" in text
     # The baseline's cells are its runs' test metrics, mean ± std over the two seeds.
-    from skip2lora.rec.report_common import fmt
+    from skip2lora.rec.results.common import fmt
 
     ndcg = [RunDir(finished / "student" / f"seed-{s}").read_run_json()["summary"]["test"]["ndcg@10"] for s in (1, 2)]
     assert fmt(ndcg) in text.split("| sasrec | baseline | 2 |")[1].split("\n")[0]
@@ -223,7 +221,7 @@ def test_a_folder_holding_something_else_is_refused(tmp_path, data_dir):
 
 @pytest.mark.parametrize("name", ["ilora-ml100k.yaml", "ilora-ml100k-cpu.yaml", "pipeline-tiny.yaml"])
 def test_shipped_pipeline_configs_parse(name):
-    cfg = pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)], config_positional=True).as_dict())
+    cfg = parse_config("pipeline", [str(CONFIGS / name)])
     assert cfg.teacher.method == "ilora" and cfg.data.name == "ml-100k"
     assert cfg.variants == ["rd+ed", "rd", "ed", "rd+ed-shuffled"]
     if name == "ilora-ml100k-cpu.yaml":  # the CPU run states its subset
@@ -235,8 +233,7 @@ def test_shipped_pipeline_configs_parse(name):
 
 def test_the_shipped_skip2lora_teacher_config_parses():
     """ilora-ml100k-cpu-skip2lora.yaml: the CPU pipeline with a Skip2-LoRA teacher on the same subset and budget."""
-    load = lambda name: pipeline_config(parse(pipeline_parser(), [str(CONFIGS / name)],  # noqa: E731
-                                              config_positional=True).as_dict())
+    load = lambda name: parse_config("pipeline", [str(CONFIGS / name)])  # noqa: E731
     cfg, ilora = load("ilora-ml100k-cpu-skip2lora.yaml"), load("ilora-ml100k-cpu.yaml")
     assert cfg.teacher.method == "skip2lora" and cfg.teacher.skip2lora.output == "hidden"
     assert cfg.teacher.skip2lora.block_indices == [0, 1, 2, 3, 4, 5] and cfg.teacher.skip2lora.cache == "memory"
@@ -248,7 +245,7 @@ def test_the_shipped_skip2lora_teacher_config_parses():
 def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
     """docs/rec.md's records: the whole-dataset students and the pipeline's subset students get one timing table
     each, never one average over both."""
-    from skip2lora.rec.report import load_runs, render
+    from skip2lora.rec.results.document import load_runs, render
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "student-ml100k.json", docs / "pipeline-ml100k-cpu.json"])
@@ -260,7 +257,7 @@ def test_the_shipped_report_keeps_subset_and_whole_dataset_timings_apart():
 
 def test_two_pipelines_are_never_averaged_together():
     """Two pipelines share their students' seeds and differ in the teacher: each keeps its own rows."""
-    from skip2lora.rec.report import load_runs, render
+    from skip2lora.rec.results.document import load_runs, render
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "pipeline-ml100k-cpu.json", docs / "pipeline-ml100k-cpu-skip2lora.json"])

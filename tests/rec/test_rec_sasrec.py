@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from skip2lora.errors import UserError
-from skip2lora.rec.config import SASRecConfig
-from skip2lora.rec.sasrec import SASRec
+from skip2lora.rec.student.config import SASRecConfig
+from skip2lora.rec.student.sasrec import SASRec
 
 
 def model(loss: str = "ce", dropout: float = 0.0) -> SASRec:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from rec_fixtures import one_line
+from rec_fixtures import main_rec, one_line, parse_config
 
 from skip2lora.errors import UserError
-from skip2lora.rec import speed_knobs
-from skip2lora.rec.cli import main_rec, parse, speed_parser
-from skip2lora.rec.speed_config import KNOBS, speed_config
+from skip2lora.rec.speed import knobs as speed_knobs
+from skip2lora.rec.speed.config import KNOBS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "rec"
 TINY = CONFIGS / "speed-tiny.yaml"
@@ -26,7 +25,7 @@ TRAINING_KNOBS = ("precision", "loader_workers", "compile", "qlora", "accumulati
 
 def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
     """The tiny config on synthetic data (12 of its 40 users), every measurement in this process: seconds."""
-    return ["speed", str(TINY), "--out_dir", str(out), "--isolate", "false", "--data.name", "ml-1m",
+    return ["speed", str(TINY), "--out_dir", str(out), "--isolate", "false", "--threads", "1", "--data.name", "ml-1m",
             "--data.path", str(data), "--data.max_users", "12", "--data.recent_interactions", "null", *extra]
 
 
@@ -65,7 +64,7 @@ def test_every_knob_is_one_row_with_every_side_measured(finished):
             timed = result["timed_s"]
             assert timed["n"] == 2 and timed["mean"] > 0 and timed["std"] is not None
             assert result["peak_memory_mb"] > 0 and result["load_peak_memory_mb"] > 0  # the window starts after loading
-            if result["kind"] == "train":
+            if result["measurement"] == "train":
                 assert len(result["warmup_s"]) == 1 and result["samples_per_step"] == 4  # warm-up left out
     # Every training knob's baseline is the reference teacher: one measurement, shared.
     baselines = {rows[k]["sides"][0]["measurement_id"] for k in TRAINING_KNOBS if rows[k]["status"] == "ok"}
@@ -191,7 +190,7 @@ def test_speed_report_refuses_what_is_not_a_speed_result(tmp_path):
 
 @pytest.mark.parametrize("name", ["speed-tiny.yaml", "speed-cpu.yaml", "speed-gpu.yaml"])
 def test_shipped_speed_configs_parse(name):
-    cfg = speed_config(parse(speed_parser(), [str(CONFIGS / name)], config_positional=True).as_dict())
+    cfg = parse_config("speed", [str(CONFIGS / name)])
     assert cfg.knobs == list(KNOBS) and cfg.teacher.method == "ilora" and cfg.isolate
     if name != "speed-tiny.yaml":
         assert cfg.loader_workers == [0, 4] and cfg.accumulation == [1, 4, 8]
@@ -203,25 +202,22 @@ def test_shipped_speed_configs_parse(name):
 
 
 # -- one measurement in its own process ----------------------------------------------------------------------
-def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir):
+def test_an_isolated_measurement_runs_in_its_own_process(tmp_path, data_dir, finished):
     from skip2lora.config import to_plain_dict
-    from skip2lora.rec.speed import reference_teacher
-    from skip2lora.rec.speed_worker import run_isolated, worker_result
+    from skip2lora.rec.speed.run import STUDENT_DIR, reference_teacher
+    from skip2lora.rec.speed.worker import run_isolated, worker_result
 
-    cfg = speed_config(parse(speed_parser(), tiny_argv(tmp_path / "unused", data_dir)[1:],
-                             config_positional=True).as_dict())
-    main_rec(["student", "--out_dir", str(tmp_path / "student"), "--device", "cpu", "--threads", "1",
-              "--tensorboard", "false", "--data.name", "ml-1m", "--data.path", str(data_dir), "--data.max_users", "12",
-              "--data.max_seq_len", "8", "--model.hidden", "16", "--model.blocks", "1", "--train.epochs", "1"])
-    spec = {"kind": "generate", "teacher": to_plain_dict(reference_teacher(cfg, tmp_path / "student" / "best")),
+    cfg = parse_config("speed", tiny_argv(tmp_path / "unused", data_dir)[1:])
+    student = finished / STUDENT_DIR / "best"  # the finished run's student: what its teacher's gate read
+    spec = {"measurement": "generate", "teacher": to_plain_dict(reference_teacher(cfg, student)),
             "teacher_checkpoint": None, "device": "cpu", "threads": 1, "samples": 2, "batch_size": 2,
             "use_cache": True, "warmup": 1, "timed": 2, "out_dir": str(tmp_path / "runs")}
     result = run_isolated(spec)
     assert result["status"] == "ok", result.get("error")
     assert result["isolated"] is True and result["pid"] != os.getpid() and result["peak_memory_mb"] > 0
     assert result["timed_s"]["n"] == 2 and result["wall_s"] > 0
-    failed = worker_result({**spec, "kind": "bench"})  # what the worker reports for a spec it cannot run
-    assert failed == {"status": "failed", "error": "unknown speed measurement kind 'bench': use train, outputs or "
+    failed = worker_result({**spec, "measurement": "bench"})  # what the worker reports for a spec it cannot run
+    assert failed == {"status": "failed", "error": "unknown speed measurement 'bench': use train, outputs or "
                                                    "generate"}
 
 
@@ -286,26 +282,26 @@ def test_compile_option_compiles_the_decoder_in_place(make_config, monkeypatch):
 
 def test_kv_cache_off_recomputes_the_whole_sequence_and_answers_the_same(tmp_path, data_dir):
     """The KV-cache row must time what it says: without the cache every new token runs the whole sequence again."""
-    from skip2lora.config import ILoRAConfig
+    from skip2lora.rec.teacher.config import ILoRAConfig
     from skip2lora.methods.skip2lora.trunk import find_decoder
     from skip2lora.models import load_base_model
     from skip2lora.outdir import RunDir
-    from skip2lora.rec.checkpoint import load_checkpoint, save_checkpoint
-    from skip2lora.rec.config import RecDataConfig, RecStudentConfig, SASRecConfig
-    from skip2lora.rec.data import load_dataset
-    from skip2lora.rec.prompts import PromptSettings, split_samples
-    from skip2lora.rec.sasrec import SASRec
-    from skip2lora.rec.teacher import ILoRATeacher
-    from skip2lora.rec.teacher_eval import TeacherScorer
+    from skip2lora.rec.student.saved import load_student, save_best_student
+    from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+    from skip2lora.rec.student.data import load_dataset
+    from skip2lora.rec.teacher.prompts import PromptSettings, split_samples
+    from skip2lora.rec.student.sasrec import SASRec
+    from skip2lora.rec.teacher.ilora import ILoRATeacher
+    from skip2lora.rec.teacher.evaluate import TeacherScorer
 
     data = RecDataConfig(name="ml-1m", path=data_dir, max_seq_len=8)
     dataset = load_dataset(data)
     student = RecStudentConfig(out_dir=tmp_path / "student", data=data,
                                model=SASRecConfig(hidden=16, blocks=1, heads=2))
-    best = save_checkpoint(RunDir(student.out_dir), SASRec(dataset.n_items, 8, student.model), dataset, student, 0, {})
+    best = save_best_student(RunDir(student.out_dir), SASRec(dataset.n_items, 8, student.model), dataset, student, 0, {})
     model, tokenizer, _ = load_base_model("tiny")
     model.requires_grad_(False)
-    teacher = ILoRATeacher(model, tokenizer, load_checkpoint(best).model, best, ILoRAConfig(r=8, dropout=0.0)).eval()
+    teacher = ILoRATeacher(model, tokenizer, load_student(best).model, best, ILoRAConfig(r=8, dropout=0.0)).eval()
     lengths: list[int] = []
     find_decoder(model).register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].size(1)), with_kwargs=True)

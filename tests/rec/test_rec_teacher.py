@@ -9,22 +9,23 @@ import json
 from pathlib import Path
 
 import pytest
+from rec_fixtures import main_rec
 import torch
 import torch.nn.functional as F
 
-from skip2lora.config import ILoRAConfig
+from skip2lora.rec.teacher.config import ILoRAConfig
 from skip2lora.data.tokenize import IGNORE_INDEX, TokenizedSample, collate
 from skip2lora.errors import UserError
 from skip2lora.models import load_base_model
 from skip2lora.outdir import RunDir
-from skip2lora.rec.checkpoint import load_checkpoint, save_checkpoint
-from skip2lora.rec.config import RecDataConfig, RecStudentConfig, SASRecConfig
-from skip2lora.rec.data import RecSample, load_dataset
-from skip2lora.rec.moe_lora import moe_lora_layers
-from skip2lora.rec.prompts import PromptSettings, RecPromptBuilder, candidate_items, display_titles, split_samples
-from skip2lora.rec.sasrec import SASRec
-from skip2lora.rec.teacher import ILoRATeacher, load_ilora
-from skip2lora.rec.teacher_eval import TeacherScorer, catalogue_metrics
+from skip2lora.rec.student.saved import load_student, save_best_student
+from skip2lora.rec.student.config import RecDataConfig, RecStudentConfig, SASRecConfig
+from skip2lora.rec.student.data import RecSample, load_dataset
+from skip2lora.rec.teacher.moe_lora import moe_lora_layers
+from skip2lora.rec.teacher.prompts import PromptSettings, RecPromptBuilder, candidate_items, display_titles, split_samples
+from skip2lora.rec.student.sasrec import SASRec
+from skip2lora.rec.teacher.ilora import ILoRATeacher, load_ilora
+from skip2lora.rec.teacher.evaluate import TeacherScorer, catalogue_metrics
 
 SETTINGS = PromptSettings(candidates=5, history_items=4, max_tokens=400, style="plain", seed=7)
 
@@ -41,7 +42,7 @@ def sasrec_best(tmp_path, synthetic_dir, dataset) -> Path:
                                                                            max_seq_len=8),
                            model=SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.1))
     torch.manual_seed(0)
-    return save_checkpoint(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})
+    return save_best_student(RunDir(cfg.out_dir), SASRec(dataset.n_items, 8, cfg.model), dataset, cfg, 0, {})
 
 
 def make_teacher(sasrec_best: Path, experts: int = 4, r: int = 8, dropout: float = 0.0, seed: int = 0,
@@ -50,7 +51,7 @@ def make_teacher(sasrec_best: Path, experts: int = 4, r: int = 8, dropout: float
     model.requires_grad_(False)
     torch.manual_seed(seed)
     cfg = ILoRAConfig(experts=experts, r=r, alpha=16, dropout=dropout)
-    return ILoRATeacher(model, tokenizer, load_checkpoint(sasrec_best).model, sasrec_best, cfg,
+    return ILoRATeacher(model, tokenizer, load_student(sasrec_best).model, sasrec_best, cfg,
                         gradient_checkpointing=gradient_checkpointing)
 
 
@@ -258,9 +259,9 @@ def test_teacher_fine_tunes_through_the_one_loop_and_scores_the_catalogue(make_c
     assert {"adapter_config.json", "adapter_model.safetensors", "sasrec", "task.json"} <= {p.name for p in
                                                                                            final.iterdir()}
 
-    from skip2lora.inference import checkpoint_kind, load_for_inference, merge_lora
+    from skip2lora.inference import checkpoint_method, load_for_inference, merge_lora
 
-    assert checkpoint_kind(final) == "ilora"
+    assert checkpoint_method(final) == "ilora"
     assert isinstance(load_for_inference(final, torch.device("cpu")), ILoRATeacher)
     with pytest.raises(UserError, match="cannot be merged"):
         merge_lora(final, cfg.out_dir / "merged", torch.device("cpu"))
@@ -290,16 +291,14 @@ def test_teacher_fine_tunes_through_the_one_loop_and_scores_the_catalogue(make_c
     metrics = catalogue_metrics(scorer, "validation", [1, 10], max_users=5)
     assert metrics["users"] == 5 and 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
 
-    from skip2lora.rec.cli import COMMANDS
-
     out = cfg.out_dir / "teacher-eval.json"
-    assert COMMANDS["teacher-eval"](["--checkpoint", str(final), "--max_users", "3", "--batch_size", "2",
+    assert main_rec(["teacher-eval", "--checkpoint", str(final), "--max_users", "3", "--batch_size", "2",
                                      "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["catalogue"]["users"] == 3 and written["candidates"]["samples"] == 3
     assert written["cost"]["prompt_forward_s_per_sample"] > 0 and "teacher-eval" in written["generated_by"]
     with pytest.raises(UserError, match="--split must be validation or test"):
-        COMMANDS["teacher-eval"](["--checkpoint", str(final), "--split", "train", "--device", "cpu"])
+        main_rec(["teacher-eval", "--checkpoint", str(final), "--split", "train", "--device", "cpu"])
 
 
 def test_teacher_trains_on_a_4bit_base(sasrec_best, dataset):
@@ -307,7 +306,7 @@ def test_teacher_trains_on_a_4bit_base(sasrec_best, dataset):
     model, tokenizer, _ = load_base_model("tiny", quantize_4bit=True)
     model.requires_grad_(False)
     torch.manual_seed(0)
-    teacher = ILoRATeacher(model, tokenizer, load_checkpoint(sasrec_best).model, sasrec_best, ILoRAConfig(r=8),
+    teacher = ILoRATeacher(model, tokenizer, load_student(sasrec_best).model, sasrec_best, ILoRAConfig(r=8),
                            quantized=True).train()
     assert any(type(p).__name__ == "Params4bit" for p in teacher.model.parameters())
     randomise_experts(teacher)
@@ -347,8 +346,8 @@ def test_skip2lora_teacher_variant_trains_and_scores_the_catalogue(make_config, 
 
     # The saved variant scores through evaluate_teacher like the iLoRA teacher: its prompt settings and dataset come
     # from the run's config (run.json beside final/).
-    from skip2lora.rec.teacher_eval import evaluate_teacher
-    from skip2lora.rec.teacher_load import load_teacher
+    from skip2lora.rec.teacher.evaluate import evaluate_teacher
+    from skip2lora.rec.teacher.load import load_teacher
 
     loaded, settings, dataset_folder = load_teacher(cfg.out_dir / "final", "cpu")
     assert PromptSettings(**settings) == SETTINGS and dataset_folder == sasrec_best
@@ -363,7 +362,7 @@ def test_skip2lora_teacher_variant_trains_and_scores_the_catalogue(make_config, 
 
 
 def test_a_checkpoint_not_trained_on_rec_teacher_is_refused_in_one_line(make_config):
-    from skip2lora.rec.teacher_eval import evaluate_teacher
+    from skip2lora.rec.teacher.evaluate import evaluate_teacher
     from skip2lora.train.loop import run_finetune
 
     cfg = make_config("skip2lora", train__max_steps=1, eval__interval=1, eval__accuracy_samples=0)
@@ -375,3 +374,15 @@ def test_a_checkpoint_not_trained_on_rec_teacher_is_refused_in_one_line(make_con
     (cfg.out_dir / "run.json").unlink()
     with pytest.raises(UserError, match="has no run.json beside it"):
         evaluate_teacher(cfg.out_dir / "final", max_users=2)
+
+
+def test_an_ilora_teacher_with_a_4bit_base_is_refused_on_several_devices(tmp_path, capsys):
+    """The loop asks the method (four_bit_setting), not its name: iLoRA's 4-bit base is refused like QLoRA's."""
+    from skip2lora.cli import main
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", "tiny", "--device", "cpu", "--method", "ilora", "--data.name", "rec-teacher",
+                 "--ilora.quantize_base", "true", "--devices", "2", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 4-bit weights (ilora.quantize_base) run on one device only") and "\n" not in err
+    assert not out.exists()

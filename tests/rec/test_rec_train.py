@@ -6,19 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+from rec_fixtures import main_rec, parse_config
+from skip2lora.config import one_line
 import torch
 
 from skip2lora.errors import UserError
 from skip2lora.outdir import RunDir, read_metrics_csv
-from skip2lora.rec import train as rec_train
-from skip2lora.rec.checkpoint import load_checkpoint
-from skip2lora.rec.cli import main_rec, one_line
-from skip2lora.rec.data import load_dataset
+from skip2lora.rec.student import training as rec_train
+from skip2lora.rec.student.saved import load_student
+from skip2lora.rec.student.data import load_dataset
 
 
 def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "student"
-    code = main_rec(["student", "--out_dir", str(out), "--device", "cpu", "--data.name", "ml-1m", "--data.path",
+    code = main_rec(["student", "--out_dir", str(out), "--device", "cpu", "--threads", "1", "--data.name", "ml-1m", "--data.path",
                      str(synthetic_dir), "--data.max_seq_len", "8", "--model.hidden", "16", "--train.epochs", "1",
                      "--train.batch_size", "16", "--eval.ks", "[1, 5, 10]"])
     assert code == 0
@@ -39,7 +40,7 @@ def test_one_epoch_run_writes_every_file(tmp_path, synthetic_dir, capsys):
 
     # evaluate reproduces the run's test metrics from best/.
     capsys.readouterr()
-    assert main_rec(["evaluate", "--checkpoint", str(out / "best"), "--device", "cpu"]) == 0
+    assert main_rec(["evaluate", "--checkpoint", str(out / "best"), "--device", "cpu", "--threads", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("hr@10", "ndcg@10", "loss"):
         assert evaluated[key] == pytest.approx(run["summary"]["test"][key], abs=1e-6)
@@ -63,7 +64,7 @@ def test_validation_not_test_selects_the_checkpoint(quick_config, monkeypatch):
     assert chosen == 1 + test_ndcg.index(min(test_ndcg))
     assert chosen != 1 + test_ndcg.index(max(test_ndcg))
     assert run["summary"]["test"]["ndcg@10"] == pytest.approx(min(test_ndcg))  # best/ holds the chosen epoch
-    loaded = load_checkpoint(cfg.out_dir / "best")
+    loaded = load_student(cfg.out_dir / "best")
     assert loaded.info["epoch"] == chosen
 
 
@@ -72,7 +73,7 @@ def test_training_learns_the_synthetic_pattern_and_seeds_repeat(quick_config):
     again = rec_train.run_student(quick_config("b", epochs=8))
     assert first["summary"]["test"]["hr@10"] > 0.5  # random would be about 10 / 30
     assert first["summary"]["test"] == again["summary"]["test"]
-    state = load_checkpoint(quick_config("a").out_dir / "best").model.item_emb.weight
+    state = load_student(quick_config("a").out_dir / "best").model.item_emb.weight
     assert torch.count_nonzero(state[0]) == 0
 
 
@@ -106,7 +107,7 @@ def test_baselines_and_report(tmp_path, synthetic_dir, quick_config):
 
 
 def student_argv(tmp_path, synthetic_dir, *extra):
-    return ["student", "--out_dir", str(tmp_path / "x"), "--device", "cpu", "--data.name", "ml-1m",
+    return ["student", "--out_dir", str(tmp_path / "x"), "--device", "cpu", "--threads", "1", "--data.name", "ml-1m",
             "--data.path", str(synthetic_dir), "--tensorboard", "false", "--train.epochs", "1", *extra]
 
 
@@ -128,7 +129,6 @@ def test_bad_command_inputs_give_one_line(tmp_path, synthetic_dir):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train: [1, 2\n")
     cases = [
-        (["teacher"], "unknown rec command 'teacher'"),
         (["student", str(bad_yaml)], "malformed YAML at line"),
         (["evaluate", "--checkpoint", str(tmp_path)], "has no rec.json"),
         (["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.md")], "does not exist"),
@@ -140,19 +140,25 @@ def test_bad_command_inputs_give_one_line(tmp_path, synthetic_dir):
         assert "\n" not in str(caught.value)
 
 
-def test_standalone_entry_prints_one_error_line(capsys):
-    from skip2lora.rec.cli import main
+def test_an_unknown_rec_command_is_one_line(capsys):
+    from skip2lora.cli import main
 
-    assert main(["student", "--data.name", "netflix"]) == 2
+    assert main(["rec", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown rec command 'teacher': use one of student")
+    assert main(["rec"]) == 0 and "rec speed-report" in capsys.readouterr().out
+
+
+def test_standalone_entry_prints_one_error_line(capsys):
+    from skip2lora.cli import main
+
+    assert main(["rec", "student", "--data.name", "netflix"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: unknown dataset")
 
 
 def test_config_file_runs_through_the_parser(tmp_path):
-    from skip2lora.rec.cli import parse, student_config, student_parser
-
     config = Path(__file__).resolve().parents[2] / "configs" / "rec" / "sasrec-ml100k.yaml"
-    cfg = student_config(parse(student_parser(), [str(config), "--seed", "3"],
-                               config_positional=True).as_dict())
+    cfg = parse_config("student", [str(config), "--seed", "3"])
     assert (cfg.seed, cfg.data.name, cfg.model.hidden, cfg.eval.mask_history) == (3, "ml-100k", 64, False)
     assert load_dataset(cfg.data).n_items >= max(cfg.eval.ks)

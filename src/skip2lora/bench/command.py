@@ -3,7 +3,7 @@ fine-tuning configuration on real batches, then a COMPARISON SUMMARY against the
 LoRA), and optionally the paper's "fine-tuning time" over whole epochs.
 
 Each configuration runs in a fresh worker process (bench/worker.py), so its peak memory is its own. The
-results go to OUT_DIR/skip2lora_benchmark_*.json, which `skip2lora report-bench` renders.
+results go to OUT_DIR/skip2lora_benchmark_*.json, which `skip2lora benchmark-report` renders.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def benchmark_command(
     seq_len: int = 256,
     iters: int = 10,
     warmup: int = 3,
-    configs: Optional[list[str]] = None,
-    config_file: Path = DEFAULT_CONFIG_FILE,
+    only: Optional[list[str]] = None,
+    suite: Path = DEFAULT_CONFIG_FILE,
     out_dir: Path = Path("out/bench"),
     device: str = "auto",
     precision: Literal["auto", "32-true", "bf16-true", "bf16-mixed"] = "auto",
@@ -188,7 +188,7 @@ def benchmark_command(
     threads: Optional[int] = None,
     epochs: Optional[int] = None,
     samples: int = 256,
-    epoch_configs: Optional[list[str]] = None,
+    epoch_only: Optional[list[str]] = None,
     epoch_tasks: Optional[list[str]] = None,
     devices: int = 1,
     loss_share: Optional[float] = None,
@@ -202,8 +202,8 @@ def benchmark_command(
         seq_len: Tokens per row (instruct examples packed, loss on the responses).
         iters: Timed iterations per configuration.
         warmup: Untimed iterations first (they fill the Skip-Cache).
-        configs: Configuration names (default: all in the file).
-        config_file: YAML list of configurations.
+        only: Run only these configurations of the suite, by name (default: all of them).
+        suite: The suite YAML: its baseline and the configurations to time (configs/bench/default.yaml).
         out_dir: Where the JSON result goes.
         device: auto, cpu or cuda.
         precision: Numeric precision of every worker.
@@ -211,7 +211,7 @@ def benchmark_command(
         threads: CPU threads per worker (default: torch's choice).
         epochs: Also time whole fine-tuning runs of this many epochs.
         samples: Training samples per epoch (with --epochs).
-        epoch_configs: Configurations of the epoch benchmark (default: the file's epoch_benchmark.configs).
+        epoch_only: Configurations of the epoch benchmark (default: the suite's epoch_benchmark.configs).
         epoch_tasks: Tasks of the epoch benchmark, instruct and/or authorship (default: the file's).
         devices: Processes per configuration; above 1 each step is a DDP step (batch_size rows per rank).
             On CPU this checks the plumbing (gloo on loopback); the speed figures that matter come from GPUs.
@@ -227,9 +227,10 @@ def benchmark_command(
     invocation = command_text("benchmark", benchmark_command, locals())
     args = BenchOptions(model, batch_size, seq_len, iters, warmup, device, precision, seed, threads, epochs, samples,
                         devices, loss_share)
-    suite = load_suite(resolve_config_file(config_file))
-    chosen = selected_configs(suite, configs)
-    plan = epoch_plan(suite, epoch_configs, epoch_tasks) if epochs else None
+    suite_file = suite
+    suite = load_suite(resolve_config_file(suite_file))
+    chosen = selected_configs(suite, only)
+    plan = epoch_plan(suite, epoch_only, epoch_tasks) if epochs else None
     torch_device = resolve_device(device)
     facts = model_facts(model)
     check_context(facts, seq_len)

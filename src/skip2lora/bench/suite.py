@@ -134,7 +134,7 @@ def selected_configs(suite: BenchSuite, names: Optional[list[str]]) -> list[Benc
     """The named configurations (all by default); the baseline is added first when not named, so every
     ratio has it."""
     names = list(dict.fromkeys(names or list(suite.configs)))
-    check_names(names, suite, f"in --configs (file {suite.path})")
+    check_names(names, suite, f"in --only (suite {suite.path})")
     if suite.baseline not in names:
         names.insert(0, suite.baseline)
     return [suite.configs[n] for n in names]
@@ -173,7 +173,7 @@ class EpochPlan:
 
 def epoch_plan(suite: BenchSuite, configs: Optional[list[str]], tasks: Optional[list[str]]) -> EpochPlan:
     names = list(dict.fromkeys(configs or suite.epoch_configs))
-    check_names(names, suite, "in --epoch_configs")
+    check_names(names, suite, "in --epoch_only")
     tasks = list(dict.fromkeys(tasks or suite.epoch_tasks))
     unknown = [t for t in tasks if t not in EPOCH_TASKS]
     if unknown:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..config import FinetuneConfig, to_plain_dict
 from ..data import load_task_data, tokenize_examples
@@ -21,6 +22,29 @@ from ..train.loop import seed_everything
 from .report import selection_table, snippet, write_block_report
 
 DEFAULT_OUT_DIR = Path("out/blocks")
+
+
+def block_search_options(max_blocks: Optional[int] = None, probe_samples: Optional[int] = None,
+                         probe_steps: Optional[int] = None, min_gain: Optional[float] = None) -> dict:
+    """Survey every block's features on a sample of the training data (through the Skip-Cache: with
+    --skip2lora.cache disk a later fine-tuning reuses them), probe each block (classification: a ridge
+    classifier's cross-validated accuracy; generation: the validation loss of a rank-r skip adapter trained on
+    cached features), choose up to K blocks greedily, and write blocks.json, blocks.md, blocks.png and
+    block_indices.yaml into --out_dir. Every other option is a `skip2lora finetune` setting (model, data.*,
+    skip2lora.*); `skip2lora finetune --skip2lora.block_indices auto` runs the same search first.
+
+    Args:
+        max_blocks: Choose at most K blocks (short for skip2lora.select_max_blocks).
+        probe_samples: Training samples surveyed and probed (short for skip2lora.select_probe_samples).
+        probe_steps: Generation: optimizer steps per probe adapter (short for skip2lora.select_probe_steps).
+        min_gain: Add a block only if the probe gains more than this (short for skip2lora.select_min_gain).
+
+    Returns:
+        The skip2lora section's settings these short options stand for (unset ones left out).
+    """
+    given = {"select_max_blocks": max_blocks, "select_probe_samples": probe_samples,
+             "select_probe_steps": probe_steps, "select_min_gain": min_gain}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def cache_note(cfg: FinetuneConfig) -> str:

@@ -8,18 +8,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import DATASET_NAMES, DataConfig
+from ..config import DATASET_NAMES, DataConfig, register_dataset_name
 from ..errors import UserError
 from .examples import Example, TaskData, make_example
 from .prompts import PROMPT_STYLES, format_prompt
 from .tokenize import IGNORE_INDEX, TokenizedSample, collate, epoch_order, tokenize_examples
 
 
+# Sources an application registers (register_source), beside the built-in ones below.
+REGISTERED_SOURCES: dict[str, Callable[[DataConfig], TaskData]] = {}
+
+
+def register_source(name: str, loader: Callable[[DataConfig], TaskData]) -> None:
+    """Make `data.name NAME` load through `loader` (the data.name check accepts it from now on)."""
+    REGISTERED_SOURCES[name] = loader
+    register_dataset_name(name)
+
+
 def _sources() -> dict[str, Callable[[DataConfig], TaskData]]:
     # Imported on demand: a run on the instruction task never loads the Shakespeare parser.
-    from .sources import files, instruct, japanese, rec_teacher, shakespeare
+    from .sources import files, instruct, japanese, shakespeare
 
-    return {
+    return {**REGISTERED_SOURCES,
         "instruct": instruct.load_instruct,
         "alpaca": files.load_alpaca,
         "text": files.load_text,
@@ -29,7 +39,6 @@ def _sources() -> dict[str, Callable[[DataConfig], TaskData]]:
         "plays": shakespeare.load_plays,
         "japanese": japanese.load_japanese,
         "japanese-v2": japanese.load_japanese_v2,
-        "rec-teacher": rec_teacher.load_rec_teacher,
     }
 
 
@@ -37,9 +46,14 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, de-duplicate, split and cap the dataset that `cfg.name` selects."""
     loader = _sources().get(cfg.name)
     if loader is None:
+        from ..plugins import load_plugins
+
+        load_plugins()
+        loader = _sources().get(cfg.name)
+    if loader is None:
         raise UserError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(DATASET_NAMES)}")
     return loader(cfg)
 
 
 __all__ = ["DATASET_NAMES", "Example", "IGNORE_INDEX", "PROMPT_STYLES", "TaskData", "TokenizedSample", "collate",
-           "epoch_order", "format_prompt", "load_task_data", "make_example", "tokenize_examples"]
+           "epoch_order", "format_prompt", "load_task_data", "make_example", "register_source", "tokenize_examples"]

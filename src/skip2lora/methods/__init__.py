@@ -11,16 +11,13 @@ from ..precision import BF16, compute_dtype
 from . import full, lora  # noqa: F401 - importing a method module registers it
 from .base import METHOD_REGISTRY, FinetuneMethod, ParameterCounts, register_method
 from .skip2lora import method as _skip2lora  # noqa: F401
-from ..rec import teacher as _ilora  # noqa: F401,E402 - the recommendation teacher (iLoRA) registers itself
 
 
 def build_method(
     cfg: FinetuneConfig, kind: str, num_labels: int | None, device: torch.device, dtype: torch.dtype
 ) -> tuple[FinetuneMethod, ModelInfo]:
     """Load the base model the way the configured method needs it and wrap it."""
-    cls = METHOD_REGISTRY.get(cfg.method)
-    if cls is None:
-        raise UserError(f"unknown method {cfg.method!r}: use one of {', '.join(METHOD_REGISTRY)}")
+    cls = method_class(cfg.method)
     options = cls.load_options(cfg, kind)
     if options["quantize_4bit"]:
         # 4-bit weights are dequantised to their compute dtype: bf16 when the run computes in bf16 (bf16-mixed or
@@ -36,6 +33,17 @@ def build_method(
     return cls.create(model, tokenizer, info, cfg, kind, num_labels), info
 
 
+def method_class(name: str) -> type[FinetuneMethod]:
+    """The registered method called `name`; applications (plug-ins) are asked once when the name is unknown."""
+    if name not in METHOD_REGISTRY:
+        from ..plugins import load_plugins
+
+        load_plugins()
+    if name not in METHOD_REGISTRY:
+        raise UserError(f"unknown method {name!r}: use one of {', '.join(METHOD_REGISTRY)}")
+    return METHOD_REGISTRY[name]
+
+
 def check_positions(model: torch.nn.Module, max_seq_length: int) -> None:
     """A model with a learned position table (GPT-2, BERT) cannot read past its end: refuse before training."""
     for name, module in model.named_modules():
@@ -46,4 +54,4 @@ def check_positions(model: torch.nn.Module, max_seq_length: int) -> None:
                                 f"{type(model).__name__} has: use --data.max_seq_length {module.num_embeddings} or less")
 
 
-__all__ = ["FinetuneMethod", "METHOD_REGISTRY", "ParameterCounts", "build_method", "register_method"]
+__all__ = ["FinetuneMethod", "METHOD_REGISTRY", "ParameterCounts", "build_method", "method_class", "register_method"]

@@ -131,6 +131,17 @@ class FinetuneMethod(nn.Module):
         return {"task": kind, "quantize_4bit": False}
 
     @classmethod
+    def multi_device_refusal(cls, cfg: "FinetuneConfig", world: int) -> Optional[str]:
+        """Why this config cannot run on `world` (> 1) processes, in one sentence, or None when it can."""
+        return None
+
+    @classmethod
+    def four_bit_setting(cls, cfg: "FinetuneConfig") -> Optional[str]:
+        """The setting that makes load_options ask for 4-bit base weights (named in refusals), or None when
+        this config loads them in full precision."""
+        return None
+
+    @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: "ModelInfo", cfg: "FinetuneConfig", kind: str,
                num_labels: Optional[int]) -> "FinetuneMethod":
         raise NotImplementedError

@@ -55,6 +55,10 @@ class LoRAMethod(FinetuneMethod):
         return {"task": kind, "quantize_4bit": cls.quantized}
 
     @classmethod
+    def four_bit_setting(cls, cfg: FinetuneConfig) -> Optional[str]:
+        return "method qlora" if cls.quantized else None
+
+    @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..errors import UserError
 from ..outdir import RunDir
 from ..paths import atomic_write_json, replace_marked_block
+from .registry import run_report
 from .runs import RunRecord, collect_runs
 from .settings import ComparisonSet, choose_baseline, claim_blocker, group_runs, rows_named, settings_table_rows
 from .stats import SPREAD_RULE, MeanStd, beyond_spread, mean_std, ratio, relative_diff_pct
@@ -331,29 +332,27 @@ def compare_runs(paths: Sequence[Path], out_dir: Optional[Path] = None, baseline
     return payload
 
 
-def recommendation_runs(paths: list[Path]) -> list[Path]:
-    """The run folders of `skip2lora rec student` among the paths (searched like fine-tuning runs); empty
-    when the paths hold fine-tuning runs instead."""
+def application_runs(paths: list[Path]) -> tuple[Optional[str], list[Path]]:
+    """(run type, folders) when every run among the paths (searched like fine-tuning runs) has one run type
+    whose report an application registered (report.registry); (None, []) for fine-tuning runs."""
     found = [p for p in paths if RunDir(p).run_json.is_file()] + [
         p.parent for root in paths if not RunDir(root).run_json.is_file() for p in sorted(root.rglob("run.json"))]
-    rec = []
+    types = set()
     for folder in found:
         try:
-            if RunDir(folder).read_run_json().get("kind") == "rec":
-                rec.append(folder)
+            types.add(RunDir(folder).read_run_json().get("kind"))
         except UserError:
-            continue  # a damaged run.json: the fine-tuning comparison reports it
-    return rec if rec and len(rec) == len(found) else []
+            return None, []  # a damaged run.json: the fine-tuning comparison reports it
+    if len(types) != 1 or run_report(next(iter(types))) is None:
+        return None, []
+    return next(iter(types)), found
 
 
-def compare_recommendation_runs(folders: list[Path], out_dir: Optional[Path]) -> int:
-    """Recommendation runs: HR / NDCG / Recall@K, mean ± std over seeds, through the rec report."""
-    from ..rec.report import write_report
-
-    out = Path(out_dir or Path(os.path.commonpath([str(f.parent) for f in folders]))) / "report.md"
+def compare_application_runs(run_type: str, folders: list[Path], out_dir: Optional[Path]) -> int:
+    """Runs of an application (rec's students: HR / NDCG / Recall@K over seeds) through its registered report."""
     command = " ".join(["skip2lora compare", *map(str, folders), *([f"--out_dir {out_dir}"] if out_dir else [])])
-    path = write_report(folders, out, None, command)
-    print(f"[skip2lora] compared {len(folders)} recommendation runs: wrote {path}")
+    path = run_report(run_type)(folders, out_dir, command)
+    print(f"[skip2lora] compared {len(folders)} {run_type} runs: wrote {path}")
     return 0
 
 
@@ -374,9 +373,9 @@ def compare_command(runs: list[Path], out_dir: Optional[Path] = None, baseline: 
     if not runs:
         raise UserError("compare needs at least one run folder (or a folder that contains runs)")
     runs = [Path(p) for p in runs]
-    rec_runs = recommendation_runs(runs)
-    if rec_runs:
-        return compare_recommendation_runs(rec_runs, out_dir)
+    run_type, app_runs = application_runs(runs)
+    if run_type is not None:
+        return compare_application_runs(run_type, app_runs, out_dir)
     payload = compare_runs(runs, out_dir, baseline=baseline, title=title)
     if readme is not None:
         from .compare_report import readme_block as render_readme_block

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import torch
 
 from ..config import FinetuneConfig
 from ..errors import UserError, warn
+from ..methods import method_class
 from ..precision import PrecisionChoice, choose_precision
 
 # Flip to True once scripts/gpu_checks.sh's "FSDP bf16 run -> kill -> resume equals the uninterrupted run" has
@@ -39,19 +41,28 @@ def run_precision(cfg: FinetuneConfig) -> PrecisionChoice:
     return choice
 
 
+def registered_method(cfg: FinetuneConfig) -> Optional[type]:
+    """cfg's method class, or None for a name no method registers (the benchmark's frozen-forward reference;
+    build_method refuses unknown names itself)."""
+    try:
+        return method_class(cfg.method)
+    except UserError:
+        return None
+
+
 def check_distributed(cfg: FinetuneConfig, accelerator: str) -> None:
     """Refuse what cannot run, before any process is launched."""
     world = cfg.devices * cfg.num_nodes
     if cfg.strategy == "fsdp" and accelerator == "cpu":
         raise UserError("--strategy fsdp needs GPUs (Fabric shards parameters with NCCL): use --strategy ddp on CPU")
-    four_bit = cfg.method == "qlora" or (cfg.method == "skip2lora" and cfg.skip2lora.quantize_trunk)
+    method = registered_method(cfg)  # the loop asks the method, never its name
+    four_bit = method.four_bit_setting(cfg) if method else None
     if four_bit and world > 1:
-        raise UserError(f"4-bit weights ({'qlora' if cfg.method == 'qlora' else 'skip2lora.quantize_trunk'}) run on one "
-                        f"device only, not {world}: use --devices 1 --num_nodes 1, or --method lora")
-    if cfg.method == "skip2lora" and cfg.skip2lora.block_indices == "auto" and world > 1:
-        # Each rank sees its own share of the data, so each could choose other blocks than the rest.
-        raise UserError(f"skip2lora.block_indices auto chooses blocks in one process, not {world}: run `skip2lora "
-                        "blocks CONFIG.yaml` first and pass the block_indices it prints")
+        raise UserError(f"4-bit weights ({four_bit}) run on one device only, not {world}: use --devices 1 "
+                        "--num_nodes 1, or a method without 4-bit weights (--method lora)")
+    refusal = method.multi_device_refusal(cfg, world) if method and world > 1 else None
+    if refusal:
+        raise UserError(refusal)
     per_step = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "

@@ -160,6 +160,18 @@ class Skip2LoRAMethod(FinetuneMethod):
         return {"task": "generation", "quantize_4bit": cfg.skip2lora.quantize_trunk}
 
     @classmethod
+    def four_bit_setting(cls, cfg: FinetuneConfig) -> Optional[str]:
+        return "skip2lora.quantize_trunk" if cfg.skip2lora.quantize_trunk else None
+
+    @classmethod
+    def multi_device_refusal(cls, cfg: FinetuneConfig, world: int) -> Optional[str]:
+        if cfg.skip2lora.block_indices == "auto":
+            # Each rank sees its own share of the data, so each could choose other blocks than the rest.
+            return (f"skip2lora.block_indices auto chooses blocks in one process, not {world}: run `skip2lora "
+                    "blocks CONFIG.yaml` first and pass the block_indices it prints")
+        return None
+
+    @classmethod
     def create(cls, model: nn.Module, tokenizer: Any, info: ModelInfo, cfg: FinetuneConfig, kind: str,
                num_labels: Optional[int]) -> "Skip2LoRAMethod":
         method = cls(model, tokenizer, kind, cfg.skip2lora, info, num_labels=num_labels, seed=cfg.seed,
