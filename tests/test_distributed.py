@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -68,15 +69,33 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return losses
 
 
-def test_two_ranks_apply_the_gradients_of_one_process(tmp_path):
-    finished(subprocess.Popen([sys.executable, str(HERE / "distributed" / "grad_worker.py"), str(tmp_path), "2"],
-                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The gradient workers and the whole 2-rank run, started together. A launch spends most of its time with
+    one rank importing while the other waits for it, so two launches at once keep both cores busy."""
+    grads, whole = tmp_path_factory.mktemp("grads"), tmp_path_factory.mktemp("ddp") / "whole"
+    started = {
+        "grads": (grads, subprocess.Popen([sys.executable, str(HERE / "distributed" / "grad_worker.py"), str(grads),
+                                           "2"], env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True)),
+        "whole": (whole, cli([*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(whole)])),
+    }
+    yield started
+    for _, process in started.values():  # a test that failed early leaves its launch running
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+def test_two_ranks_apply_the_gradients_of_one_process(launches):
+    out, process = launches["grads"]
+    finished(process)
     for name in METHODS:
         method = build(name)
         optimizer, grads = recording_optimizer(method)
         # One process, the same two halves as two accumulated micro-batches: the mean of the two means.
         train_step(method, optimizer, batch_halves(method), max_grad_norm=1.0)
-        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
+        ranks = [torch.load(out / f"{name}-rank{r}.pt") for r in (0, 1)]
         assert set(grads) == set(ranks[0]["grads"])
         for key, grad in grads.items():
             for rank in ranks:
@@ -87,9 +106,9 @@ def test_two_ranks_apply_the_gradients_of_one_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "whole"
-    finished(cli([*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(out)]))
+def two_rank_run(launches):
+    out, process = launches["whole"]
+    finished(process)
     return out
 
 
