@@ -400,8 +400,12 @@ FLAG_ALIASES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def finetune_parser():
-    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help."""
+    """The jsonargparse parser of `skip2lora finetune`: every field above, with its docstring as help.
+
+    Built once per process and shared (callers only parse with it): building reads every docstring (~0.3 s),
+    and an experiment checks each of its runs with it before any starts."""
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -423,13 +427,6 @@ def build_finetune_config(values: dict) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
-@functools.lru_cache(maxsize=1)
-def settings_parser():
-    """The finetune parser, built once per process for checking settings dicts: building one reads every
-    docstring (~0.3 s), and an experiment checks each of its runs before any starts."""
-    return finetune_parser()
-
-
 def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
     """Parse a nested settings dict exactly as `skip2lora finetune --config` would, and check every value.
 
@@ -437,7 +434,7 @@ def finetune_config_from_dict(settings: dict) -> FinetuneConfig:
     """
     from jsonargparse import ArgumentError
 
-    parser = settings_parser()
+    parser = finetune_parser()
     try:
         namespace = parser.parse_object(settings)
     except (ArgumentError, TypeError, ValueError) as exc:
