@@ -28,7 +28,6 @@ class InProcessRun:
         from skip2lora.cli import main
 
         assert command[:3] == [sys.executable, "-m", "skip2lora.cli"], command
-        self.pid = -1
         threads = torch.get_num_threads()  # a run's --threads must not stick to the next test
         out = stdout if stdout is not None else sys.stdout
         try:
@@ -38,9 +37,6 @@ class InProcessRun:
             torch.set_num_threads(threads)
 
     def poll(self) -> int:
-        return self.returncode
-
-    def wait(self, timeout: Optional[float] = None) -> int:
         return self.returncode
 
 
