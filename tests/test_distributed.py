@@ -137,7 +137,8 @@ def test_killed_two_rank_run_resumes_on_two_nodes_with_the_uninterrupted_losses(
     out = tmp_path / "killed"
     killed_while_writing_step_6(two_rank_run, out)
     env = environment()
-    args = [*FLAGS, "--devices", "1", "--num_nodes", "2", "--strategy", "ddp", "--out_dir", str(out), "--resume", "true"]
+    args = [*FLAGS, "--devices", "1", "--num_nodes", "2", "--strategy", "ddp", "--out_dir", str(out),
+            "--resume", "true"]
     nodes = [subprocess.Popen([sys.executable, "-m", "skip2lora.cli", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
              for rank in (0, 1)]
