@@ -46,8 +46,9 @@ install-test: $(VENV)/.test-stamp
 demo: $(VENV)/.install-stamp
 	$(VENV)/bin/skip2lora demo --out_dir out/demo
 
+# The slowest 10 tests are printed at the end, so a slow one shows up in every run.
 test: $(VENV)/.test-stamp
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=10
 
 # The second built-in real model (~250 MB); converted into ~/.cache/skip2lora on first use (about a minute).
 gemma: $(VENV)/.install-stamp

@@ -1,8 +1,8 @@
 """`skip2lora benchmark` and `skip2lora benchmark-report` on the tiny model.
 
-One benchmark run (module fixture) serves most tests: each configuration is a subprocess that costs
-seconds to start, so the run holds just a baseline, a cached Skip2-LoRA and a configuration that must
-fail. The epoch benchmark test runs the same worker code in-process to stay fast. No test asserts a
+One benchmark run (module fixture) serves most tests: a baseline, a cached Skip2-LoRA and a configuration
+that must fail. A worker process costs seconds to start, so only the baseline runs in one; the others, and
+the epoch benchmark test, run the same worker code in-process to stay fast. No test asserts a
 timing; they check that every number is recorded and that the ratios printed are the ones the
 measurements give.
 """
@@ -62,12 +62,25 @@ def write_suite(directory) -> str:
     return str(path)
 
 
+def baseline_in_a_fresh_process(spec: dict) -> dict:
+    """The baseline through the real worker process; the others run the same worker code in this one."""
+    if spec["config"]["name"] == "lora":
+        return worker.run_worker(spec)
+    threads = torch.get_num_threads()
+    try:
+        return {**worker.worker_result(spec), "wall_s": 0.0}
+    finally:
+        torch.set_num_threads(threads)  # the worker's --threads 1 must not stick
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One benchmark in worker processes; returns (exit code, printed text, JSON, JSON path)."""
+    """One benchmark (a worker process for the baseline); returns (exit code, printed text, JSON, JSON path)."""
     directory = tmp_path_factory.mktemp("bench")
     argv = COMMON + ["--suite", write_suite(directory), "--out_dir", str(directory / "out")]
-    return run_benchmark(argv, directory / "out")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(command, "run_worker", baseline_in_a_fresh_process)
+        return run_benchmark(argv, directory / "out")
 
 
 def run_benchmark(argv: list[str], out_dir) -> tuple[int, str, dict, object]:
@@ -278,14 +291,15 @@ def test_when_every_configuration_fails_the_command_says_so_in_one_line(tmp_path
 
 
 def test_cached_skip2lora_reports_its_head_floor(run):
+    # No timing claim here (the ratio to the whole step is the command's output, below): the floor is
+    # measured, only where the method can isolate the head, and printed as the JSON holds it.
     _, printed, payload, _ = run
     configs = by_name(payload)
-    floor = configs["s2-cached"]["head_floor_ms"]
-    # Measured apart from the steps, so on a loaded machine it may exceed their mean a little; a floor far above
-    # the whole step would mean it timed something else.
-    assert floor is not None and 0 < floor <= 3 * configs["s2-cached"]["timing"]["step"]["mean_ms"]
+    floor, step = configs["s2-cached"]["head_floor_ms"], configs["s2-cached"]["timing"]["step"]["mean_ms"]
+    assert floor is not None and floor > 0 and math.isfinite(floor)
     assert configs["lora"]["head_floor_ms"] is None
-    assert "Floor      : frozen head + loss" in printed
+    assert f"Floor      : frozen head + loss over the loss positions alone {floor:.2f} ms; " \
+           f"the whole step is {step / floor:.2f}x that" in printed
 
 
 def test_inference_reference_row_measures_the_frozen_forward():

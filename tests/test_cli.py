@@ -110,7 +110,7 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
     assert run_cli(["finetune", *TINY_FLAGS, "--out_dir", out, "--max_steps", "1", "--overwrite", "true"], capsys)[0] == 0
 
 
-def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
+def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, capsys):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "skip2lora.cli", "finetune", *TINY_FLAGS, "--out_dir", str(out),
             "--max_steps", "60", "--train.save_interval", "5", "--eval.interval", "1000"]
@@ -128,9 +128,10 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
     assert not (out / "final").exists()
     last_step = int(complete[-1].name.split("-")[1])
 
-    resumed = subprocess.run(argv + ["--resume", "true"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming at step {last_step}" in resumed.stdout
+    # The kill needs a process of its own; the resume runs in this one (the same command line).
+    code, stdout, err = run_cli(argv[3:] + ["--resume", "true"], capsys)
+    assert code == 0, err
+    assert f"resuming at step {last_step}" in stdout
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 60
 
 

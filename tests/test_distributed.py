@@ -1,19 +1,20 @@
 """Training beyond one process on Lightning Fabric, on CPU over gloo (loopback only).
 
 Two ranks with half a batch each must apply the same gradients, and end with the same parameters, as one
-process on the whole batch; only rank 0 writes; a killed 2-rank run resumes with the uninterrupted losses;
-two "nodes" on loopback equal two devices; settings that cannot run are refused in one line.
+process on the whole batch; only rank 0 writes; a killed 2-rank run resumes with the uninterrupted losses, on
+two "nodes" on loopback that train as two devices do; settings that cannot run are refused in one line. Each
+launch costs two fresh interpreters (~10 s of imports each), so the tests share runs where they can.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,15 +69,33 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return losses
 
 
-def test_two_ranks_apply_the_gradients_of_one_process(tmp_path):
-    finished(subprocess.Popen([sys.executable, str(HERE / "distributed" / "grad_worker.py"), str(tmp_path), "2"],
-                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The gradient workers and the whole 2-rank run, started together. A launch spends most of its time with
+    one rank importing while the other waits for it, so two launches at once keep both cores busy."""
+    grads, whole = tmp_path_factory.mktemp("grads"), tmp_path_factory.mktemp("ddp") / "whole"
+    started = {
+        "grads": (grads, subprocess.Popen([sys.executable, str(HERE / "distributed" / "grad_worker.py"), str(grads),
+                                           "2"], env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True)),
+        "whole": (whole, cli([*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(whole)])),
+    }
+    yield started
+    for _, process in started.values():  # a test that failed early leaves its launch running
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+def test_two_ranks_apply_the_gradients_of_one_process(launches):
+    out, process = launches["grads"]
+    finished(process)
     for name in METHODS:
         method = build(name)
         optimizer, grads = recording_optimizer(method)
         # One process, the same two halves as two accumulated micro-batches: the mean of the two means.
         train_step(method, optimizer, batch_halves(method), max_grad_norm=1.0)
-        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
+        ranks = [torch.load(out / f"{name}-rank{r}.pt") for r in (0, 1)]
         assert set(grads) == set(ranks[0]["grads"])
         for key, grad in grads.items():
             for rank in ranks:
@@ -87,9 +106,9 @@ def test_two_ranks_apply_the_gradients_of_one_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "whole"
-    finished(cli([*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(out)]))
+def two_rank_run(launches):
+    out, process = launches["whole"]
+    finished(process)
     return out
 
 
@@ -102,34 +121,41 @@ def test_only_rank_zero_writes_and_losses_are_logged_once(two_rank_run):
     assert len(train) == 6
 
 
-def test_killed_two_rank_run_resumes_with_the_uninterrupted_losses(two_rank_run, tmp_path):
+def killed_while_writing_step_6(whole: Path, killed: Path) -> None:
+    """The whole run's folder as a kill while rank 0 wrote the step-6 checkpoint leaves it (a real SIGKILL of a
+    run is tests/test_cli.py's): step-4 is the last complete checkpoint, the logs ran to step 6."""
+    shutil.copytree(whole, killed)
+    for leftover in ("final", "best", "run.json"):
+        target = killed / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (killed / "checkpoints" / "step-000006").rename(killed / "checkpoints" / ".step-000006.killed.tmp")
+
+
+def test_killed_two_rank_run_resumes_on_two_nodes_with_the_uninterrupted_losses(two_rank_run, tmp_path):
+    """Two checks in one launch (each costs two interpreters): the resume continues the killed run exactly,
+    and two "nodes" on loopback (NODE_RANK 0 and 1, one device each) train as two devices do."""
     out = tmp_path / "killed"
-    args = [*FLAGS, "--devices", "2", "--strategy", "ddp", "--out_dir", str(out), "--train.max_steps", "6"]
-    process = cli(args)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/progress.json")):
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)  # both ranks die at once
-    process.communicate()
-    assert not (out / "run.json").exists(), "the run should have been killed before it finished"
-    finished(cli([*args, "--resume", "true"]))
-    assert len(list((out / "logs" / "csv").iterdir())) == 2  # the resume logged as a second version
-    resumed, expected = losses_by_step(out), losses_by_step(two_rank_run)
-    assert sorted(resumed) == list(range(1, 7))
-    assert [resumed[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-5, abs=1e-6)
-
-
-def test_two_nodes_on_loopback_equal_two_devices(two_rank_run, tmp_path):
-    out = tmp_path / "nodes"
+    killed_while_writing_step_6(two_rank_run, out)
     env = environment()
-    args = [*FLAGS, "--devices", "1", "--num_nodes", "2", "--strategy", "ddp", "--out_dir", str(out)]
+    args = [*FLAGS, "--devices", "1", "--num_nodes", "2", "--strategy", "ddp", "--out_dir", str(out),
+            "--resume", "true"]
     nodes = [subprocess.Popen([sys.executable, "-m", "skip2lora.cli", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
              for rank in (0, 1)]
     for node in nodes:
         finished(node)
-    (train, val), (expected_train, expected_val) = train_and_eval_losses(out), train_and_eval_losses(two_rank_run)
-    assert train == pytest.approx(expected_train, rel=1e-5) and val == pytest.approx(expected_val, rel=1e-5)
+    versions = RunDir(out).metrics_versions()
+    assert len(versions) == 2  # the resume logged once, as a second version: only node 0's rank 0 writes
+    rows, _ = read_metrics_csv(versions[-1])
+    train = {int(r["step"]): r["train_loss"] for r in rows if r.get("train_loss") is not None}
+    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    expected_train, expected_val = losses_by_step(two_rank_run), train_and_eval_losses(two_rank_run)[1]
+    assert sorted(train) == [5, 6]
+    assert [train[s] for s in (5, 6)] == pytest.approx([expected_train[s] for s in (5, 6)], rel=1e-5, abs=1e-6)
+    assert val == pytest.approx(expected_val[-1:], rel=1e-5)  # the step-6 evaluation
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # the partial write was cleared
+    run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["steps"] == 6 and run["environment"]["world_size"] == 2
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -145,15 +171,16 @@ def test_impossible_distributed_settings_are_refused_in_one_line(extra, message,
     assert not (tmp_path / "o").exists()
 
 
-def test_benchmark_times_a_ddp_step_on_two_ranks(tmp_path):
+def test_benchmark_times_a_ddp_step_on_two_ranks(tmp_path, monkeypatch, capsys):
+    # The command in this process; its worker and that worker's second rank are real processes.
+    for key, value in environment().items():
+        monkeypatch.setenv(key, value)
     suite = tmp_path / "suite.yaml"
     suite.write_text("baseline: lora\nconfigs:\n  - {name: lora, method: lora, lora: {r: 4, alpha: 8}}\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "skip2lora.cli", "benchmark", "--model", "tiny", "--device", "cpu", "--devices", "2",
-         "--iters", "1", "--warmup", "1", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
-         "--suite", str(suite), "--out_dir", str(tmp_path / "out")],
-        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    finished(process)
+    code = main(["benchmark", "--model", "tiny", "--device", "cpu", "--devices", "2", "--iters", "1", "--warmup", "1",
+                 "--seq_len", "32", "--batch_size", "2", "--threads", "1", "--suite", str(suite),
+                 "--out_dir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err[-3000:]
     payload = json.loads(next((tmp_path / "out").glob("skip2lora_benchmark_*.json")).read_text())
     row = payload["configs"][0]
     assert row["status"] == "ok" and row["world_size"] == 2 and payload["shapes"]["devices"] == 2

@@ -15,6 +15,7 @@ from skip2lora.experiments import runner
 from skip2lora.experiments.demo import demo_command
 from skip2lora.experiments.runner import experiment_command, load_spec, plan_runs, run_experiment, run_state
 from skip2lora.outdir import RunDir
+from in_process import runs_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +82,10 @@ def test_run_state_reads_the_folder_without_training(tmp_path):
 
 
 def test_experiment_runs_the_matrix_then_skips_finished_runs(tmp_path):
+    """In this process, except the resume below: that one run is a real `python -m skip2lora.cli` subprocess."""
     root = tmp_path / "exp"
-    states = run_experiment(tiny_spec(), root)
+    with runs_in_process():
+        states = run_experiment(tiny_spec(), root)
     assert set(states.values()) == {"finished"}
     for run_dir in sorted(root.iterdir()):
         summary = json.loads((run_dir / "run.json").read_text())
@@ -94,7 +97,8 @@ def test_experiment_runs_the_matrix_then_skips_finished_runs(tmp_path):
     assert len(before) == 4
 
     # Re-running trains nothing: every run.json is untouched.
-    run_experiment(tiny_spec(), root)
+    with runs_in_process():
+        run_experiment(tiny_spec(), root)
     assert summary_times(root) == before
 
     # An interrupted run (checkpoints but no run.json) resumes from its last checkpoint.
@@ -106,15 +110,17 @@ def test_experiment_runs_the_matrix_then_skips_finished_runs(tmp_path):
     spec, base = load_spec(tiny_spec())
     planned = {r.name: r for r in plan_runs(spec, base, root)}
     assert run_state(planned[victim.name]) == "interrupted"
-    run_experiment(tiny_spec(), root)
-    assert "--resume true" in (victim / "train.log").read_text()
+    run_experiment(tiny_spec(), root)  # the real subprocess: its output lands in train.log
+    log = (victim / "train.log").read_text()
+    assert "--resume true" in log and "[skip2lora] done: 3 steps" in log
     assert json.loads((victim / "run.json").read_text())["summary"]["steps"] == 3
 
     # Changing a run's settings re-runs exactly the runs it touches.
     changed = copy.deepcopy(tiny_spec())
     changed["variants"]["skip2lora"]["skip2lora"]["r"] = 8
     after_resume = summary_times(root)
-    run_experiment(changed, root, only="skip2lora--seed1")
+    with runs_in_process():
+        run_experiment(changed, root, only="skip2lora--seed1")
     now = summary_times(root)
     assert now["instruct--skip2lora--seed1"] != after_resume["instruct--skip2lora--seed1"]
     assert {k: v for k, v in now.items() if k != "instruct--skip2lora--seed1"} == \
@@ -207,9 +213,10 @@ def test_shipped_experiments_parse_and_validate(name, tmp_path):
 
 
 def test_demo_compares_both_methods_on_both_tasks(tmp_path, capsys):
-    """The showcase end to end on the tiny model with a tiny budget: four runs, a table, a report."""
+    """The showcase end to end on the tiny model with a tiny budget: four runs (in this process), a table, a report."""
     out = tmp_path / "demo"
-    assert demo_command(out_dir=out, model="tiny", budget_s=2, block_indices="0,1") == 0
+    with runs_in_process():
+        assert demo_command(out_dir=out, model="tiny", budget_s=1, block_indices="0,1") == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "authorship--lora--seed1337", "authorship--skip2lora--seed1337",

@@ -12,6 +12,7 @@ import yaml
 from skip2lora.cli import main
 from skip2lora.errors import UserError
 from skip2lora.studies.efficiency.grid import CONFIGURATIONS, load_efficiency_spec, runner_spec
+from in_process import runs_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "efficiency" / "tiny.yaml"
@@ -23,10 +24,12 @@ def run_cli(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """The tiny study, run once: 2 configurations (lora-r4-qv, full) x 2 sizes, each run its own process."""
+    """The tiny study, run once: 2 configurations (lora-r4-qv, full) x 2 sizes, in this process (the runner's
+    subprocess path is tests/test_experiment.py's)."""
     root = tmp_path_factory.mktemp("efficiency")
     out, report = root / "runs", root / "docs" / "efficiency.md"
-    assert run_cli("efficiency", TINY, "--out_dir", out, "--report", report) == 0
+    with runs_in_process():
+        assert run_cli("efficiency", TINY, "--out_dir", out, "--report", report) == 0
     return out, report
 
 
@@ -87,7 +90,8 @@ def test_a_failing_cell_is_reported_while_the_rest_still_run(study, tmp_path, ca
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(spec))
     report = tmp_path / "report.md"
-    assert run_cli("efficiency", path, "--out_dir", out, "--report", report) == 2
+    with runs_in_process():
+        assert run_cli("efficiency", path, "--out_dir", out, "--report", report) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: 1 of 2 runs failed (japanese.tiny.n1000--broken--seed1)")
     by_config = {r["configuration"]: r for r in records(out)}
