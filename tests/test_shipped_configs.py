@@ -9,6 +9,7 @@ import pytest
 
 from skip2lora.cli import COMMANDS, build_options, config_file_first, expand_aliases, function_parser, parse
 from skip2lora.config import build_finetune_config, finetune_parser
+from skip2lora.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
@@ -41,8 +42,12 @@ def efficiency(path: Path) -> None:
 
     if path.name == "claims.yaml":
         assert load_claims(path)
-    else:
+        return
+    try:
         plan(load_efficiency_spec(path))
+    except UserError as exc:  # a study that uses the learning-rate check's picks needs that check's output first
+        assert "run the learning-rate check first" in str(exc), str(exc)
+        assert "\nlearning_rates:" in path.read_text()
 
 
 def rec(path: Path) -> None:

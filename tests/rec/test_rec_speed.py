@@ -159,7 +159,7 @@ def test_a_failed_side_is_kept_with_its_error(tmp_path, data_dir):
     (["--teacher.train.num_workers", "-1"], "train.num_workers must be >= 0"),
     (["--loader_workers", "[0, -2]"], "--loader_workers must all be >= 0"),
     (["--sasrec_checkpoint", "/nonexistent/best"], "holds no rec.json"),
-    (["--no_such_flag", "1"], "skip2lora rec speed:"),
+    (["--no_such_flag", "1"], "unknown option --no_such_flag for skip2lora rec speed"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, extra, message):
     out = tmp_path / "never"
