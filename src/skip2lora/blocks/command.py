@@ -18,7 +18,7 @@ from ..data import load_task_data, tokenize_examples
 from ..env import apply_threads, precision_dtype, resolve_device, resolve_precision
 from ..methods import build_method
 from ..report.tables import render_text
-from ..train.loop import seed_everything
+from ..train.stream import seed_everything
 from .report import selection_table, snippet, write_block_report
 
 DEFAULT_OUT_DIR = Path("out/blocks")

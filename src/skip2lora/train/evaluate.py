@@ -116,3 +116,17 @@ def format_eval(result: dict) -> str:
     if "val_acc" in result:
         text += f", val_acc {result['val_acc']:.3f}"
     return text
+
+
+def format_summary(summary: dict) -> str:
+    """The run's closing line: steps, speed, peak memory, validation before -> after."""
+    parts = [f"{summary['steps']} steps in {summary['train_time_s']:.1f}s"]
+    if summary.get("steps_per_s"):
+        parts.append(f"{summary['steps_per_s']:.2f} steps/s, {summary['tokens_per_s']:.0f} tokens/s")
+    parts.append(f"peak memory {summary['peak_memory_mb']:.0f} MB")
+    for name, digits in (("val_loss", 4), ("val_acc", 3)):
+        final, initial = summary.get(f"final_{name}"), summary.get(f"initial_{name}")
+        if final is not None:
+            before = "" if initial is None else f"{initial:.{digits}f} -> "  # no evaluation before training
+            parts.append(f"{name} {before}{final:.{digits}f}")
+    return ", ".join(parts)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..config import FinetuneConfig, to_plain_dict
-from ..data import TaskData, TokenizedSample, collate, epoch_order, load_task_data, tokenize_examples
+from ..data import TaskData, TokenizedSample, load_task_data, tokenize_examples
 from ..data.tokenize import rank_partition
 from ..env import apply_threads, current_memory_mb, environment_info, peak_memory_mb, precision_dtype
 from ..errors import UserError
@@ -29,52 +27,10 @@ from ..models import ModelInfo, model_info_dict
 from ..outdir import TASK_JSON, MetricLogger, RunClaim, RunDir
 from ..paths import atomic_write_json
 from . import checkpoint as ckpt
-from .evaluate import evaluate, format_eval, is_better, to_device
+from .evaluate import evaluate, format_eval, format_summary, is_better, to_device
 from .fabric import build_fabric, run_precision
 from .step import build_optimizer, build_scheduler, train_step
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, the same in every process (no PYTHONHASHSEED dependence)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class MicroBatchStream:
-    """Micro-batch m of a rank is a pure function of (seed, m, rank, world size): a resumed run sees the same
-    data. The stream indexes the rank's own share of the samples (see `rank_partition`)."""
-
-    num_samples: int
-    micro_batch_size: int
-    seed: int
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def per_epoch(self) -> int:
-        return math.ceil(self.num_samples / self.micro_batch_size)
-
-    def indices(self, micro_index: int) -> tuple[int, list[int]]:
-        epoch, within = divmod(micro_index, self.per_epoch)
-        order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
-        return epoch, order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
-
-    def first_uses(self, micro_batches: int) -> list[int]:
-        """The sample indices the first `micro_batches` micro-batches use, each once, in order of first use."""
-        seen: dict[int, None] = {}
-        for micro in range(micro_batches):
-            if len(seen) == self.num_samples:
-                break  # every sample is in: later epochs add none
-            seen.update(dict.fromkeys(self.indices(micro)[1]))
-        return list(seen)
+from .stream import MicroBatchStream, StepBatches, as_collated, hash_seed, seed_everything, step_micro_batches
 
 
 @dataclass
@@ -283,37 +239,6 @@ def save_result(run: Run, directory) -> None:
         "description": task.description})
 
 
-def step_micro_batches(samples: list[TokenizedSample], stream: MicroBatchStream, accumulation: int, pad_id: int,
-                       step: int) -> list[tuple[int, dict]]:
-    """(epoch, collated micro-batch on the CPU) for each micro-batch of optimizer step `step` (1-based)."""
-    out = []
-    for micro in range(accumulation):
-        epoch, indices = stream.indices((step - 1) * accumulation + micro)
-        out.append((epoch, collate([samples[i] for i in indices], pad_id)))
-    return out
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item i = step_micro_batches of step first_step + i, for a DataLoader whose workers collate the coming
-    steps while the current one trains (train.num_workers). A pure function of the step, as the stream is, so
-    the batches are the ones the loop would build itself."""
-
-    def __init__(self, samples: list[TokenizedSample], stream: MicroBatchStream, accumulation: int, pad_id: int,
-                 first_step: int, last_step: int) -> None:
-        self.samples, self.stream, self.accumulation, self.pad_id = samples, stream, accumulation, pad_id
-        self.first_step, self.last_step = first_step, last_step
-
-    def __len__(self) -> int:
-        return max(0, self.last_step - self.first_step + 1)
-
-    def __getitem__(self, index: int) -> list[tuple[int, dict]]:
-        return step_micro_batches(self.samples, self.stream, self.accumulation, self.pad_id, self.first_step + index)
-
-
-def _as_collated(item: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-    return item  # StepBatches collates itself; a module-level function, so workers can be spawned too
-
-
 def prefetched_steps(run: Run) -> Optional[Iterator[list[tuple[int, dict]]]]:
     """The steps' micro-batches from train.num_workers loader workers, in step order; None without workers."""
     workers = run.cfg.train.num_workers
@@ -322,7 +247,7 @@ def prefetched_steps(run: Run) -> Optional[Iterator[list[tuple[int, dict]]]]:
     steps = StepBatches(run.train_samples, run.stream, run.accumulation, run.method.tokenizer.pad_token_id,
                         run.start_step + 1, run.total_steps)
     loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_as_collated, pin_memory=run.device.type == "cuda")
+                                         collate_fn=as_collated, pin_memory=run.device.type == "cuda")
     return iter(loader)
 
 
@@ -516,16 +441,3 @@ def run_record(run: Run, steps: int) -> dict:
         "metrics_csv": str(run.logger.csv_path) if run.logger is not None else None,
         "summary": summary,
     }
-
-
-def format_summary(summary: dict) -> str:
-    parts = [f"{summary['steps']} steps in {summary['train_time_s']:.1f}s"]
-    if summary.get("steps_per_s"):
-        parts.append(f"{summary['steps_per_s']:.2f} steps/s, {summary['tokens_per_s']:.0f} tokens/s")
-    parts.append(f"peak memory {summary['peak_memory_mb']:.0f} MB")
-    for name, digits in (("val_loss", 4), ("val_acc", 3)):
-        final, initial = summary.get(f"final_{name}"), summary.get(f"initial_{name}")
-        if final is not None:
-            before = "" if initial is None else f"{initial:.{digits}f} -> "  # no evaluation before training
-            parts.append(f"{name} {before}{final:.{digits}f}")
-    return ", ".join(parts)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...config import FinetuneConfig, Skip2LoRAConfig
 from ...env import synchronize
@@ -28,15 +27,14 @@ from ...paths import cache_root
 from ..base import FinetuneMethod, register_method
 from .adapter_config import ADAPTER_WEIGHTS, Skip2LoRAAdapterConfig
 from .adapters import SkipAdapterBank, validate_layer_indices
-from .block_probes import AdapterProbe, RidgeProbe, SurveyedFeatures
-from .block_selection import BlockSelection, probe_sample, selection_from_probe
-from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name, fill_cache
-from ..output_head import TOLERANCE, check_reproduces_model, probe_ids
+from .block_selection import BlockSelection
+from .cache import DTYPES, CachedFeatures, SkipCache, feature_dtype_name
+from ..output_head import check_reproduces_model
 from ..head_loss import head_ce_sum
 from .trunk import CausalLMTrunk
+from .block_choice import BlockChoice
+from .prebuild import CachePrebuild
 
-# A prompt prefix shared by every sample of a cache build is computed once when at least this long.
-MIN_SHARED_PREFIX = 4
 
 
 def full_precision(device: torch.device):
@@ -65,7 +63,7 @@ def loss_positions(batch: dict, kind: str) -> list[tuple[torch.Tensor, torch.Ten
 
 
 @register_method("skip2lora")
-class Skip2LoRAMethod(FinetuneMethod):
+class Skip2LoRAMethod(CachePrebuild, BlockChoice, FinetuneMethod):
 
     probe_lr: float = 1e-3
     """Learning rate of the generation block probes; create() sets the run's own train.lr."""
@@ -227,122 +225,6 @@ class Skip2LoRAMethod(FinetuneMethod):
         return [CachedFeatures(f.blocks.to(self.feature_dtype), f.final.to(self.feature_dtype), f.targets)
                 for f in result]
 
-    def prepare(self, train_samples: list, val_samples: list, device: torch.device, planned: Optional[list] = None,
-                time_budget_s: Optional[float] = None) -> None:
-        """With block_indices auto, choose the blocks first (select_blocks: its features land in the cache).
-        Then prebuild the cache of the samples the run will use (`planned`; None: every training sample) in one
-        no-grad pass; a sample outside it is cached on first sight. Validation features are cached on first
-        sight during evaluation, whose cost is not training time for any method."""
-        started = time.perf_counter()
-        if self.blocks_pending:
-            self.selection = self.select_blocks(train_samples, device)
-            self.use_blocks(self.selection.chosen)
-        if self.cache is None or not self.cfg.cache_prebuild:
-            return
-        build_started = time.perf_counter()
-        wanted = train_samples if planned is None else planned
-        pending = [s for s in wanted if s.content_hash not in self.cache]
-        # Without a time budget: one window, longest first overall (the least padding). With one: windows in order
-        # of first use, so a budget spent mid-build leaves the first steps' samples cached and the rest to later.
-        window = len(pending) if time_budget_s is None else 8 * self.cfg.cache_build_batch_size
-        deadline = None if time_budget_s is None else started + time_budget_s
-        built, tokens, stopped_by = fill_cache(self.cache, pending, lambda chunk: self._computed(chunk, device),
-                                               window, deadline, self.cfg.cache_build_batch_size)
-        elapsed = time.perf_counter() - build_started
-        self.cache.build_time_s += elapsed
-        # The prebuild alone (not the features cached later on first sight), to hold against inference speed.
-        self.prebuild = {"samples": built, "planned_samples": len(wanted), "already_cached": len(wanted) - len(pending),
-                         "train_samples": len(train_samples), "stopped_by": stopped_by, "tokens": tokens,
-                         "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
-
-    def prepare_notes(self) -> list[str]:
-        notes = [self.selection.describe()] if self.selection is not None else []
-        if self.prebuild is not None:
-            built = self.prebuild
-            why = {"max_time_s": "; the time budget ran out, the rest are cached on first use",
-                   "cache_budget_mb": "; the cache budget is full"}.get(built["stopped_by"] or "", "")
-            found = f", {built['already_cached']:,} were cached already" if built["already_cached"] else ""
-            notes.append(f"skip-cache: the run's steps use {built['planned_samples']:,} of {built['train_samples']:,} "
-                         f"training samples{found}; prebuilt {built['samples']:,} in {built['seconds']:.1f}s{why}")
-        return notes
-
-    def _computed(self, samples: list, device: torch.device) -> Iterator[tuple[Any, CachedFeatures]]:
-        """(sample, its trunk features) for every sample: longest first in batches of cache_build_batch_size
-        (similar lengths together: little padding), a prompt prefix they all share run once."""
-        from ...data import collate
-
-        ordered = sorted(samples, key=lambda s: len(s.input_ids), reverse=True)
-        prefix = self._shared_prefix(ordered, device)
-        size = max(1, self.cfg.cache_build_batch_size)
-        for start in range(0, len(ordered), size):
-            chunk = ordered[start:start + size]
-            batch = collate(chunk, getattr(self.tokenizer, "pad_token_id", None) or 0)  # padding is masked: any id
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            yield from zip(chunk, self._trunk_features(batch, list(range(len(chunk))), prefix))
-
-    # -- choosing the blocks (block_indices auto, `skip2lora blocks`) ------------------------------
-    def select_blocks(self, train_samples: list, device: torch.device) -> BlockSelection:
-        """Survey every block's features on a sample of the training data (through the Skip-Cache), probe
-        each block, and choose a few greedily (block_selection.py). The method keeps every block hooked."""
-        if not self.blocks_pending:
-            raise RuntimeError("select_blocks needs a method built with block_indices auto")
-        cfg, started = self.cfg, time.perf_counter()
-        if cfg.select_max_blocks > self.info.num_layers:
-            raise UserError(f"skip2lora.select_max_blocks {cfg.select_max_blocks} exceeds the {self.info.num_layers} "
-                            f"blocks of {self.info.name}: choose at most {self.info.num_layers}")
-        picked = probe_sample(len(train_samples), cfg.select_probe_samples, self.seed)
-        if len(picked) < 10:
-            raise UserError(f"block selection needs at least 10 training samples, got {len(picked)}: add training "
-                            "data or list skip2lora.block_indices")
-        per_sample = self._surveyed([train_samples[i] for i in picked], device)
-        features = SurveyedFeatures.from_samples(per_sample, self.block_indices, device)
-        return selection_from_probe(
-            self._block_probe(features), features, self.kind, cfg.select_max_blocks, cfg.select_min_gain,
-            train_samples=len(train_samples), value_bytes=self.cache.dtype.itemsize if self.cache else 4,
-            survey_s=time.perf_counter() - started)
-
-    def _surveyed(self, samples: list, device: torch.device) -> list[CachedFeatures]:
-        """Every block's features of these samples: read from the Skip-Cache where stored, else computed (as
-        the prebuild does) and stored there, so a later run on any subset of the blocks prebuilds none."""
-        started = time.perf_counter()
-        found = {s.content_hash: self.cache.get(s.content_hash) for s in samples} if self.cache else {}
-        missing = [s for s in samples if found.get(s.content_hash) is None]
-        surveyed = tqdm(self._computed(missing, device), total=len(missing), desc="block survey", unit="sample",
-                        leave=False, dynamic_ncols=True, disable=len(missing) < 4 * self.cfg.cache_build_batch_size)
-        for sample, feats in surveyed:
-            found[sample.content_hash] = feats
-            if self.cache is not None and not self.cache.full:
-                self.cache.put(sample.content_hash, feats)
-        if self.cache is not None:
-            self.cache.flush()
-            self.cache.build_time_s += time.perf_counter() - started
-        return [found[s.content_hash] for s in samples]
-
-    def _block_probe(self, features: SurveyedFeatures):
-        if self.kind == "classification":
-            return RidgeProbe(features, self.num_labels, row_norm=self.cfg.input_norm, seed=self.seed)
-        out_features = self.info.vocab_size if self.output_mode == "logits" else self.info.hidden_size
-
-        def make_adapters(blocks):
-            return SkipAdapterBank(blocks, self.info.hidden_size, out_features, self.cfg.r, self.cfg.alpha, 0.0,
-                                   self.cfg.input_norm).to(features.final.device)
-
-        return AdapterProbe(features, self._loss_sum, make_adapters, self.cfg.select_probe_steps, self.probe_lr,
-                            self.cfg.select_max_blocks, seed=self.seed)
-
-    def use_blocks(self, block_indices: list[int]) -> None:
-        """Tap these blocks from now on: hooks, fresh adapters (seeded as a run that listed them), cache lookups,
-        and the config that run.json and adapter_config.json record."""
-        self.block_indices = validate_layer_indices(block_indices, self.info.num_layers)
-        self.trunk.remove()
-        self.trunk = CausalLMTrunk(self.model, self.block_indices)
-        self.trunk.autocast_dtype = self.trunk_autocast
-        self._build_trainable()
-        if self.cache is not None:
-            self.cache.use_blocks(self.block_indices)
-        self.cfg.block_indices = list(self.block_indices)
-        self.blocks_pending = False
-
     def _mean_pooled(self, blocks: dict, final: torch.Tensor, batch: dict) -> list[CachedFeatures]:
         """Per sample, one feature row per block (and final): the mean over its real tokens."""
         width = final.size(1)
@@ -353,36 +235,6 @@ class Skip2LoRAMethod(FinetuneMethod):
         return [CachedFeatures(blocks=torch.stack([pooled[k][row:row + 1] for k in self.block_indices]),
                                final=pooled_final[row:row + 1], targets=batch["class_labels"][row:row + 1])
                 for row in range(final.size(0))]
-
-    def _shared_prefix(self, samples: list, device: torch.device) -> Optional[tuple[int, object]]:
-        """(length, key/value state) of the longest token prefix that every sample shares and that ends
-        before each sample's first loss position, when it is long enough to be worth computing once."""
-        # Mean pooling needs every position's features, the prefix's too: no sharing there.
-        if not samples or not self.cfg.share_prefix or self.pooling == "mean" or not self._prefix_reuse_exact():
-            return None
-        first = samples[0].input_ids
-        length = min(len(s.input_ids) for s in samples) - 1  # at least one position must follow it
-        for sample in samples[1:]:
-            same = 0
-            while same < length and sample.input_ids[same] == first[same]:
-                same += 1
-            length = same
-        if self.kind == "generation":
-            length = min([length] + [s.prompt_length - 1 for s in samples])
-        self.shared_prefix_tokens = max(length, 0)
-        if length < MIN_SHARED_PREFIX:
-            return None
-        prefix_ids = torch.tensor([first[:length]], dtype=torch.long, device=device)
-        return length, self.trunk.prefix_state(prefix_ids)
-
-    def _prefix_reuse_exact(self) -> bool:
-        """Checked once on a probe: reusing a prefix's keys and values gives the features of a full pass."""
-        if self._prefix_reuse_ok is None:
-            ids = probe_ids(self.info.vocab_size).to(next(self.model.parameters()).device)
-            dtype = self.trunk_autocast or next(self.model.parameters()).dtype
-            tolerance = TOLERANCE.get(dtype, 2e-2)
-            self._prefix_reuse_ok = self.trunk.prefix_reuse_is_exact(ids, MIN_SHARED_PREFIX, tolerance)
-        return self._prefix_reuse_ok
 
     def batch_features(self, batch: dict) -> CachedFeatures:
         """All loss positions of the batch, from the cache where seen before, else from the trunk."""
