@@ -22,7 +22,7 @@ import torch
 
 from skip2lora.bench import batches, command, measure, worker
 from skip2lora.bench import suite as bench_suite
-from skip2lora.cli import run_function
+from skip2lora.cli.arguments import run_function
 from skip2lora.report import bench_report
 from skip2lora.data import IGNORE_INDEX, TokenizedSample
 from skip2lora.errors import UserError

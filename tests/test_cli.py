@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from skip2lora.cli import config_file_first, expand_aliases, main
+from skip2lora.cli import main
+from skip2lora.cli.arguments import config_file_first, expand_aliases
 from skip2lora.inference import load_for_inference
 
 TINY_FLAGS = [

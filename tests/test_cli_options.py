@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from skip2lora import env
-from skip2lora.cli import COMMANDS, finetune_values, function_parser, main, parsed_values
+from skip2lora.cli import COMMANDS, finetune_values, main
+from skip2lora.cli.arguments import function_parser, parsed_values
 from skip2lora.inference import generate_command
 
 TINY_FLAGS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skip2lora.cli import config_file_first, expand_aliases, parse
+from skip2lora.cli.arguments import config_file_first, expand_aliases, parse
 from skip2lora.config import build_finetune_config, finetune_parser
 from skip2lora.data import load_task_data
 from skip2lora.methods import build_method

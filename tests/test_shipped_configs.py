@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skip2lora.cli import COMMANDS, build_options, config_file_first, expand_aliases, function_parser, parse
+from skip2lora.cli import COMMANDS
+from skip2lora.cli.arguments import build_options, config_file_first, expand_aliases, function_parser, options_class, parse
 from skip2lora.config import build_finetune_config, finetune_parser
 from skip2lora.errors import UserError
 
@@ -59,8 +60,6 @@ def rec(path: Path) -> None:
     values = parse(function_parser(command, function), config_file_first([str(path)])).as_dict()
     for key in ("config", "__path__"):
         values.pop(key, None)
-    from skip2lora.cli import options_class
-
     build_options(options_class(function), values)
 
 
