@@ -153,8 +153,12 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
 
     ndcg = [RunDir(finished / "student" / f"seed-{s}").read_run_json()["summary"]["test"]["ndcg@10"] for s in (1, 2)]
     assert fmt(ndcg) in text.split("| sasrec | baseline | 2 |")[1].split("\n")[0]
-    assert "## The teacher's own metrics" in text and "HR@1 (of valid)" in text
-    assert "| ilora on tiny | test | 6 | 3 | 5 |" in text
+    assert "## The teacher's own metrics" in text and "HR@1 of valid" in text
+    # The teacher's leak-free catalogue metrics on both splits, beside iLoRA's own protocol.
+    assert "| ilora on tiny | test | history only | 6 |" in text
+    assert "| ilora on tiny | validation | history only | 6 |" in text
+    assert "Δ NDCG@10 [95% interval]" in text and "Paired bootstrap (paired bootstrap over the same users" in text
+    assert "the student it teaches" in text
     assert "## Phase timings of the pipeline" in text
     for phase in ("teacher fine-tuning", "teacher evaluation", "teacher outputs (every training sample)",
                   "distilled student sasrec+rd+ed, per seed", "all phases (sum)"):
@@ -206,7 +210,8 @@ def test_the_pipeline_runs_end_to_end_with_a_skip2lora_teacher(tmp_path, data_di
     report = tmp_path / "rec.md"
     assert main_rec(["report", str(out), "--out", str(report)]) == 0
     text = report.read_text()
-    assert "the Skip2-LoRA teacher and distillation" in text and "| skip2lora on tiny | test | 6 | 3 | 5 |" in text
+    assert "the Skip2-LoRA teacher and distillation" in text
+    assert "| skip2lora on tiny | test | history only | 6 |" in text
     assert "`finetune --method skip2lora` on tiny: skip adapters from blocks [0, 1, 2, 3]" in text
 
 
@@ -262,7 +267,25 @@ def test_two_pipelines_are_never_averaged_together():
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "pipeline-ml100k-cpu.json", docs / "pipeline-ml100k-cpu-skip2lora.json"])
     text = render(runs, "skip2lora rec report ...", None, pipelines)
-    rows = [line for line in text.split("## Validation metrics")[0].splitlines() if line.startswith("| sasrec+rd+ed (")]
+    test_part = text.split("## Validation metrics")[0]
+    rows = [line for line in test_part.splitlines() if line.startswith("| sasrec+rd+ed [")]
     assert len(rows) == 2 and all(row.split(" | ")[1] == "3" for row in rows)
-    assert any("pipeline pipeline-ml100k-cpu)" in row for row in rows)
-    assert any("pipeline pipeline-ml100k-cpu-skip2lora)" in row for row in rows)
+    tags = {row.split("[")[1].split("]")[0] for row in rows}
+    legend = next(line for line in test_part.splitlines() if line.startswith("Settings: "))
+    assert len(tags) == 2 and all(f"[{tag}] " in legend for tag in tags)  # short rows, the details in a legend
+    assert "pipeline pipeline-ml100k-cpu;" in legend and "pipeline pipeline-ml100k-cpu-skip2lora" in legend
+
+
+def test_a_damaged_teacher_output_shard_is_repaired_by_rerunning(finished, data_dir, monkeypatch):
+    """Last in this module: it changes the shared folder. The outputs phase runs again for the damaged shard only;
+    every other finished phase is skipped."""
+    index = json.loads((finished / "teacher-outputs" / "index.json").read_text())
+    shard = finished / "teacher-outputs" / index["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-7] + b"damaged")
+    students: list[str] = []
+    monkeypatch.setattr(rec_pipeline, "run_student", lambda cfg: students.append(str(cfg.out_dir)))
+    assert main_rec(tiny_argv(finished, data_dir)) == 0
+    assert students == []
+    repaired = json.loads((finished / "teacher-outputs" / "index.json").read_text())
+    assert repaired["shards"][0]["sha256"] == index["shards"][0]["sha256"]  # the same bytes as before the damage
+    assert read_record(finished)["phases"]["teacher-outputs"]["generated_shards"] == 1
