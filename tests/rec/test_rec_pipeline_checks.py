@@ -23,8 +23,8 @@ def tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--outputs.k", "200"], "--outputs.k 200 is larger than the 30 items"),
-    (["--eval.ks", "[1, 500]"], "cut-off K=500 is larger than the 30 items"),
+    (["--outputs.k", "200"], "--outputs.k 200 is larger than the"),
+    (["--eval.ks", "[1, 10, 500]"], "cut-off K=500 is larger than the"),
     (["--distill.k", "12"], "--distill.k 12 is larger than the 10 candidates"),
     (["--outputs.newest_positions", "500"], "--outputs.newest_positions 500 is larger than any user's"),
     (["--teacher.model", "/no/such/model"], "teacher.model /no/such/model is neither"),

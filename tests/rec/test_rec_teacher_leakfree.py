@@ -4,6 +4,7 @@ scoring from its Skip-Cache exactly as without it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,16 @@ def test_no_prompt_scored_for_outputs_or_metrics_contains_the_target(student_bes
         assert seen[sample.sample_id], sample.sample_id
         assert all(titles[sample.target] not in text for text in seen[sample.sample_id]), sample.sample_id
     # iLoRA's protocol still lists the target among its candidates (so the check above can fail).
-    seen.clear()
+    generated: list[str] = []
+    generate = teacher.generate
+
+    def recording_generate(input_ids, attention_mask, max_new_tokens, item_history=None):
+        generated.extend(teacher.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(input_ids, attention_mask))
+        return generate(input_ids, attention_mask, max_new_tokens, item_history=item_history)
+
+    teacher.generate = recording_generate
     scorer.candidate_protocol(test[:3], max_new_tokens=2)
-    assert all(titles[s.target] in " ".join(seen[s.sample_id]) for s in test[:3])
+    assert len(generated) == 3 and all(titles[s.target] in text for s, text in zip(test[:3], generated))
 
 
 def test_a_history_only_teacher_trains_and_refuses_the_candidate_protocol(student_best, dataset, tmp_path):
@@ -87,8 +95,9 @@ def test_a_history_only_teacher_trains_and_refuses_the_candidate_protocol(studen
                       data__candidates=5, data__history_items=4, data__max_seq_length=400, data__num_train=16,
                       data__num_val=4, data__seed=7, train__max_steps=2, eval__interval=2, eval__accuracy_samples=0)
     record = run_finetune(cfg, show_progress=False)
-    assert record["summary"]["steps"] == 2 and "history only" in record["task"]["description"]
+    assert record["summary"]["steps"] == 2
     final = cfg.out_dir / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["prompt"]["training"] == "history"
     with pytest.raises(UserError, match="history-only prompts") as caught:
         evaluate_teacher(final, "test", [1, 10], max_users=3, protocol_users=2, batch_size=4)
     assert "\n" not in str(caught.value)

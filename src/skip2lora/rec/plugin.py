@@ -1,7 +1,8 @@
 """rec plugs into the core: importing this module registers everything the core can reach of it.
 
 - the iLoRA method (methods registry, by importing teacher.ilora) and its config section (config extension);
-- the `rec-teacher` and `rec-teacher-history` data sources (next-item prompts for the teacher on the one fine-tuning loop);
+- the `rec-teacher` and `rec-teacher-history` data sources (next-item prompts for the teacher on the one
+  fine-tuning loop);
 - the iLoRA checkpoint loader (`generate` / `predict` on OUT/final of an ilora run);
 - the report of recommendation run folders (`skip2lora compare` hands them to it).
 The core finds this file through skip2lora.plugins; it never imports rec by name.

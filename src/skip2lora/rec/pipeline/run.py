@@ -116,8 +116,8 @@ def outputs_entry(index: dict, timing: dict) -> dict:
     samples = sum(shard["rows"] for shard in index["shards"])
     return {"samples": samples, "k": index["k"], "shards": len(index["shards"]),
             "generated_shards": index["generated_shards"], "kept_shards": index["kept_shards"],
-            # generation_s sums every shard's own seconds, also those an interrupted earlier start wrote.
-            # generation_s (the key older records use): one history-only prompt forward per sample, no generation.
+            # generation_s (the key older records use): the scoring, one history-only prompt forward per sample (no
+            # generation), summed over every shard, also those an interrupted earlier start wrote.
             "generation_s": index["generation_s"], "generation_s_per_sample": index["generation_s"] / samples,
             "write_s": index["write_s"], "prompt_forward_s": timing["prompt_forward_s"],
             "item_embeddings_s": timing["item_embeddings_s"], "title_states_s": timing["title_states_s"],

@@ -18,6 +18,7 @@ from ...report.stats import mean_std
 from ...report.tables import Table, render_markdown
 from .common import dataset_label, fmt, subset_line
 from .pipeline import distillation_lines, is_pipeline_folder, load_pipeline, pipeline_sections
+from .verdict import teacher_time_lines
 
 # Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
 ANCHORS = [
@@ -243,10 +244,11 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
     if regenerate:
         out.append(f"Regenerate from the saved records with `{regenerate}`.")
     verdict = [line.replace("- ", f"- {p['name']}: ", 1) if len(pipelines) > 1 else line
-               for p in pipelines for line in distillation_lines(p, runs)]
+               for p in pipelines for line in distillation_lines(p, runs)] + teacher_time_lines(list(pipelines))
     if verdict:  # the answer first; the tables below are its evidence
         out += ["", "## Verdict", "Does the teacher help the student? Test NDCG@10, mean over seeds, judged against "
-                "the seed-to-seed spread (details in the distillation sections below).", "", *verdict]
+                "the seed-to-seed spread, and paired over test users with a 95% bootstrap interval (details in the "
+                "distillation sections below).", "", *verdict]
     out += ["", "## Protocol", *protocol_lines(first), "",
             "## Test metrics (mean ± sample std over runs)",
             "Published anchors are other projects' numbers, shown with their protocols; they were not run here.",

@@ -124,3 +124,23 @@ def verdict_lines(pipeline: dict, runs: list[dict]) -> list[str]:
 
 
 BOOTSTRAP_NOTE = f"Paired bootstrap ({BOOTSTRAP_RULE}; 10,000 resamples)."
+
+
+def teacher_time_lines(pipelines: list[dict]) -> list[str]:
+    """The Skip2-LoRA teacher's end-to-end time (fine-tuning with its Skip-Cache build, then the outputs) against
+    the iLoRA teacher's, as a ratio, when both pipelines are reported."""
+    def end_to_end(pipeline: dict) -> Optional[float]:
+        phases = pipeline["phases"]
+        if "teacher" not in phases or "teacher-outputs" not in phases:
+            return None
+        return phases["teacher"]["seconds"] + phases["teacher-outputs"]["seconds"]
+
+    by_method = {p["settings"]["teacher"].get("method", "ilora"): p for p in pipelines}
+    if not {"ilora", "skip2lora"} <= set(by_method):
+        return []
+    skip, ilora = end_to_end(by_method["skip2lora"]), end_to_end(by_method["ilora"])
+    if not skip or not ilora:
+        return []
+    return [f"- Teacher time end to end (fine-tuning, the Skip-Cache build included, then the teacher outputs): "
+            f"Skip2-LoRA {skip:.0f} s ({by_method['skip2lora']['name']}) vs iLoRA {ilora:.0f} s "
+            f"({by_method['ilora']['name']}), a ratio of {skip / ilora:.2f}."]

@@ -7,7 +7,8 @@ DIR/shard-00000.safetensors        rows [first, first + shard_size) of the sampl
                                      topk_scores  float32 [R, k]  the teacher's scores of those items, best first
                                      confidences  float32 [R, k]  softmax of topk_scores (temperature 1)
                                      full_scores  float16 [R, N]  optional: every item's score, column c = item c+1
-DIR/item_embeddings.safetensors    item_embeddings float32 [N, d], row i = item i+1 (once per item)
+DIR/item_embeddings.safetensors    item_embeddings float32 [N, d], row i = item i+1 (once per item; the pipeline
+                                     stores the teacher's own title states, TeacherScorer.title_states)
 ```
 
 Confidence. DLLM2Rec's teacher generates a title, grounds it to items by embedding distance and weighs

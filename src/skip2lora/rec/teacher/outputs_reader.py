@@ -112,7 +112,8 @@ def read_teacher_outputs(folder: Path) -> TeacherOutputs:
         raise UserError(f"{folder / INDEX} is not a version-{FORMAT_VERSION} teacher-output index")
     if not index.get("complete"):
         raise UserError(f"teacher outputs in {folder} are incomplete ({len(index.get('shards', []))} of "
-                        f"{index.get('planned_shards', '?')} shards): rerun the pipeline (or the writer) to finish them")
+                        f"{index.get('planned_shards', '?')} shards): rerun the pipeline (or the writer) to "
+                        "finish them")
     parts: dict[str, list[torch.Tensor]] = {}
     sample_ids: list[str] = []
     for entry in index["shards"]:
