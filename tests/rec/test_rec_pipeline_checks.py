@@ -53,9 +53,9 @@ def test_a_setting_no_finished_phase_read_does_not_pin_the_folder(tmp_path, data
         main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]"))
     # Only the student finished: outputs.k was never used, so a corrected value is taken.
     with pytest.raises(KeyboardInterrupt):
-        main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]", "--outputs.k", "8"))
+        main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]", "--outputs.k", "12"))
     record = json.loads((out / "pipeline.json").read_text())
-    assert record["settings"]["outputs"]["k"] == 8 and list(record["phases"]) == ["student/seed-1"]
+    assert record["settings"]["outputs"]["k"] == 12 and list(record["phases"]) == ["student/seed-1"]
     # The student read train.*: changing it is refused in one line, naming it.
     with pytest.raises(UserError, match="train.epochs=2, not 3") as caught:
         main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]", "--train.epochs", "3"))
