@@ -103,8 +103,9 @@ def teacher_vs_student(pipeline: dict, runs: list[dict]) -> list[str]:
     else:
         verdict = "is better than" if boot.mean > 0 else "is worse than"
         verdict += " the student it teaches"
-    return [f"- The teacher {verdict}: leak-free test NDCG@10 {ours:.4f} vs the baseline student's {student:.4f} "
-            f"(teacher minus student per user: {interval_text(boot)})."]
+    paired = f" (teacher minus student per user: {interval_text(boot)})" if boot is not None else ""
+    return [f"- The teacher {verdict}: leak-free test NDCG@10 {ours:.4f} vs the baseline student's {student:.4f}"
+            f"{paired}."]
 
 
 def verdict_lines(pipeline: dict, runs: list[dict]) -> list[str]:
