@@ -100,3 +100,13 @@ def test_the_whole_ml100k_configs_parse_and_differ_only_in_the_teacher():
     assert (ilora.model, ilora.train, ilora.eval) == (part1.model, part1.train, part1.eval)
     assert (ilora.data.name, ilora.data.max_seq_len, ilora.data.min_interactions) == \
         (part1.data.name, part1.data.max_seq_len, part1.data.min_interactions)
+
+
+def test_a_student_into_a_finished_folder_suggests_what_the_command_accepts(quick_config):
+    from skip2lora.rec.student.training import run_student
+
+    cfg = quick_config("done")
+    run_student(cfg)
+    with pytest.raises(UserError, match="pass --overwrite true") as caught:
+        run_student(cfg)
+    assert "--resume" not in one_line(caught)
