@@ -284,3 +284,29 @@ def test_a_checkpoint_of_another_catalogue_is_refused(tmp_path, quick_config):
     with pytest.raises(UserError, match="scores 30 items, the ml-1m data has 25") as exc:
         main_rec(["evaluate", "--checkpoint", str(cfg.out_dir / "best"), "--data_path", str(other)])
     one_line(exc)
+
+
+def test_rows_for_the_newest_positions_only_align_by_sample_id_and_train(tmp_path, dataset, quick_config):
+    teacher = FakeTeacher(dataset.n_items, knows_pattern=True)
+    folder = tmp_path / "newest"
+    write_teacher_outputs(folder, dataset, teacher, RecOutputsConfig(shard_size=64, newest_positions=2),
+                          item_embeddings=teacher.item_embeddings, log=lambda _: None)
+    windows = dataset.train_windows()
+    cfg = distilled(quick_config("newest", epochs=1), folder)
+    model = SASRec(dataset.n_items, 8, SASRecConfig(hidden=16, blocks=1, heads=2))
+    module, summary = setup_distillation(cfg, model, dataset, windows)
+    newest: dict[str, list[str]] = {}
+    for sample in dataset.training_samples():
+        newest.setdefault(user_of(sample.sample_id), []).append(sample.sample_id)
+    wanted = {i for ids in newest.values() for i in ids[-2:]}
+    from skip2lora.rec.teacher.outputs_reader import load_teacher_outputs
+
+    outputs = load_teacher_outputs(folder, dataset)
+    assert set(outputs.sample_ids) == wanted and summary["samples"] == len(wanted)
+    for w, t in (windows.positions >= 0).nonzero().tolist():
+        own = dataset.sample_id(int(windows.users[w]), int(windows.positions[w, t]))
+        row = int(module.window_rows[w, t])
+        assert (outputs.sample_ids[row] == own) if own in wanted else row == -1
+    assert summary["positions_with_rows"] == len(wanted) < summary["target_positions"]
+    run = rec_train.run_student(cfg)  # trains with distillation where a row exists
+    assert run["summary"]["distillation"]["positions_with_rows"] == len(wanted)

@@ -1,6 +1,8 @@
 """`skip2lora rec pipeline` end to end on the tiny model and synthetic data: every phase in one folder and timed,
 a re-run skips finished phases, an interrupted pipeline resumes where it stopped, a changed setting is refused
-in one line, and `rec report` renders baseline vs distilled vs controls, the teacher and the phase timings."""
+in one line (a setting no finished phase read may change), every setting is checked before the first phase, a
+damaged teacher-output shard is repaired by a re-run, a history-only teacher with rows for the newest positions runs
+through, and `rec report` renders baseline vs distilled vs controls, the teacher and the phase timings."""
 
 from __future__ import annotations
 
@@ -153,8 +155,12 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
 
     ndcg = [RunDir(finished / "student" / f"seed-{s}").read_run_json()["summary"]["test"]["ndcg@10"] for s in (1, 2)]
     assert fmt(ndcg) in text.split("| sasrec | baseline | 2 |")[1].split("\n")[0]
-    assert "## The teacher's own metrics" in text and "HR@1 (of valid)" in text
-    assert "| ilora on tiny | test | 6 | 3 | 5 |" in text
+    assert "## The teacher's own metrics" in text and "HR@1 of valid" in text
+    # The teacher's leak-free catalogue metrics on both splits, beside iLoRA's own protocol.
+    assert "| ilora on tiny | test | history only | 6 |" in text
+    assert "| ilora on tiny | validation | history only | 6 |" in text
+    assert "Δ NDCG@10 [95% interval]" in text and "Paired bootstrap (paired bootstrap over the same users" in text
+    assert "the student it teaches" in text
     assert "## Phase timings of the pipeline" in text
     for phase in ("teacher fine-tuning", "teacher evaluation", "teacher outputs (every training sample)",
                   "distilled student sasrec+rd+ed, per seed", "all phases (sum)"):
@@ -206,7 +212,8 @@ def test_the_pipeline_runs_end_to_end_with_a_skip2lora_teacher(tmp_path, data_di
     report = tmp_path / "rec.md"
     assert main_rec(["report", str(out), "--out", str(report)]) == 0
     text = report.read_text()
-    assert "the Skip2-LoRA teacher and distillation" in text and "| skip2lora on tiny | test | 6 | 3 | 5 |" in text
+    assert "the Skip2-LoRA teacher and distillation" in text
+    assert "| skip2lora on tiny | test | history only | 6 |" in text
     assert "`finetune --method skip2lora` on tiny: skip adapters from blocks [0, 1, 2, 3]" in text
 
 
@@ -262,7 +269,114 @@ def test_two_pipelines_are_never_averaged_together():
     docs = Path(__file__).resolve().parents[2] / "docs" / "rec"
     runs, _, pipelines = load_runs([docs / "pipeline-ml100k-cpu.json", docs / "pipeline-ml100k-cpu-skip2lora.json"])
     text = render(runs, "skip2lora rec report ...", None, pipelines)
-    rows = [line for line in text.split("## Validation metrics")[0].splitlines() if line.startswith("| sasrec+rd+ed (")]
+    test_part = text.split("## Validation metrics")[0]
+    rows = [line for line in test_part.splitlines() if line.startswith("| sasrec+rd+ed [")]
     assert len(rows) == 2 and all(row.split(" | ")[1] == "3" for row in rows)
-    assert any("pipeline pipeline-ml100k-cpu)" in row for row in rows)
-    assert any("pipeline pipeline-ml100k-cpu-skip2lora)" in row for row in rows)
+    tags = {row.split("[")[1].split("]")[0] for row in rows}
+    legend = next(line for line in test_part.splitlines() if line.startswith("Settings: "))
+    assert len(tags) == 2 and all(f"[{tag}] " in legend for tag in tags)  # short rows, the details in a legend
+    assert "pipeline pipeline-ml100k-cpu;" in legend and "pipeline pipeline-ml100k-cpu-skip2lora" in legend
+
+
+def test_a_damaged_teacher_output_shard_is_repaired_by_rerunning(finished, data_dir, monkeypatch):
+    """After every test that reads the shared folder (it changes it): the outputs phase runs again for the damaged
+    shard only; every other finished phase is skipped."""
+    index = json.loads((finished / "teacher-outputs" / "index.json").read_text())
+    shard = finished / "teacher-outputs" / index["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-7] + b"damaged")
+    students: list[str] = []
+    monkeypatch.setattr(rec_pipeline, "run_student", lambda cfg: students.append(str(cfg.out_dir)))
+    assert main_rec(tiny_argv(finished, data_dir)) == 0
+    assert students == []
+    repaired = json.loads((finished / "teacher-outputs" / "index.json").read_text())
+    assert repaired["shards"][0]["sha256"] == index["shards"][0]["sha256"]  # the same bytes as before the damage
+    assert read_record(finished)["phases"]["teacher-outputs"]["generated_shards"] == 1
+
+
+# -- issue 22: checks before the first phase, settings pinned by finished phases, a history-only teacher ------------
+@pytest.mark.parametrize("extra, message", [
+    (["--outputs.k", "200"], "--outputs.k 200 is larger than the"),
+    (["--eval.ks", "[1, 10, 500]"], "cut-off K=500 is larger than the"),
+    (["--distill.k", "12"], "--distill.k 12 is larger than the 10 candidates"),
+    (["--outputs.newest_positions", "500"], "--outputs.newest_positions 500 is larger than any user's"),
+    (["--teacher.model", "/no/such/model"], "teacher.model /no/such/model is neither"),
+    (["--teacher.data.name", "rec-teacher-history"], "set --teacher_eval.protocol_users 0"),
+])
+def test_every_setting_is_checked_before_the_first_phase(tmp_path, data_dir, extra, message, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a phase ran before the settings were checked")
+
+    monkeypatch.setattr(rec_pipeline, "run_student", must_not_run)
+    out = tmp_path / "never"
+    with pytest.raises(UserError) as caught:
+        main_rec(tiny_argv(out, data_dir, *extra))
+    assert message in one_line(caught)
+    assert not out.exists()
+
+
+def test_a_setting_no_finished_phase_read_does_not_pin_the_folder(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "pinned"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec_pipeline, "train_teacher", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]"))
+    # Only the student finished: outputs.k was never used, so a corrected value is taken.
+    with pytest.raises(KeyboardInterrupt):
+        main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]", "--outputs.k", "12"))
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["settings"]["outputs"]["k"] == 12 and list(record["phases"]) == ["student/seed-1"]
+    # The student read train.*: changing it is refused in one line, naming it.
+    with pytest.raises(UserError, match="train.epochs=2, not 3") as caught:
+        main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]", "--train.epochs", "3"))
+    one_line(caught)
+
+
+def test_a_history_only_teacher_with_rows_for_the_newest_positions_runs_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "history"
+    assert main_rec(tiny_argv(out, data_dir, "--seeds", "[1]", "--variants", "[rd+ed]",
+                              "--teacher.data.name", "rec-teacher-history", "--teacher_eval.protocol_users", "0",
+                              "--outputs.newest_positions", "2")) == 0
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["status"] == "completed"
+    evaluation = record["phases"]["teacher-eval"]["result"]
+    assert evaluation["training_prompts"] == "history" and "candidates" not in evaluation
+    assert set(evaluation["catalogue_by_split"]) == {"test", "validation"}
+    index = json.loads((out / "teacher-outputs" / "index.json").read_text())
+    ids = [i for shard in index["shards"] for i in shard["sample_ids"]]
+    assert len(ids) == 2 * 12 and index["settings"]["newest_positions"] == 2
+    distilled = RunDir(out / "distill" / "rd-ed" / "seed-1").read_run_json()["summary"]
+    rows = distilled["distillation"]
+    assert rows["samples"] == 24 and 0 < rows["positions_with_rows"] <= 24 < rows["target_positions"]
+    assert len(distilled["test_per_user"]["ranks"]) == 12
+
+
+def test_the_whole_ml100k_configs_parse_and_differ_only_in_the_teacher():
+    configs = CONFIGS
+    ilora = parse_config("pipeline", [str(configs / "pipeline-ml100k-full.yaml")])
+    skip = parse_config("pipeline", [str(configs / "pipeline-ml100k-full-skip2lora.yaml")])
+    assert ilora.data.max_users is None and ilora.data.recent_interactions is None and len(ilora.seeds) >= 5
+    assert ilora.variants == ["rd+ed", "rd", "ed", "rd+ed-shuffled"] and ilora.outputs.newest_positions == 5
+    assert ilora.teacher.data.name == "rec-teacher-history" and ilora.teacher_eval.protocol_users == 0
+    assert ilora.teacher.method == "ilora" and ilora.teacher.ilora.scaling == "per_expert"
+    assert skip.teacher.method == "skip2lora" and skip.teacher.skip2lora.cache == "disk"
+    assert (skip.data, skip.model, skip.train, skip.eval, skip.seeds, skip.outputs, skip.distill, skip.variants,
+            skip.teacher.data, skip.teacher.train) == \
+        (ilora.data, ilora.model, ilora.train, ilora.eval, ilora.seeds, ilora.outputs, ilora.distill, ilora.variants,
+         ilora.teacher.data, ilora.teacher.train)
+    part1 = parse_config("student", [str(configs / "sasrec-ml100k.yaml")])  # the students exactly as part 1
+    assert (ilora.model, ilora.train, ilora.eval) == (part1.model, part1.train, part1.eval)
+    assert (ilora.data.name, ilora.data.max_seq_len, ilora.data.min_interactions) == \
+        (part1.data.name, part1.data.max_seq_len, part1.data.min_interactions)
+
+
+def test_a_student_into_a_finished_folder_suggests_what_the_command_accepts(quick_config):
+    from skip2lora.rec.student.training import run_student
+
+    cfg = quick_config("done")
+    run_student(cfg)
+    with pytest.raises(UserError, match="pass --overwrite true") as caught:
+        run_student(cfg)
+    assert "--resume" not in one_line(caught)

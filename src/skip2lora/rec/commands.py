@@ -143,15 +143,17 @@ def teacher_eval(checkpoint: Path, split: str = "validation",
                  max_users: Optional[int] = None, protocol_users: Optional[int] = None,
                  ks: list[int] = [1, 5, 10, 20], mask_history: bool = False, batch_size: int = 8,
                  device: str = "auto", threads: int = 0, out: Optional[Path] = None) -> int:
-    """A saved iLoRA or Skip2-LoRA teacher: HR@1 among its candidates and the valid ratio (greedy generation),
-    full-catalogue HR/NDCG@K of its grounded scores, and their cost.
+    """A saved iLoRA or Skip2-LoRA teacher: full-catalogue HR/NDCG@K of its scores from history-only prompts (which
+    never show the answer), iLoRA's HR@1 among the candidates and valid ratio (greedy generation on candidate
+    prompts; a candidate-trained teacher only), and their cost.
 
     Args:
-        checkpoint: OUT/final (or OUT/best) of an ilora or skip2lora run on data.name rec-teacher.
+        checkpoint: OUT/final (or OUT/best) of an ilora or skip2lora run on data.name rec-teacher(-history).
         split: validation or test.
         max_users: The first N users only (CPU-sized runs).
-        protocol_users: Users for the generation protocol (default: max_users; 0 skips it).
-        ks: Cut-offs of the catalogue metrics.
+        protocol_users: Users for iLoRA's candidate protocol (default: max_users; 0 skips it; a history-only
+                teacher has none).
+        ks: Cut-offs of the catalogue metrics (1 to the catalogue size).
         mask_history: Score the user's earlier items -inf.
         batch_size: Prompts per forward / generate call.
         device: auto, cpu or cuda.

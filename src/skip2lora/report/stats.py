@@ -7,9 +7,10 @@ report means the same thing wherever it appears.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 
 @dataclass
@@ -68,3 +69,50 @@ def time_stats(seconds: list[float]) -> dict:
     stats = mean_std(ms)
     return {"mean_ms": stats.mean, "min_ms": min(ms), "max_ms": max(ms),
             "std_ms": 0.0 if stats.std is None else stats.std, "samples_ms": ms}
+
+
+BOOTSTRAP_RULE = ("paired bootstrap over the same users: each user's difference (variant minus reference, seeds "
+                  "averaged per user), users resampled with replacement; the interval holds the middle 95% of the "
+                  "resampled means (percentile method)")
+
+
+@dataclass
+class PairedBootstrap:
+    """Mean of paired differences and its percentile bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    resamples: int
+    level: float
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval excludes zero (the difference is resolved at this level)."""
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "resamples": self.resamples,
+                "level": self.level}
+
+
+def paired_bootstrap(differences: Sequence[float], resamples: int = 10000, seed: int = 0,
+                     level: float = 0.95) -> PairedBootstrap:
+    """Percentile bootstrap of the mean of paired differences (one per unit, e.g. per user).
+
+    Each resample draws n differences with replacement (random.Random(seed).choices) and takes their mean; the
+    interval is the resampled means' sorted values at positions floor(a * R) and ceil((1 - a) * R) - 1, with
+    a = (1 - level) / 2 and R resamples."""
+    values = [float(d) for d in differences]
+    if not values:
+        raise ValueError("paired_bootstrap needs at least one difference")
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError("paired_bootstrap needs resamples >= 1 and 0 < level < 1")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(math.fsum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1.0 - level) / 2.0
+    low = means[int(math.floor(tail * resamples))]
+    high = means[max(int(math.ceil((1.0 - tail) * resamples)) - 1, 0)]
+    return PairedBootstrap(math.fsum(values) / n, low, high, n, resamples, level)

@@ -50,15 +50,12 @@ def shuffled_between_users(sample_ids: list[str], seed: int) -> torch.Tensor:
 
 
 def teacher_rows_of_windows(windows: TrainWindows, dataset, outputs: TeacherOutputs) -> torch.Tensor:
-    """[W, L] the teacher row of each window position's sample (-1 where the position has no target)."""
+    """[W, L] the teacher row of each window position's sample, matched by sample id (-1 where the position has
+    no target, or no row: outputs written for each user's newest positions only)."""
     rows = torch.full_like(windows.positions, -1)
     for w, t in (windows.positions >= 0).nonzero().tolist():
         sample_id = dataset.sample_id(int(windows.users[w]), int(windows.positions[w, t]))
-        try:
-            rows[w, t] = outputs.row_of(sample_id)
-        except KeyError:
-            raise UserError(f"training position {sample_id} has no teacher row in {outputs.folder}: regenerate the "
-                            "teacher outputs for this data") from None
+        rows[w, t] = outputs.row_or_none(sample_id)
     return rows
 
 
@@ -94,8 +91,11 @@ class DistilledLoss(nn.Module):
         # The student's own loss runs encode once; its final hidden states are reused for the teacher's terms.
         with captured_output(self.model.final_norm) as hidden:
             loss = self.model.loss(inputs, targets)
-        keep = targets != PAD
-        rows = self.window_rows[window_index][keep]
+        rows = self.window_rows[window_index]
+        keep = (targets != PAD) & (rows >= 0)  # distillation applies where the position has a teacher row
+        if not bool(keep.any()):
+            return loss
+        rows = rows[keep]
         negatives = sample_negatives(targets[keep], self.model.n_items)
         return loss + self.lam * self.ranking(hidden["value"][keep], self.model.item_emb.weight, self.topk_ids[rows],
                                               self.topk_scores[rows], negatives)
@@ -133,9 +133,11 @@ def setup_distillation(cfg: RecDistilledStudentConfig, model, dataset, windows: 
         ranking = RankingDistillationLoss(dcfg.k, dcfg.gamma_position, dcfg.gamma_confidence, dcfg.gamma_consistency,
                                           dcfg.position_lambda, dcfg.temperature)
     module = DistilledLoss(model, rows, outputs, ranking, dcfg.lam)
+    targets = int((windows.positions >= 0).sum())
     summary = {"variant": variant_name(dcfg), "teacher_outputs": str(dcfg.teacher_outputs),
                "teacher": outputs.index["settings"].get("teacher", {}), "outputs_k": outputs.k,
-               "samples": len(outputs), "llm_dim": None if outputs.item_embeddings is None
+               "samples": len(outputs), "positions_with_rows": int((rows >= 0).sum()), "target_positions": targets,
+               "llm_dim": None if outputs.item_embeddings is None
                else int(outputs.item_embeddings.shape[1]), "shuffle_seed": cfg.seed if dcfg.shuffle_between_users
                else None, "load_s": time.perf_counter() - started}
     return module, summary

@@ -88,7 +88,8 @@ class RecPipelineConfig:
     """Ranking protocol of students and teacher."""
     teacher: TeacherFinetuneConfig = field(default_factory=default_teacher)
     """The teacher, a `skip2lora finetune` config (method ilora, or skip2lora; one process); out_dir, device,
-    data.name, data.path, resume and overwrite are set by the pipeline."""
+    data.path, resume and overwrite are set by the pipeline; data.name is rec-teacher (candidate prompts) unless
+    it says rec-teacher-history (history-only prompts)."""
     teacher_eval: TeacherEvalConfig = field(default_factory=TeacherEvalConfig)
     """The teacher's own evaluation."""
     outputs: RecOutputsConfig = field(default_factory=RecOutputsConfig)
@@ -178,11 +179,19 @@ def student_config(cfg: RecPipelineConfig, seed: int) -> RecStudentConfig:
                             model=cfg.model, train=cfg.train, eval=cfg.eval)
 
 
+def teacher_source(cfg: RecPipelineConfig) -> str:
+    """The teacher's training prompts: teacher.data.name rec-teacher-history (history only) when chosen, else
+    rec-teacher (candidate prompts, iLoRA's)."""
+    from ..teacher.prompts import HISTORY_SOURCE
+
+    return HISTORY_SOURCE if cfg.teacher.data.name == HISTORY_SOURCE else "rec-teacher"
+
+
 def teacher_config(cfg: RecPipelineConfig, resume: bool = False) -> FinetuneConfig:
     """The teacher's finetune config: its gate and prompts read the first seed's student. A deep copy: building
     the method writes resolved values (the adapted modules) into its config."""
     teacher = copy.deepcopy(cfg.teacher)
-    data = replace(teacher.data, name="rec-teacher", path=student_dir(cfg, cfg.seeds[0]) / "best")
+    data = replace(teacher.data, name=teacher_source(cfg), path=student_dir(cfg, cfg.seeds[0]) / "best")
     return replace(teacher, out_dir=cfg.out_dir / TEACHER_DIR, device=cfg.device, data=data, resume=resume,
                    overwrite=not resume)
 
@@ -206,7 +215,10 @@ def recorded_settings(cfg: RecPipelineConfig) -> dict:
     teacher = settings["teacher"]
     for key in ("out_dir", "device", "resume", "overwrite"):
         teacher.pop(key)
-    teacher["data"].pop("name")
+    if teacher_source(cfg) == "rec-teacher":
+        teacher["data"].pop("name")  # as before history-only prompts existed: older folders still resume
+    else:
+        teacher["data"]["name"] = teacher_source(cfg)
     teacher["data"].pop("path")
     teacher["ilora"].pop("sasrec_checkpoint")
     for key in ("teacher_outputs", "rd", "ed", "shuffle_between_users"):

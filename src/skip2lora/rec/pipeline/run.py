@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -37,6 +37,7 @@ from ...outdir import RunDir
 from ...paths import atomic_write_json
 from .config import (OUTPUTS_DIR, TEACHER_DIR, TEACHER_EVAL_DIR, RecPipelineConfig, distilled_config,
                               distilled_dir, recorded_settings, student_config, student_dir, teacher_config)
+from .checks import check_before_phases, pinned_settings
 from .state import PipelineState
 from ..student.training import memory_facts, reset_peak_memory, run_student, set_threads
 
@@ -52,6 +53,8 @@ class Phase:
     """What a finished phase leaves behind (checked before it is skipped)."""
     run: Callable[[], dict]
     """Runs the phase; returns what pipeline.json records about it."""
+    intact: Optional[Callable[[], bool]] = None
+    """Whether a finished phase's result is still whole (None: its result file existing is enough)."""
 
 
 def release_freed_memory() -> None:
@@ -113,10 +116,12 @@ def outputs_entry(index: dict, timing: dict) -> dict:
     samples = sum(shard["rows"] for shard in index["shards"])
     return {"samples": samples, "k": index["k"], "shards": len(index["shards"]),
             "generated_shards": index["generated_shards"], "kept_shards": index["kept_shards"],
-            # generation_s sums every shard's own seconds, also those an interrupted earlier start wrote.
+            # generation_s (the key older records use): the scoring, one history-only prompt forward per sample (no
+            # generation), summed over every shard, also those an interrupted earlier start wrote.
             "generation_s": index["generation_s"], "generation_s_per_sample": index["generation_s"] / samples,
             "write_s": index["write_s"], "prompt_forward_s": timing["prompt_forward_s"],
-            "item_embeddings_s": timing["item_embeddings_s"],
+            "item_embeddings_s": timing["item_embeddings_s"], "title_states_s": timing["title_states_s"],
+            "skip_cache_hits": timing["skip_cache_hits"], "newest_positions": index["settings"].get("newest_positions"),
             "inference_batch_size": index["settings"]["inference_batch_size"]}
 
 
@@ -140,8 +145,9 @@ def evaluate_teacher_phase(cfg: RecPipelineConfig, device: torch.device, log: Lo
     from ..teacher.evaluate import evaluate_teacher
 
     te = cfg.teacher_eval
+    other = "validation" if te.split == "test" else "test"  # the teacher's leak-free metrics on both splits
     result = evaluate_teacher(teacher_checkpoint(cfg), te.split, cfg.eval.ks, cfg.eval.mask_history, te.max_users,
-                              te.protocol_users, te.batch_size, device)
+                              te.protocol_users, te.batch_size, device, more_splits=(other,))
     atomic_write_json(cfg.out_dir / TEACHER_EVAL_DIR / RESULT_JSON, result)
     catalogue, candidates = result["catalogue"], result.get("candidates") or {}
     log(f"[pipeline] teacher on {te.split}: hr@10 {catalogue['hr@10']:.4f} ndcg@10 {catalogue['ndcg@10']:.4f}"
@@ -150,15 +156,17 @@ def evaluate_teacher_phase(cfg: RecPipelineConfig, device: torch.device, log: Lo
             **result["cost"], "result": result}
 
 
-def teacher_identity(final: Path) -> dict:
-    """What made the outputs: recorded with them, so a retrained teacher never resumes another's shards."""
+def teacher_identity(final: Path, prompts: dict) -> dict:
+    """What made the outputs: recorded with them, so a retrained teacher (or one with other prompt settings)
+    never resumes another's shards."""
     from ...inference import checkpoint_method, read_adapter_config
     from ..teacher.ilora import ADAPTER_WEIGHTS
 
     config = read_adapter_config(final) or {}
     digest = hashlib.sha256((final / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
     return {"method": checkpoint_method(final), "checkpoint": f"{TEACHER_DIR}/{final.name}",
-            "base_model": config.get("base_model_name"), "adapter_sha256": digest}
+            "base_model": config.get("base_model_name"), "adapter_sha256": digest, "prompts": prompts,
+            "item_embeddings": "the teacher's final hidden state at each title's last token"}
 
 
 def write_outputs_phase(cfg: RecPipelineConfig, device: torch.device, log: Log) -> dict:
@@ -174,8 +182,20 @@ def write_outputs_phase(cfg: RecPipelineConfig, device: torch.device, log: Log) 
     scorer = TeacherScorer(teacher, dataset, PromptSettings(**settings), device,
                            cfg.outputs.inference_batch_size, cfg.outputs.use_cache)
     index = write_teacher_outputs(cfg.out_dir / OUTPUTS_DIR, dataset, scorer.catalogue_scores, cfg.outputs,
-                                  teacher=teacher_identity(final), item_embeddings=scorer.item_embeddings, log=log)
+                                  teacher=teacher_identity(final, settings), item_embeddings=scorer.title_states,
+                                  log=log)
     return outputs_entry(index, scorer.timing)
+
+
+def outputs_intact(folder: Path) -> bool:
+    """Every shard and the embeddings the index names are in place with their checksums: a damaged one makes the
+    phase run again, which regenerates just what is damaged."""
+    from ...outdir import read_json_file
+    from ..teacher.outputs import file_matches
+
+    index = read_json_file(folder / "index.json", "teacher-output index")
+    files = list(index.get("shards", [])) + ([index["item_embeddings"]] if index.get("item_embeddings") else [])
+    return bool(index.get("complete")) and all(file_matches(folder / f["file"], f["sha256"]) for f in files)
 
 
 def plan(cfg: RecPipelineConfig, device: torch.device, log: Log) -> list[Phase]:
@@ -187,7 +207,8 @@ def plan(cfg: RecPipelineConfig, device: torch.device, log: Log) -> list[Phase]:
     phases += [Phase(TEACHER_DIR, RunDir(out / TEACHER_DIR).run_json, lambda: train_teacher(cfg)),
                Phase(TEACHER_EVAL_DIR, out / TEACHER_EVAL_DIR / RESULT_JSON,
                      lambda: evaluate_teacher_phase(cfg, device, log)),
-               Phase(OUTPUTS_DIR, out / OUTPUTS_DIR / "index.json", lambda: write_outputs_phase(cfg, device, log))]
+               Phase(OUTPUTS_DIR, out / OUTPUTS_DIR / "index.json", lambda: write_outputs_phase(cfg, device, log),
+                     lambda: outputs_intact(out / OUTPUTS_DIR))]
     for variant in cfg.variants:
         for seed in cfg.seeds:
             folder = distilled_dir(cfg, variant, seed)
@@ -206,15 +227,19 @@ def preload_libraries() -> None:
 
 def run_pipeline(cfg: RecPipelineConfig, command: str = "skip2lora rec pipeline", log: Log = print) -> dict:
     """Run every phase not finished yet; returns pipeline.json's content."""
+    facts = check_before_phases(cfg)  # every setting against the data before anything runs or is recorded
+    log(f"[pipeline] settings checked: {facts['items']} items, {facts['users']} users, {facts['teacher_rows']} "
+        "teacher rows to write")
     preload_libraries()
     threads = set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     phases = plan(cfg, device, log)
     start = {"command": command, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "environment": {**environment_info(device), "threads": threads}}
-    with PipelineState.open(cfg.out_dir, recorded_settings(cfg), [p.name for p in phases], start) as state:
+    with PipelineState.open(cfg.out_dir, recorded_settings(cfg), [p.name for p in phases], start,
+                            pinned_settings) as state:
         for number, phase in enumerate(phases, start=1):
-            if state.is_done(phase.name, phase.result):
+            if state.is_done(phase.name, phase.result) and (phase.intact is None or phase.intact()):
                 log(f"[pipeline] {number}/{len(phases)} {phase.name}: done before, skipped")
                 continue
             log(f"[pipeline] {number}/{len(phases)} {phase.name}")

@@ -8,8 +8,9 @@
 ```
 
 A re-run with the same settings skips every phase recorded as completed whose result is still in place, and
-continues with the rest; a re-run with any other setting is refused in one line naming the first that
-differs, before anything is touched. OUT/.lock keeps two pipelines out of one folder. The file is replaced
+continues with the rest; a re-run that changes a setting some finished phase read is refused in one line
+naming the first that differs, before anything is touched (a setting no finished phase read may change: it
+pinned nothing). OUT/.lock keeps two pipelines out of one folder. The file is replaced
 atomically after every phase, so an interrupted pipeline loses at most the phase it was running.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ...errors import UserError
 from ...locking import DirectoryLock, lock_or_refuse
@@ -38,10 +39,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_difference(recorded: dict, wanted: dict) -> Optional[str]:
-    """The first dotted key (sorted) whose value differs, or None."""
+def first_difference(recorded: dict, wanted: dict, sections: Optional[set[str]] = None) -> Optional[str]:
+    """The first dotted key (sorted) whose value differs, or None; only keys under `sections` (top-level
+    names) when given."""
     old, new = flatten(recorded), flatten(wanted)
     for key in sorted(set(old) | set(new)):
+        if sections is not None and key.split(".", 1)[0] not in sections:
+            continue
         if key not in old or key not in new or old[key] != new[key]:
             return key
     return None
@@ -61,15 +65,17 @@ class PipelineState:
         self.folder, self.record, self.lock = folder, record, lock
 
     @classmethod
-    def open(cls, folder: Path, settings: dict, plan: list[str], start: dict) -> "PipelineState":
-        """Start a pipeline in `folder` or continue the one there; other settings are refused in one line."""
+    def open(cls, folder: Path, settings: dict, plan: list[str], start: dict,
+             pinned: Optional[Callable[[list[str]], set[str]]] = None) -> "PipelineState":
+        """Start a pipeline in `folder` or continue the one there; a setting that differs is refused in one line
+        when a finished phase read it (`pinned`: finished phase names -> top-level settings; None: all)."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out_dir {folder} is a file: choose a folder for the pipeline")
         folder.mkdir(parents=True, exist_ok=True)
         lock = lock_or_refuse(folder, "another pipeline", "wait for it or choose another --out_dir")
         try:
-            record = cls._record_to_continue(folder, settings, plan)
+            record = cls._record_to_continue(folder, settings, plan, pinned)
         except BaseException:
             lock.release()
             raise
@@ -79,7 +85,8 @@ class PipelineState:
         return state
 
     @staticmethod
-    def _record_to_continue(folder: Path, settings: dict, plan: list[str]) -> dict:
+    def _record_to_continue(folder: Path, settings: dict, plan: list[str],
+                            pinned: Optional[Callable[[list[str]], set[str]]]) -> dict:
         path = folder / PIPELINE_JSON
         if not path.is_file():
             strangers = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -93,13 +100,14 @@ class PipelineState:
         record = read_json_file(path, PIPELINE_JSON)
         if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path} is not a version-{FORMAT_VERSION} pipeline record: choose a new --out_dir")
-        key = first_difference(record.get("settings", {}), settings)
+        completed = [name for name, entry in record.get("phases", {}).items() if entry.get("status") == "completed"]
+        key = first_difference(record.get("settings", {}), settings, pinned(completed) if pinned else None)
         if key is not None:
             old = flatten(record.get("settings", {}))
             raise UserError(f"the pipeline in {folder} was made with {key}={_shown(old, key)}, not "
                             f"{_shown(flatten(settings), key)}: rerun it with its own settings to resume, or choose a "
                             "new --out_dir")
-        record["plan"] = plan
+        record["plan"], record["settings"] = plan, settings  # what differs was read by no finished phase
         return record
 
     # -- phases --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ...report.stats import mean_std
 from ...report.tables import Table, render_markdown
 from .common import dataset_label, fmt, subset_line
 from .pipeline import distillation_lines, is_pipeline_folder, load_pipeline, pipeline_sections
+from .verdict import teacher_time_lines
 
 # Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
 ANCHORS = [
@@ -77,18 +78,29 @@ def groups(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
     return sorted(grouped.items(), key=lambda item: (METHOD_ORDER.get(item[0][0], 9), str(item[0][1:])))
 
 
-def _label(key: tuple) -> str:
-    method, dataset, masked, max_len, pipeline = key
+def _setting(key: tuple) -> str:
+    """What a row's runs share besides the method: data (and subset), masking, length, pipeline."""
+    _, dataset, masked, max_len, pipeline = key
     source = f", pipeline {pipeline}" if pipeline else ""
-    return f"{method} ({dataset}, {'masked' if masked else 'no masking'}, max len {max_len}{source})"
+    return f"{dataset}, {'masked' if masked else 'no masking'}, max len {max_len}{source}"
+
+
+def setting_legend(grouped) -> dict[str, str]:
+    """Each setting -> a short tag ([A], [B], ...) in order of first appearance: rows stay short."""
+    tags: dict[str, str] = {}
+    for key, _ in grouped:
+        tags.setdefault(_setting(key), f"[{chr(ord('A') + len(tags))}]" if len(tags) < 26 else f"[{len(tags)}]")
+    return tags
 
 
 def metric_table(grouped, split: str, ks: list[int], anchors: bool) -> list[str]:
     head = ["ranker", "runs", "HR@10", "NDCG@10", "Recall@10"] + [f"HR@{k} / NDCG@{k}" for k in ks if k != 10]
     rows = []
+    tags = setting_legend(grouped)
     for key, runs in grouped:
         values = lambda name: [r["summary"][split].get(name) for r in runs]  # noqa: E731
-        cells = [_label(key), str(len(runs)), fmt(values("hr@10")), fmt(values("ndcg@10")), fmt(values("recall@10"))]
+        label = f"{key[0]} {tags[_setting(key)]}"
+        cells = [label, str(len(runs)), fmt(values("hr@10")), fmt(values("ndcg@10")), fmt(values("recall@10"))]
         cells += [f"{fmt(values(f'hr@{k}'))} / {fmt(values(f'ndcg@{k}'))}" for k in ks if k != 10]
         rows.append(cells + [fmt(values("loss"))])
     if anchors:
@@ -97,7 +109,8 @@ def metric_table(grouped, split: str, ks: list[int], anchors: bool) -> list[str]
                 cells = [f"{anchor['name']}: {anchor['protocol']}", "–", f"{anchor['hr@10']:.4f}",
                          f"{anchor['ndcg@10']:.4f}", "–"] + ["–" for k in ks if k != 10]
                 rows.append(cells + ["–"])
-    return render_markdown(Table(f"{split} metrics", head + ["CE loss"], rows), level=0).split("\n")
+    legend = ["", "Settings: " + "; ".join(f"{tag} {setting}" for setting, tag in tags.items()) + "."]
+    return render_markdown(Table(f"{split} metrics", head + ["CE loss"], rows), level=0).split("\n") + legend
 
 
 def protocol_lines(student: dict) -> list[str]:
@@ -231,10 +244,11 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
     if regenerate:
         out.append(f"Regenerate from the saved records with `{regenerate}`.")
     verdict = [line.replace("- ", f"- {p['name']}: ", 1) if len(pipelines) > 1 else line
-               for p in pipelines for line in distillation_lines(p, runs)]
+               for p in pipelines for line in distillation_lines(p, runs)] + teacher_time_lines(list(pipelines))
     if verdict:  # the answer first; the tables below are its evidence
         out += ["", "## Verdict", "Does the teacher help the student? Test NDCG@10, mean over seeds, judged against "
-                "the seed-to-seed spread (details in the distillation sections below).", "", *verdict]
+                "the seed-to-seed spread, and paired over test users with a 95% bootstrap interval (details in the "
+                "distillation sections below).", "", *verdict]
     out += ["", "## Protocol", *protocol_lines(first), "",
             "## Test metrics (mean ± sample std over runs)",
             "Published anchors are other projects' numbers, shown with their protocols; they were not run here.",

@@ -12,6 +12,7 @@ from ...report.tables import Table, render_markdown
 from ..pipeline.config import DISTILL_DIR, STUDENT_DIR, VARIANT_ROLES
 from ..pipeline.state import FORMAT, PIPELINE_JSON
 from .common import fmt
+from .verdict import BOOTSTRAP_NOTE, bootstrap_table, verdict_lines
 
 
 def is_pipeline_folder(path: Path) -> bool:
@@ -84,21 +85,29 @@ def distillation_lines(pipeline: dict, runs: list[dict]) -> list[str]:
             verdict = {None: "not judged (fewer than 2 seeds)", True: "beyond the seed spread",
                        False: "within the seed spread"}[beyond_spread(a, b)]
             lines.append(f"- {what}: test NDCG@10 {a.mean:.4f} vs {b.mean:.4f} ({a.mean - b.mean:+.4f}), {verdict}.")
-    return lines
+    return lines + verdict_lines(pipeline, runs)
 
 
 # -- the teacher -------------------------------------------------------------------------------------
 def teacher_table(pipeline: dict) -> Table:
+    """The teacher's catalogue HR/NDCG@10 on each split it was evaluated on (history-only prompts: leak-free;
+    older runs scored candidate prompts, labelled so) and iLoRA's own protocol among the candidates."""
     phases, settings = pipeline["phases"], pipeline["settings"]["teacher"]
     result = phases["teacher-eval"]["result"]
-    catalogue, candidates = result["catalogue"], result.get("candidates") or {}
+    candidates = result.get("candidates") or {}
+    by_split = result.get("catalogue_by_split") or {result["split"]: result["catalogue"]}
     get = lambda key: f"{candidates[key]:.4f}" if key in candidates else "–"  # noqa: E731
-    row = [f"{settings.get('method', 'ilora')} on {settings['model']}", result["split"], str(catalogue["users"]),
-           str(candidates.get("samples", "–")), str(settings["data"]["candidates"]), get("hr@1"), get("hr@1_all"),
-           get("valid_ratio"), get("grounded_hr@1"), f"{catalogue['hr@10']:.4f}", f"{catalogue['ndcg@10']:.4f}"]
-    headers = ["teacher", "split", "users (catalogue)", "users (generation)", "candidates", "HR@1 (of valid)",
-               "HR@1 (of all)", "valid ratio", "grounded HR@1", "HR@10", "NDCG@10"]
-    return Table("Teacher", headers, [row], text_columns=2)
+    rows = []
+    for split, catalogue in by_split.items():
+        prompts = "history only" if catalogue.get("prompts") else "candidates (lists the target)"
+        protocol = split == result["split"]
+        rows.append([f"{settings.get('method', 'ilora')} on {settings['model']}", split, prompts,
+                     str(catalogue["users"]), f"{catalogue['hr@10']:.4f}", f"{catalogue['ndcg@10']:.4f}",
+                     str(candidates.get("samples", "–")) if protocol else "–",
+                     *(get(k) if protocol else "–" for k in ("hr@1", "hr@1_all", "valid_ratio", "grounded_hr@1"))])
+    headers = ["teacher", "split", "scored prompts", "users", "HR@10", "NDCG@10", "users (iLoRA protocol)",
+               "HR@1 of valid", "HR@1 of all", "valid ratio", "grounded HR@1"]
+    return Table("Teacher", headers, rows, text_columns=3)
 
 
 def teacher_adapters(settings: dict) -> str:
@@ -122,11 +131,15 @@ def teacher_lines(pipeline: dict) -> list[str]:
             f"{teacher_adapters(settings)}, {t['steps']} steps of "
             f"{settings['train']['global_batch_size']} prompts ({t['samples_seen']} samples seen), precision "
             f"{t['precision']}; train loss {loss(t['first_train_loss'])} -> {loss(t['final_train_loss'])}, best "
-            f"validation loss {loss(t['best_val_loss'])}. Prompts: {data['history_items']} history titles, "
-            f"{data['candidates']} candidates, at most {data['max_seq_length']} tokens, style {data['prompt_style']}.",
-            "- HR@1 (of valid) is iLoRA's definition (correct / answers naming exactly one candidate); HR@1 (of all) "
-            "divides by every prompt. HR@10 / NDCG@10: the teacher's grounded scores over the whole catalogue "
-            "(docs/rec_teacher.md), with the students' protocol."]
+            f"validation loss {loss(t['best_val_loss'])}. Training prompts: {data['history_items']} history titles, "
+            + ("no candidates (history only)" if data.get("name") == "rec-teacher-history"
+               else f"{data['candidates']} candidates") + f", at most {data['max_seq_length']} tokens, style "
+            f"{data['prompt_style']}.",
+            "- HR@10 / NDCG@10: the teacher's grounded scores over the whole catalogue (docs/rec_teacher.md), with the "
+            "students' protocol, from the prompts the column names: history only never shows the target. iLoRA's "
+            "protocol (candidate prompts, which list the target): HR@1 of valid is iLoRA's definition (correct / "
+            "answers naming exactly one candidate), HR@1 of all divides by every prompt; grounded HR@1 is the best "
+            "candidate by the catalogue scores."]
 
 
 # -- phase timings -------------------------------------------------------------------------------------
@@ -141,8 +154,9 @@ def _phase_groups(pipeline: dict) -> list[tuple[str, list[dict]]]:
         elif parts[0] == DISTILL_DIR:
             label = f"distilled student {entry['method']}, per seed"
         else:
+            rows = "newest positions" if entry.get("newest_positions") else "every training sample"
             label = {"teacher": "teacher fine-tuning", "teacher-eval": "teacher evaluation",
-                     "teacher-outputs": "teacher outputs (every training sample)"}[parts[0]]
+                     "teacher-outputs": f"teacher outputs ({rows})"}[parts[0]]
         groups.setdefault(label, []).append(entry)
     return list(groups.items())
 
@@ -156,9 +170,9 @@ def _unit(entries: list[dict]) -> tuple[str, str, str]:
                 col("test_eval_s"))
     if "steps" in first:
         return f"train {col('train_s', 1)}", f"{col('step_s_mean')} s/step ({first['steps']} steps)", "–"
-    if "generation_s" in first:
-        return (f"generation {col('generation_s', 1)}", f"{col('generation_s_per_sample')} s/sample "
-                f"({first['samples']} samples, batch {first['inference_batch_size']})", "–")
+    if "generation_s" in first:  # the record's key: the time of one prompt forward per sample, no generation
+        return (f"scoring {col('generation_s', 1)}", f"{col('generation_s_per_sample')} s/sample, one prompt "
+                f"forward each ({first['samples']} samples, batch {first['inference_batch_size']})", "–")
     return (f"catalogue ranking {col('catalogue_eval_s', 1)} ({first['users']} users)",
             f"{col('prompt_forward_s_per_sample')} s/sample forward, {col('generate_s_per_sample')} s/sample "
             "generation", "–")
@@ -198,6 +212,7 @@ def pipeline_sections(pipeline: dict, runs: list[dict], titled: bool) -> list[st
     return [f"## Distillation: baseline vs distilled student vs controls{suffix}",
             f"Test split; mean ± sample std over seeds {seeds}; Δ = the variant's mean minus the baseline's. "
             f"Spread rule: {SPREAD_RULE}.", "", render_markdown(distillation_table(pipeline, runs), level=0), "",
+            BOOTSTRAP_NOTE, "", render_markdown(bootstrap_table(pipeline, runs), level=0), "",
             *distillation_lines(pipeline, runs), "",
             f"## The teacher's own metrics{suffix}", "", render_markdown(teacher_table(pipeline), level=0), "",
             *teacher_lines(pipeline), "",

@@ -194,11 +194,17 @@ class RecOutputsConfig:
     """Also keep every item's score (float16, clamped to its range): samples x items x 2 bytes."""
     use_cache: bool = True
     """The teacher's KV cache during generation (recorded with the outputs; the teacher applies it)."""
+    newest_positions: Optional[int] = None
+    """Teacher rows for each user's newest K training positions only (None: every position); distillation
+    applies where a row exists."""
 
     def __post_init__(self) -> None:
         for name in ("k", "inference_batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--outputs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.newest_positions is not None and self.newest_positions < 1:
+            raise UserError(f"--outputs.newest_positions must be >= 1 (or null for every position), got "
+                            f"{self.newest_positions}")
 
 
 @dataclass

@@ -88,10 +88,12 @@ def mask_histories(scores: torch.Tensor, split: EvalSplit, start: int, stop: int
 @torch.no_grad()
 def evaluate_ranking(score_fn: Callable[[torch.Tensor, int, int], torch.Tensor], split: EvalSplit,
                      ks: Sequence[int], mask_history: bool = False, batch_size: int = 1024,
-                     device: torch.device | str = "cpu") -> dict:
+                     device: torch.device | str = "cpu", per_user: bool = False) -> dict:
     """Metrics of `score_fn(inputs, start, stop) -> [b, N + 1] scores` over every user of `split`.
 
-    `loss` is the cross-entropy of the target under softmax(scores) over items 1..N, before masking.
+    `loss` is the cross-entropy of the target under softmax(scores) over items 1..N, before masking. With
+    `per_user`, result["per_user"] = {"sample_ids", "ranks"}: each user's 0-based target rank, from which any
+    HR@K / NDCG@K of that user follows (per_user_metric), for paired comparisons over the same users.
     """
     ranks, losses = [], []
     for start in range(0, len(split), batch_size):
@@ -109,4 +111,17 @@ def evaluate_ranking(score_fn: Callable[[torch.Tensor, int, int], torch.Tensor],
     total_loss = float(torch.stack(losses).sum()) / len(split)
     result.update(loss=total_loss if math.isfinite(total_loss) else None, mean_rank=float(rank.float().mean()) + 1,
                   users=len(split))
+    if per_user:
+        result["per_user"] = {"sample_ids": list(split.sample_ids), "ranks": [int(r) for r in rank.tolist()]}
     return result
+
+
+def per_user_metric(ranks: Sequence[int], name: str) -> list[float]:
+    """hr@K or ndcg@K of each user from their 0-based target ranks (one relevant item per user)."""
+    kind, _, k = name.partition("@")
+    if kind not in ("hr", "ndcg") or not k.isdigit():
+        raise ValueError(f"per-user metrics are hr@K or ndcg@K, got {name!r}")
+    cutoff = int(k)
+    if kind == "hr":
+        return [1.0 if r < cutoff else 0.0 for r in ranks]
+    return [1.0 / math.log2(r + 2) if r < cutoff else 0.0 for r in ranks]

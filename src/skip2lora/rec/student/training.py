@@ -89,8 +89,9 @@ def check_cutoffs(ks: list[int], n_items: int) -> None:
 
 
 def evaluate_model(model: SASRec, split: EvalSplit, cfg: RecStudentConfig, device: torch.device,
-                   fabric=None) -> dict:
-    """Full-ranking metrics of `model` on one split (eval mode, no grad)."""
+                   fabric=None, per_user: bool = False) -> dict:
+    """Full-ranking metrics of `model` on one split (eval mode, no grad); with each user's target rank when
+    `per_user`."""
     was_training = model.training
     model.eval()
     autocast = fabric.autocast if fabric is not None else nullcontext
@@ -99,7 +100,8 @@ def evaluate_model(model: SASRec, split: EvalSplit, cfg: RecStudentConfig, devic
         with autocast():
             return model.full_sort_scores(inputs)
 
-    result = evaluate_ranking(score, split, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size, device)
+    result = evaluate_ranking(score, split, cfg.eval.ks, cfg.eval.mask_history, cfg.eval.batch_size, device,
+                              per_user)
     model.train(was_training)
     return result
 
@@ -208,6 +210,10 @@ def phase_timing(fitted: dict, data_prep_s: float, test_eval_s: float, test_user
 
 def run_student(cfg: RecStudentConfig) -> dict:
     """The whole run: data, fit, test evaluation, run.json. Returns run.json's content."""
+    if RunDir(cfg.out_dir).holds_run() and not cfg.overwrite:
+        # Said here: the core's message offers --resume, which a student run does not take.
+        raise UserError(f"out_dir {cfg.out_dir} holds another run: pass --overwrite true to replace it, or choose "
+                        "another --out_dir (a student run starts over; it cannot be resumed)")
     threads = set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     with RunDir(cfg.out_dir).claim(resume=False, overwrite=cfg.overwrite) as claim:
@@ -242,7 +248,8 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
     reset_peak_memory(device)
     synchronize(device)
     started = time.perf_counter()
-    test_metrics = evaluate_model(model, test, cfg, device, fabric)
+    test_metrics = evaluate_model(model, test, cfg, device, fabric, per_user=True)
+    test_per_user = test_metrics.pop("per_user")  # kept apart: report tables read test's metrics as numbers
     synchronize(device)
     test_eval_s = time.perf_counter() - started
 
@@ -254,6 +261,7 @@ def _run(cfg: RecStudentConfig, claim: RunClaim, device: torch.device, threads: 
         "protocol": protocol(cfg.eval, cfg.data.max_seq_len),
         "parameters": sum(p.numel() for p in model.parameters()), "train_windows": len(windows),
         "train_targets": int((windows.targets > 0).sum()),
+        "test_per_user": test_per_user,  # each test user's target rank: the paired bootstrap of the report
     }
     if distillation is not None:
         summary["distillation"] = distillation

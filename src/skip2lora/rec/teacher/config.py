@@ -24,7 +24,10 @@ class ILoRAConfig:
     r: int = 8
     """Total rank of the mixture (each expert has rank r / experts)."""
     alpha: float = 32
-    """Scale numerator: each expert's update is multiplied by alpha / r and its gate weight."""
+    """Scale numerator: each expert's update is multiplied by its gate weight and alpha over `scaling`'s rank."""
+    scaling: Literal["per_expert", "total"] = "per_expert"
+    """The rank alpha is divided by: per_expert (iLoRA's code: alpha / (r / experts), 32 / 2 = 16 by default)
+    or total (alpha / r, 32 / 8 = 4: this project's teachers before issue 22)."""
     dropout: float = 0.1
     """Dropout on the experts' input."""
     target_modules: Optional[list[str]] = None
@@ -45,6 +48,8 @@ class ILoRAConfig:
             raise UserError(f"ilora.dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise UserError("ilora.target_modules is empty: list module names, or leave it unset for q, k, v, o")
+        if self.scaling not in ("per_expert", "total"):
+            raise UserError(f"ilora.scaling must be per_expert or total, got {self.scaling!r}")
         if self.sasrec_checkpoint is not None:
             self.sasrec_checkpoint = Path(self.sasrec_checkpoint)
 

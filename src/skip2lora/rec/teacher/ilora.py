@@ -71,7 +71,7 @@ class ILoRATeacher(FinetuneMethod):
             model.enable_input_require_grads()
         targets = attention_projections(model, cfg.target_modules)
         gate = ExpertGate(cfg.experts)
-        adapted = add_moe_lora(model, targets, gate, cfg.r // cfg.experts, cfg.alpha, cfg.dropout)
+        adapted = add_moe_lora(model, targets, gate, cfg.r // cfg.experts, cfg.alpha, cfg.dropout, cfg.scaling)
         super().__init__(model, tokenizer, "generation")
         device = next(model.parameters()).device
         self.expert_gate = gate
@@ -86,9 +86,11 @@ class ILoRATeacher(FinetuneMethod):
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def load_options(cls, cfg: FinetuneConfig, kind: str) -> dict:
-        if cfg.data.name != "rec-teacher":
-            raise UserError(f"method ilora trains on data.name rec-teacher (its gate reads each prompt's item "
-                            f"history), not {cfg.data.name!r}")
+        from .prompts import TEACHER_SOURCES
+
+        if cfg.data.name not in TEACHER_SOURCES:
+            raise UserError(f"method ilora trains on data.name rec-teacher or rec-teacher-history (its gate reads "
+                            f"each prompt's item history), not {cfg.data.name!r}")
         if cfg.ilora.quantize_base:
             require_bitsandbytes()
         return {"task": kind, "quantize_4bit": cfg.ilora.quantize_base}
@@ -171,7 +173,8 @@ class ILoRATeacher(FinetuneMethod):
     # -- what trains ---------------------------------------------------------------------------
     def trainable_settings(self) -> dict:
         return {"task": self.kind, "ilora.experts": self.ilora.experts, "ilora.r": self.ilora.r,
-                "ilora.alpha": self.ilora.alpha, "ilora.target_modules": self.target_modules,
+                "ilora.alpha": self.ilora.alpha, "ilora.scaling": self.ilora.scaling,
+                "ilora.target_modules": self.target_modules,
                 "ilora.quantize_base": self.quantized}
 
     def adapter_parameter_count(self) -> int:
@@ -203,7 +206,8 @@ class ILoRATeacher(FinetuneMethod):
         cfg = self.ilora
         return {"method": "ilora", "peft_type": "ILORA", "base_model_name_or_path": self.base_model_path,
                 "base_model_name": self.base_model_name, "experts": cfg.experts, "r": cfg.r,
-                "rank_per_expert": cfg.r // cfg.experts, "alpha": cfg.alpha, "dropout": cfg.dropout,
+                "rank_per_expert": cfg.r // cfg.experts, "alpha": cfg.alpha, "scaling": cfg.scaling,
+                "dropout": cfg.dropout,
                 "target_modules": list(self.target_modules), "adapted_modules": len(self.adapted_modules),
                 "quantized_base": self.quantized,
                 "gate": {"input": "SASRec user representation (hidden state at the newest position)",
@@ -251,8 +255,10 @@ def load_ilora(folder: Path, device: torch.device, base_model: Optional[str] = N
     for param in model.parameters():
         param.requires_grad_(False)
     try:
+        # A teacher saved before the scaling option existed was scaled by alpha over the total rank.
         settings = ILoRAConfig(experts=config["experts"], r=config["r"], alpha=config["alpha"],
-                               dropout=config["dropout"], target_modules=config["target_modules"])
+                               dropout=config["dropout"], target_modules=config["target_modules"],
+                               scaling=config.get("scaling", "total"))
     except KeyError as exc:
         raise UserError(f"{folder / ADAPTER_CONFIG} lacks {exc}: the teacher folder is damaged") from exc
     sasrec = load_student(folder / SASREC_DIR).model

@@ -29,7 +29,7 @@ def finetune_prompt_settings(folder: Path) -> tuple[dict, Path]:
     """(PromptSettings as a dict, the student's best folder) of a finetune run's result folder, from the
     run.json beside it; a run not trained on data.name rec-teacher is refused in one line."""
     from ...outdir import RunDir
-    from .prompts import PromptSettings
+    from .prompts import HISTORY_SOURCE, TEACHER_SOURCES, PromptSettings
 
     folder = Path(folder)
     run_json = RunDir(folder.parent).run_json
@@ -40,13 +40,14 @@ def finetune_prompt_settings(folder: Path) -> tuple[dict, Path]:
     data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict):
         raise UserError(f"{run_json} records no data config: the run folder is damaged")
-    if data.get("name") != REC_TEACHER:
+    if data.get("name") not in TEACHER_SOURCES:
         raise UserError(f"{folder} is not a recommendation teacher: its run trained on data.name "
-                        f"{data.get('name')!r}, not {REC_TEACHER}")
+                        f"{data.get('name')!r}, not {' or '.join(TEACHER_SOURCES)}")
     try:
         settings = PromptSettings(candidates=int(data["candidates"]), history_items=int(data["history_items"]),
                                   max_tokens=int(data["max_seq_length"]), style=str(data["prompt_style"]),
-                                  seed=int(data["seed"]))
+                                  seed=int(data["seed"]),
+                                  training="history" if data["name"] == HISTORY_SOURCE else "candidates")
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{run_json} lacks the prompt setting data.{exc}: the run folder is damaged") from exc
     if not data.get("path"):
@@ -75,5 +76,27 @@ def load_teacher(folder: Path, device: torch.device | str) -> tuple[Any, dict, P
     if method.kind != "generation":
         raise UserError(f"{folder} is a classifier, not a recommendation teacher (a generation run on data.name "
                         f"{REC_TEACHER})")
+    if method_name == "skip2lora":
+        attach_training_cache(method, folder)
     return method.eval(), settings, dataset_folder
+
+
+def attach_training_cache(method: Any, folder: Path) -> bool:
+    """Give a loaded Skip2-LoRA teacher the disk Skip-Cache its training run filled (skip2lora.cache disk), so
+    scoring reads the trunk features of the prompts it trained on instead of running the trunk again. The
+    cache's fingerprint (weights, precision, tokenizer, max_seq_length) must be the run's: set from its
+    run.json, so features of any other trunk miss. False (nothing attached) for a memory cache or none."""
+    from ...methods.skip2lora.cache import SkipCache
+    from ...outdir import RunDir
+    from ...paths import cache_root
+
+    config = RunDir(Path(folder).parent).read_run_json().get("config") or {}
+    skip = config.get("skip2lora") or {}
+    if skip.get("cache") != "disk":
+        return False
+    method.max_seq_length = (config.get("data") or {}).get("max_seq_length")
+    directory = Path(skip["cache_dir"]) if skip.get("cache_dir") else cache_root() / "skip-cache"
+    method.cache = SkipCache("disk", method.cache_fingerprint(), method.feature_dtype_name, directory=directory,
+                             block_indices=method.block_indices)
+    return True
 

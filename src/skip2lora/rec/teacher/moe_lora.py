@@ -4,9 +4,12 @@ which follows MOELoRA).
 Expert e owns a rank-r_e pair (A_e, B_e). Stacked, the experts are one LoRA of rank R = E * r_e whose
 intermediate is weighted per sample by the gate g (softmax over experts):
 
-    y = W x + alpha / R * B ((g ⊗ 1_{r_e}) ⊙ A dropout(x))  =  W x + sum_e g_e * alpha / R * B_e A_e dropout(x)
+    y = W x + s * B ((g ⊗ 1_{r_e}) ⊙ A dropout(x))  =  W x + sum_e g_e * s * B_e A_e dropout(x)
 
-alpha over the total rank, as MOELoRA and iLoRA scale it. B starts at zero, so the model starts as its base.
+with s = alpha / r_e, alpha over the rank of one expert, as iLoRA scales it (issue 22: alpha / (r / experts)),
+by default; `scaling="total"` gives s = alpha / R, alpha over the total rank,
+which this project used before issue 22 (a teacher saved then records no scaling and loads with it). B starts
+at zero, so the model starts as its base.
 With one expert the gate is the softmax of a single logit, exactly 1.0, and the layer computes PEFT's LoRA
 operation for operation (the tests check equality, not closeness).
 """
@@ -58,6 +61,15 @@ class ExpertGate:
         return expanded.view(hidden.size(0), *([1] * (hidden.dim() - 2)), expanded.size(1))
 
 
+def expert_scaling(alpha: float, rank_per_expert: int, experts: int, scaling: str = "per_expert") -> float:
+    """The factor on every expert's update: alpha / rank_per_expert (iLoRA), or alpha / total rank ("total")."""
+    if scaling == "per_expert":
+        return alpha / rank_per_expert
+    if scaling == "total":
+        return alpha / (rank_per_expert * experts)
+    raise ValueError(f"unknown MoE-LoRA scaling {scaling!r}: per_expert or total")
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in, out) features of nn.Linear, a bitsandbytes 4-bit linear, or GPT-2's Conv1D (weight [in, out])."""
     if type(module).__name__ == "Conv1D":
@@ -75,7 +87,7 @@ class MoELoRALinear(nn.Module):
     """A frozen linear layer plus the gated experts (names as PEFT's: base_layer, lora_A, lora_B, lora_dropout)."""
 
     def __init__(self, base_layer: nn.Module, gate: ExpertGate, rank_per_expert: int, alpha: float,
-                 dropout: float) -> None:
+                 dropout: float, scaling: str = "per_expert") -> None:
         super().__init__()
         in_features, out_features = linear_shape(base_layer)
         rank = gate.experts * rank_per_expert
@@ -86,7 +98,7 @@ class MoELoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, out_features, bias=False, **options)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's LoRA initialisation
         nn.init.zeros_(self.lora_B.weight)
-        self.scaling = alpha / rank
+        self.scaling = expert_scaling(alpha, rank_per_expert, gate.experts, scaling)
         self.rank_per_expert = rank_per_expert
         self.gate = gate  # shared, not a submodule: it holds no parameters
         # bitsandbytes may return a view of a buffer it reuses; adding in place to it would corrupt it.
@@ -123,7 +135,7 @@ def attention_projections(model: nn.Module, requested: Optional[Sequence[str]]) 
 
 
 def add_moe_lora(model: nn.Module, targets: Sequence[str], gate: ExpertGate, rank_per_expert: int, alpha: float,
-                 dropout: float) -> list[str]:
+                 dropout: float, scaling: str = "per_expert") -> list[str]:
     """Wrap every linear layer whose name matches a target in MoELoRALinear; returns the wrapped names."""
     from ...methods.lora_targets import is_linear, matches
 
@@ -132,7 +144,7 @@ def add_moe_lora(model: nn.Module, targets: Sequence[str], gate: ExpertGate, ran
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELoRALinear(getattr(parent, child), gate, rank_per_expert, alpha, dropout))
+        setattr(parent, child, MoELoRALinear(getattr(parent, child), gate, rank_per_expert, alpha, dropout, scaling))
     return names
 
 

@@ -7,7 +7,8 @@ DIR/shard-00000.safetensors        rows [first, first + shard_size) of the sampl
                                      topk_scores  float32 [R, k]  the teacher's scores of those items, best first
                                      confidences  float32 [R, k]  softmax of topk_scores (temperature 1)
                                      full_scores  float16 [R, N]  optional: every item's score, column c = item c+1
-DIR/item_embeddings.safetensors    item_embeddings float32 [N, d], row i = item i+1 (once per item)
+DIR/item_embeddings.safetensors    item_embeddings float32 [N, d], row i = item i+1 (once per item; the pipeline
+                                     stores the teacher's own title states, TeacherScorer.title_states)
 ```
 
 Confidence. DLLM2Rec's teacher generates a title, grounds it to items by embedding distance and weighs
@@ -72,6 +73,22 @@ def output_settings(cfg: RecOutputsConfig, dataset_name: str, item_ids: Sequence
             "samples_sha256": text_fingerprint(sample_ids), "item_embeddings": with_embeddings,
             # JSON round trip, so tuples and lists compare equal with what a resume reads back.
             "teacher": json.loads(json.dumps(teacher or {}, default=str))}
+
+
+def newest_training_samples(dataset, count: Optional[int]) -> list[RecSample]:
+    """Every training sample (count None), or each user's newest `count` training positions; a count above
+    every user's number of training positions is refused in one line (it would select them all)."""
+    samples = list(dataset.training_samples())
+    if count is None:
+        return samples
+    per_user: dict[str, list[RecSample]] = {}
+    for sample in samples:
+        per_user.setdefault(sample.sample_id.rsplit(":", 1)[0], []).append(sample)
+    longest = max((len(rows) for rows in per_user.values()), default=0)
+    if count > longest:
+        raise UserError(f"--outputs.newest_positions {count} is larger than any user's {longest} training positions: "
+                        f"lower it, or leave it unset for every position")
+    return [sample for rows in per_user.values() for sample in rows[-count:]]
 
 
 def check_request(cfg: RecOutputsConfig, n_items: int, sample_ids: Sequence[str]) -> None:
@@ -216,7 +233,7 @@ def write_teacher_outputs(out_dir: Path, dataset, scorer: Scorer, cfg: Optional[
     the scores and is recorded with the settings. Returns the index, plus this call's `generated_shards`,
     `kept_shards` and `write_s` (not stored)."""
     cfg = cfg or RecOutputsConfig()
-    samples = list(dataset.training_samples() if samples is None else samples)
+    samples = list(newest_training_samples(dataset, cfg.newest_positions) if samples is None else samples)
     sample_ids = [s.sample_id for s in samples]
     check_request(cfg, dataset.n_items, sample_ids)
     settings = output_settings(cfg, dataset.name, dataset.item_ids, sample_ids, teacher, item_embeddings is not None)

@@ -62,6 +62,10 @@ class TeacherOutputs(Dataset):
         """The row holding `sample_id` (KeyError if none)."""
         return self._rows[sample_id]
 
+    def row_or_none(self, sample_id: str) -> int:
+        """The row holding `sample_id`, or -1 (outputs written for some positions only)."""
+        return self._rows.get(sample_id, -1)
+
     def padded_item_embeddings(self) -> Optional[torch.Tensor]:
         """[N + 1, d] with a zero row 0 for padding, so item ids index it directly."""
         if self.item_embeddings is None:
@@ -92,10 +96,11 @@ def _load_file(folder: Path, entry: dict, what: str) -> dict[str, torch.Tensor]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"{what} {path} cannot be read ({exc.strerror}): rerun the writer to regenerate it") from exc
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror}): rerun the pipeline (or the writer) to "
+                        "regenerate it") from exc
     if sha256_hex(data) != entry["sha256"]:
-        raise UserError(f"{what} {path} is damaged (checksum differs from {INDEX}): rerun the writer to regenerate "
-                        "it")
+        raise UserError(f"{what} {path} is damaged (checksum differs from {INDEX}): rerun the pipeline (or the "
+                        "writer) to regenerate it")
     return load(data)
 
 
@@ -107,7 +112,8 @@ def read_teacher_outputs(folder: Path) -> TeacherOutputs:
         raise UserError(f"{folder / INDEX} is not a version-{FORMAT_VERSION} teacher-output index")
     if not index.get("complete"):
         raise UserError(f"teacher outputs in {folder} are incomplete ({len(index.get('shards', []))} of "
-                        f"{index.get('planned_shards', '?')} shards): rerun the writer to finish them")
+                        f"{index.get('planned_shards', '?')} shards): rerun the pipeline (or the writer) to "
+                        "finish them")
     parts: dict[str, list[torch.Tensor]] = {}
     sample_ids: list[str] = []
     for entry in index["shards"]:
@@ -115,7 +121,7 @@ def read_teacher_outputs(folder: Path) -> TeacherOutputs:
         rows = int(tensors["topk_ids"].shape[0])
         if rows != entry["rows"] or len(entry["sample_ids"]) != rows:
             raise UserError(f"teacher-output shard {folder / entry['file']} holds {rows} rows, the index says "
-                            f"{entry['rows']}: rerun the writer to regenerate it")
+                            f"{entry['rows']}: rerun the pipeline (or the writer) to regenerate it")
         sample_ids.extend(entry["sample_ids"])
         for name, tensor in tensors.items():
             parts.setdefault(name, []).append(tensor)
@@ -144,9 +150,13 @@ def check_catalogue(outputs: TeacherOutputs, dataset) -> None:
 
 
 def load_teacher_outputs(folder: Path, dataset, sample_ids: Optional[Sequence[str]] = None) -> TeacherOutputs:
-    """The outputs aligned to `dataset`'s training samples (or to `sample_ids`), catalogue checked."""
+    """The outputs aligned to the training samples they were written for (every one, or each user's newest
+    `newest_positions`, as recorded; or to `sample_ids`), catalogue checked."""
+    from .outputs import newest_training_samples
+
     outputs = read_teacher_outputs(folder)
     check_catalogue(outputs, dataset)
     if sample_ids is None:
-        sample_ids = [s.sample_id for s in dataset.training_samples()]
+        newest = outputs.index["settings"].get("newest_positions")
+        sample_ids = [s.sample_id for s in newest_training_samples(dataset, newest)]
     return outputs.aligned(sample_ids)

@@ -1,6 +1,13 @@
-"""Next-item prompts for the LLM teacher, in the style of LLaRA and iLoRA.
+"""Next-item prompts for the LLM teacher, in the style of LLaRA and iLoRA (candidates) or BIGRec (history only).
 
-A prompt lists the titles of the user's most recent items (oldest first) and a candidate set, the target
+Two kinds of prompt. A history-only prompt lists the titles of the user's most recent items and asks for the
+next one (BIGRec, DLLM2Rec's teacher): it never contains the answer, so every catalogue-wide score (teacher
+outputs, HR/NDCG@K) is read from it. A candidate prompt (iLoRA's protocol) also lists a candidate set, the
+target among them, and serves only iLoRA's own HR@1 among candidates and valid ratio. A teacher trains on
+either (`PromptSettings.training`: data.name rec-teacher = candidate prompts, rec-teacher-history = history
+only); the answer is always the target's title and EOS.
+
+A candidate prompt lists the titles of the user's most recent items (oldest first) and a candidate set, the target
 and `candidates - 1` random negatives, in a seeded order; the answer is the target's title followed by EOS,
 and only those tokens carry loss. The whole sample (prompt, answer, EOS) fits in `max_tokens`: when it does
 not, the oldest history titles are dropped first, never a candidate. The candidate set of a sample is a pure
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from ...config import DataConfig
 from ...data.examples import Example
@@ -27,6 +34,8 @@ from ...data.tokenize import IGNORE_INDEX, TokenizedSample, _Encoder
 from ...errors import UserError
 from ..student.data import RecDataset, RecSample
 
+HISTORY_SOURCE = "rec-teacher-history"  # data.name of the history-only training prompts
+TEACHER_SOURCES = ("rec-teacher", HISTORY_SOURCE)
 ITEM_NOUN = "movie"  # MovieLens (100k and 1M) is the only catalogue part 1 reads
 _MARK = "\u0000PROMPT\u0000"  # stands for the body while the template around it is worked out once
 
@@ -40,16 +49,27 @@ class PromptSettings:
     max_tokens: int = 512
     style: str = "auto"
     seed: int = 42
+    training: str = "candidates"
+    """The prompts the teacher trained on: candidates (iLoRA) or history (history only, BIGRec)."""
+
+    def __post_init__(self) -> None:
+        if self.training not in ("candidates", "history"):
+            raise UserError(f"unknown teacher prompt kind {self.training!r}: candidates or history")
+
+    @property
+    def history_only(self) -> bool:
+        return self.training == "history"
 
     @classmethod
     def from_data_config(cls, cfg: DataConfig) -> "PromptSettings":
-        return cls(cfg.candidates, cfg.history_items, cfg.max_seq_length, cfg.prompt_style, cfg.seed)
+        training = "history" if cfg.name == HISTORY_SOURCE else "candidates"
+        return cls(cfg.candidates, cfg.history_items, cfg.max_seq_length, cfg.prompt_style, cfg.seed, training)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def check(self, dataset: RecDataset) -> None:
-        if self.candidates > dataset.n_items:
+        if not self.history_only and self.candidates > dataset.n_items:
             raise UserError(f"data.candidates {self.candidates} exceeds the {dataset.n_items} items of "
                             f"{dataset.name}: lower data.candidates")
 
@@ -63,7 +83,7 @@ class TeacherPrompt:
     answer_ids: list[int]
     """The target title's tokens and EOS: the only positions with loss."""
     candidates: list[int]
-    """Item ids in the order the prompt lists them (the target among them)."""
+    """Item ids in the order the prompt lists them (the target among them); empty in a history-only prompt."""
     shown_history: list[int]
     """Item ids the prompt shows, oldest first (the most recent ones that fit the budget)."""
     target: int
@@ -138,8 +158,12 @@ def prompt_frame(tokenizer: Any, style: str) -> tuple[str, str]:
 
 
 def prompt_body(history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
-    """The question: what the user watched (oldest first) and the candidates, one title per line."""
+    """The question: what the user watched (oldest first) and the candidates, one title per line; without
+    candidates, the history-only question."""
     watched = "\n".join(history_titles) if history_titles else "(no earlier items)"
+    if not candidate_titles:
+        return (f"A user watched these {ITEM_NOUN}s, oldest first:\n{watched}\n\n"
+                f"Which {ITEM_NOUN} will the user watch next? Answer with its title.")
     offered = "\n".join(candidate_titles)
     return (f"A user watched these {ITEM_NOUN}s, oldest first:\n{watched}\n\n"
             f"Which {ITEM_NOUN} will the user watch next? Choose one of these {len(candidate_titles)}:\n{offered}\n\n"
@@ -170,10 +194,14 @@ class RecPromptBuilder:
         body = prompt_body([self.titles[i] for i in shown_history], [self.titles[i] for i in candidates])
         return self.before + body + self.after
 
-    def prompt(self, sample: RecSample) -> TeacherPrompt:
-        """The sample's prompt with as many recent history titles as the budget allows."""
+    def prompt(self, sample: RecSample, with_candidates: Optional[bool] = None) -> TeacherPrompt:
+        """The sample's prompt with as many recent history titles as the budget allows: a candidate prompt or a
+        history-only one (default: the kind the teacher trains on)."""
         settings = self.settings
-        candidates = candidate_items(sample, self.titles, settings.candidates, settings.seed)
+        if with_candidates is None:
+            with_candidates = not settings.history_only
+        candidates = candidate_items(sample, self.titles, settings.candidates, settings.seed) if with_candidates \
+            else []
         answer = self.title_ids(sample.target)
         if self.encoder.eos_id is not None:
             answer.append(self.encoder.eos_id)  # EOS teaches the teacher to stop after one title
@@ -185,7 +213,8 @@ class RecPromptBuilder:
             if excess <= 0:
                 break
             if not shown:
-                raise UserError(f"a {settings.candidates}-candidate prompt ({sample.sample_id}) needs "
+                kind = f"{settings.candidates}-candidate" if candidates else "history-only"
+                raise UserError(f"a {kind} prompt ({sample.sample_id}) needs "
                                 f"{len(prompt_ids) + len(answer)} tokens without any history, over data.max_seq_length "
                                 f"{settings.max_tokens}: raise data.max_seq_length or lower data.candidates")
             # Drop the oldest titles whose (estimated) tokens cover the excess, then measure again.
@@ -196,9 +225,14 @@ class RecPromptBuilder:
             shown = shown[drop:]
         return TeacherPrompt(sample.sample_id, prompt_ids, answer, candidates, shown, sample.target)
 
-    def tokenize(self, sample: RecSample) -> TokenizedSample:
-        """Prompt + answer ids, loss on the answer only, and the full history for the gate."""
-        prompt = self.prompt(sample)
+    def scoring_prompt(self, sample: RecSample) -> TeacherPrompt:
+        """The prompt every catalogue-wide score reads: history only, so it never shows the answer."""
+        return self.prompt(sample, with_candidates=False)
+
+    def tokenize(self, sample: RecSample, with_candidates: Optional[bool] = None) -> TokenizedSample:
+        """Prompt + answer ids, loss on the answer only, and the full history for the gate (default: the
+        training kind of prompt)."""
+        prompt = self.prompt(sample, with_candidates)
         ids = prompt.prompt_ids + prompt.answer_ids
         labels = [IGNORE_INDEX] * len(prompt.prompt_ids) + prompt.answer_ids
         return TokenizedSample(sample.sample_id, ids, labels, len(prompt.prompt_ids),

@@ -5,6 +5,7 @@ prompts, the gate's SASRec and the student all share one item index space. Train
 prefix of every training sequence (sample ids `u{user}:{position}`, as the teacher outputs use them);
 validation samples are each user's validation target. data.num_train / data.num_val draw a seeded subset.
 The prompts need the tokenizer (their token budget), so the source tokenises its own examples.
+rec-teacher-history is the same source with history-only prompts (no candidate list; rec/teacher/prompts.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def load_rec_teacher(cfg: DataConfig) -> TaskData:
     from .prompts import PromptSettings, RecPromptBuilder, display_titles, split_samples
 
     if cfg.path is None:
-        raise UserError("data.name rec-teacher needs --data.path: the OUT/best folder of a `rec student` run")
+        raise UserError(f"data.name {cfg.name} needs --data.path: the OUT/best folder of a `rec student` run")
     if not (cfg.path / "rec.json").is_file():
         raise UserError(f"data.path {cfg.path} holds no rec.json: point --data.path at OUT/best of a `rec student` run")
     dataset = student_dataset(cfg.path)
@@ -50,8 +51,9 @@ def load_rec_teacher(cfg: DataConfig) -> TaskData:
         return Example(sample.sample_id, instruction=f"next {dataset.name} item after {len(sample.history)} items",
                        output=titles[sample.target])
 
-    description = (f"rec-teacher: {dataset.name} next-item prompts, {len(train)} of {len(every_train)} training "
-                   f"samples / {len(val)} validation users, {settings.candidates} candidates, at most "
+    offered = "history only" if settings.history_only else f"{settings.candidates} candidates"
+    description = (f"{cfg.name}: {dataset.name} next-item prompts, {len(train)} of {len(every_train)} training "
+                   f"samples / {len(val)} validation users, {offered}, at most "
                    f"{settings.history_items} history titles, {settings.max_tokens} tokens")
     return TaskData("generation", [example(s) for s in train], [example(s) for s in val], None, False, description,
                     tokenize=tokenize)
