@@ -66,7 +66,7 @@ def plot_scores(payload: dict, png_path: Path) -> Path:
     return save_figure(fig, png_path)
 
 
-def render_report(payload: dict, png_name: str) -> str:
+def render_blocks_document(payload: dict, png_name: str) -> str:
     """blocks.md: what ran, how long it took, the table, the plot and the snippet."""
     selection, timing = payload["selection"], payload["timing_s"]
     train, surveyed = selection["train_samples"], selection["num_samples"]
@@ -96,6 +96,6 @@ def write_block_report(out_dir: Path, payload: dict) -> dict[str, Path]:
                "snippet": out_dir / SNIPPET_YAML}
     atomic_write_json(written["json"], payload)
     plot_scores(payload, written["plot"])
-    atomic_write_bytes(written["markdown"], render_report(payload, BLOCKS_PNG).encode())
+    atomic_write_bytes(written["markdown"], render_blocks_document(payload, BLOCKS_PNG).encode())
     atomic_write_bytes(written["snippet"], payload["snippet"].encode())
     return written

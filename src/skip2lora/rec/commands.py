@@ -197,17 +197,20 @@ def speed(cfg: RecSpeedConfig) -> int:
     return 0
 
 
-def report(inputs: list[str], out: Path = Path("docs/rec.md"), save: Optional[Path] = None) -> int:
+def report(inputs: list[str], out: Path = Path("docs/rec.md"), save: Optional[Path] = None,
+           project_targets: bool = False) -> int:
     """Render docs/rec.md from run folders, pipeline folders and rec result JSON files.
 
     Args:
         inputs: Run folders, run.json files, pipeline folders or result JSON files.
         out: Markdown file to write.
         save: Copy the runs read from run folders into this result JSON (so the document can be regenerated).
+        project_targets: Also judge the runs against this project's own targets for its student (docs/rec.md);
+            off for a report of your own runs.
     """
     from .results.document import write_report
 
-    write_report([Path(p) for p in inputs], Path(out), save, command_line("report"))
+    write_report([Path(p) for p in inputs], Path(out), save, command_line("report"), project_targets)
     print(f"wrote {out}")
     return 0
 

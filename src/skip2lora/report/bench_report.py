@@ -242,7 +242,7 @@ def render_run(result: dict, source: str) -> str:
     return "\n\n".join(parts)
 
 
-def render_report(results: list[tuple[str, dict]], command: str) -> tuple[str, str]:
+def render_bench_document(results: list[tuple[str, dict]], command: str) -> tuple[str, str]:
     """The Markdown document and, separately, its headline table as Markdown (for the README)."""
     headline = render_markdown(headline_table([r for _, r in results]), level=2)
     sources = ", ".join(f"`{s}`" for s, _ in results)
@@ -316,7 +316,7 @@ def write_report(patterns: list[str], out: Path) -> str:
     """Render the report of the matching benchmark files to `out`; returns the headline table (Markdown)."""
     results = load_results(patterns)
     command = "skip2lora benchmark-report " + " ".join(patterns) + f" --out {out}"
-    markdown, headline = render_report(results, command)
+    markdown, headline = render_bench_document(results, command)
     atomic_write_bytes(Path(out), markdown.encode())
     return headline
 

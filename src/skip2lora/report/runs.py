@@ -96,8 +96,8 @@ def merge_versions(versions: Sequence[list[dict]]) -> tuple[list[dict], list[dic
             if row.get("train_loss") is not None:
                 latest[("train", row["step"])] = row
     ordered = sorted(latest.items(), key=lambda item: item[0][1])
-    return ([row for (kind, _), row in ordered if kind == "eval"],
-            [row for (kind, _), row in ordered if kind == "train"])
+    return ([row for (row_type, _), row in ordered if row_type == "eval"],
+            [row for (row_type, _), row in ordered if row_type == "train"])
 
 
 def read_object(path: Path, what: str) -> dict:

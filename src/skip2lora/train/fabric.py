@@ -27,10 +27,10 @@ def resolve_accelerator(device: str) -> str:
     """Fabric's accelerator name for the config's device (auto, cpu, cuda or cuda:N)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
+    accelerator = device.split(":")[0]
+    if accelerator == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda was asked for but no CUDA GPU is available: use --device cpu")
-    return kind
+    return accelerator
 
 
 def run_precision(cfg: FinetuneConfig) -> PrecisionChoice:

@@ -22,8 +22,8 @@ READS = {STUDENT_DIR: (), TEACHER_DIR: ("teacher",), TEACHER_EVAL_DIR: ("teacher
 
 def settings_read_by(phase: str) -> set[str]:
     """The top-level settings a phase's result depends on."""
-    kind = phase.split("/", 1)[0]
-    return set(SHARED) | set(READS.get(kind, ()))
+    stage = phase.split("/", 1)[0]
+    return set(SHARED) | set(READS.get(stage, ()))
 
 
 def pinned_settings(completed: list[str]) -> set[str]:

@@ -226,7 +226,8 @@ def target_lines(all_students: list[dict]) -> list[str]:
     ]
 
 
-def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines: Sequence[dict] = ()) -> str:
+def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines: Sequence[dict] = (),
+           project_targets: bool = False) -> str:
     students = [r for r in runs if r["method"] == "sasrec"]
     if not students:
         raise UserError("no SASRec student run among the inputs: pass the run folders of `skip2lora rec student`")
@@ -255,7 +256,7 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
             "", *metric_table(grouped, "test", ks, anchors=True), "",
             "## Validation metrics (the selection split)", "",
             *metric_table(grouped, "validation", ks, anchors=True), "",
-            "## Targets", *target_lines(students), "",
+            *(["## Targets (this project's own)", *target_lines(students), ""] if project_targets else []),
             "## Phase timings of the student (mean ± sample std over runs)",
             f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_tables(students), "",
             "## Student runs",
@@ -268,7 +269,8 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
     return "\n".join(out)
 
 
-def write_report(paths: Sequence[Path], out: Path, save: Optional[Path], command: str) -> Path:
+def write_report(paths: Sequence[Path], out: Path, save: Optional[Path], command: str,
+                 project_targets: bool = False) -> Path:
     runs, from_folders, pipelines = load_runs(paths)
     regenerate = None
     if save is not None:
@@ -279,7 +281,7 @@ def write_report(paths: Sequence[Path], out: Path, save: Optional[Path], command
                                        **({"pipelines": saved} if saved else {})})
         others = [str(p) for p in paths if not p.is_dir()]
         regenerate = " ".join(["skip2lora rec report", str(save), *others, "--out", str(out)])
-    atomic_write_bytes(Path(out), render(runs, command, regenerate, pipelines).encode())
+    atomic_write_bytes(Path(out), render(runs, command, regenerate, pipelines, project_targets).encode())
     return Path(out)
 
 

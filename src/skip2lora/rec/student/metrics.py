@@ -118,10 +118,10 @@ def evaluate_ranking(score_fn: Callable[[torch.Tensor, int, int], torch.Tensor],
 
 def per_user_metric(ranks: Sequence[int], name: str) -> list[float]:
     """hr@K or ndcg@K of each user from their 0-based target ranks (one relevant item per user)."""
-    kind, _, k = name.partition("@")
-    if kind not in ("hr", "ndcg") or not k.isdigit():
+    metric, _, k = name.partition("@")
+    if metric not in ("hr", "ndcg") or not k.isdigit():
         raise ValueError(f"per-user metrics are hr@K or ndcg@K, got {name!r}")
     cutoff = int(k)
-    if kind == "hr":
+    if metric == "hr":
         return [1.0 if r < cutoff else 0.0 for r in ranks]
     return [1.0 / math.log2(r + 2) if r < cutoff else 0.0 for r in ranks]

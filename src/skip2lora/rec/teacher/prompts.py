@@ -213,8 +213,8 @@ class RecPromptBuilder:
             if excess <= 0:
                 break
             if not shown:
-                kind = f"{settings.candidates}-candidate" if candidates else "history-only"
-                raise UserError(f"a {kind} prompt ({sample.sample_id}) needs "
+                prompt_form = f"{settings.candidates}-candidate" if candidates else "history-only"
+                raise UserError(f"a {prompt_form} prompt ({sample.sample_id}) needs "
                                 f"{len(prompt_ids) + len(answer)} tokens without any history, over data.max_seq_length "
                                 f"{settings.max_tokens}: raise data.max_seq_length or lower data.candidates")
             # Drop the oldest titles whose (estimated) tokens cover the excess, then measure again.

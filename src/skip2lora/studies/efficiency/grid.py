@@ -129,10 +129,10 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
-def _list(spec: dict, key: str, kind: type) -> list:
+def _list(spec: dict, key: str, item_type: type) -> list:
     value = spec.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise UserError(f"efficiency spec: '{key}' must be a non-empty list of {kind.__name__} values (got {value!r})")
+    if not isinstance(value, list) or not value or not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
+        raise UserError(f"efficiency spec: '{key}' must be a non-empty list of {item_type.__name__} values (got {value!r})")
     return value
 
 

@@ -107,7 +107,7 @@ def related_lines(related: list[dict]) -> list[str]:
     return lines
 
 
-def render_report(payload: dict, md_path: Path) -> Path:
+def render_efficiency_document(payload: dict, md_path: Path) -> Path:
     """Write the Markdown report and its figures (in a folder named after it) from the study's JSON."""
     md_path = Path(md_path)
     figures = draw_all(payload["cells"], md_path.parent / md_path.stem, list(payload["settings"]["configurations"]))

@@ -72,8 +72,8 @@ def cell_table(cells: list[dict], task: str, model: str) -> Table:
                     key=lambda c: (c["size"], c.get("trainable_params") or 0, c["configuration"]))
     rows = [[fill(c) if c.get("seeds_finished") or i < 3 else MISSING for i, (_, fill) in enumerate(COLUMNS)]
             for c in chosen]
-    kind = next((c.get("peak_memory_kind") for c in chosen if c.get("peak_memory_kind")), "RSS")
-    headers = [f"peak MB ({kind})" if h == "peak MB" else h for h, _ in COLUMNS]
+    memory_measure = next((c.get("peak_memory_kind") for c in chosen if c.get("peak_memory_kind")), "RSS")
+    headers = [f"peak MB ({memory_measure})" if h == "peak MB" else h for h, _ in COLUMNS]
     headers, rows, dropped = drop_dead_columns(headers, rows)
     note = ("mean ± std over the finished seeds; reduction = full fine-tuning's trainable parameters / the "
             "configuration's, both counted; training MB = peak minus the memory after the model was loaded, above "

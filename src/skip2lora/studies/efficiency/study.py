@@ -25,7 +25,7 @@ from ...paths import atomic_write_json
 from .claims import check_claims, load_claims
 from .convergence import pick_learning_rates, read_results, split_lr_variant
 from .grid import EfficiencySpec, load_efficiency_spec, runner_spec
-from .report import conclusion, render_report
+from .report import conclusion, render_efficiency_document
 from .results import add_reductions, aggregate_cells, annotate, collect_records
 
 STUDY_JSON, STUDY_LOG, DEFAULT_REPORT = "efficiency.json", "efficiency.log", "report.md"
@@ -205,7 +205,7 @@ def build_payload(spec: EfficiencySpec, records: list[dict], claim_names: Option
 
 def publish(spec: EfficiencySpec, payload: dict, json_path: Path, report: Optional[Path]) -> dict:
     atomic_write_json(json_path, payload)
-    md_path = render_report(payload, report or spec.report or spec.out_dir / DEFAULT_REPORT)
+    md_path = render_efficiency_document(payload, report or spec.report or spec.out_dir / DEFAULT_REPORT)
     records = payload["runs"]
     finished = sum(r["status"] == "finished" for r in records)
     print(f"[efficiency] {finished} of {len(records)} runs finished; wrote {json_path} and {md_path}")
