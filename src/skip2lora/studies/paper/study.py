@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...paths import atomic_write_json
@@ -164,6 +165,9 @@ def run_dataset(
     runs: dict[str, list[dict]] = {m: [] for m in settings.methods}
     before, pretrain_runs = [], []
     dataset_summary, widths, lora_ranks = None, None, None
+    # One tick per fine-tuning, with tqdm's estimate of what is left (a long study on a slow board).
+    bar = tqdm(total=len(seeds) * len(settings.methods), desc=f"paper {name}", unit="fit", leave=False,
+               dynamic_ncols=True)
     for index, seed in enumerate(seeds):
         data = load_domain_shift(name, seed, har_path=har_path, tiny=tiny)
         widths = [data.num_features, *settings.hidden, data.num_classes]
@@ -187,6 +191,8 @@ def run_dataset(
             acc = accuracy(tuner.predict(data.target_test_x), data.target_test_y)
             runs[method].append({"seed": seed, "accuracy": acc, "trainable_params": tuner.num_trainable(), "lr": lr, "fit": fit.to_dict()})
             log(f"[{name}] seed {seed}: {method:<10} acc {acc:5.1f}%  fine-tuning {fit.total_s:7.3f} s")
+            bar.update()
+    bar.close()
     return {
         "study": STUDY,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
