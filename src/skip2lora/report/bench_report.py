@@ -305,11 +305,14 @@ def readme_table(results: list[dict]) -> Table:
         env, shapes = result["environment"], result["shapes"]
         where = (f"{result['model']['name']}, {env.get('device_name')}, {shapes['batch_size']} x {shapes['seq_len']}, "
                  f"{result['created'][:10]}")
-        for row in headline_rows(result):
-            rows.append([where, row[0], row[3], row[5], row[1], row[6]])
+        for config, row in zip(ok_configs(result), headline_rows(result)):
+            # Threads and precision beside each row: machines and runs differ in both, and so do their times.
+            how = f"{config.get('threads', env.get('threads'))}, {config.get('precision', '-')}"
+            rows.append([where, row[0], how, row[3], row[5], row[1], row[6]])
     return Table("Latest benchmark per model and machine", ["model, machine, batch, date", "configuration",
-                                                          "step ms", "step speed-up", "trainable", "peak MB"],
-                 rows, text_columns=2)
+                                                          "threads, precision", "step ms", "step speed-up",
+                                                          "trainable", "peak MB"],
+                 rows, text_columns=3)
 
 
 def write_report(patterns: list[str], out: Path) -> str:
