@@ -140,7 +140,7 @@ def test_an_interrupted_pipeline_resumes_where_it_stopped(tmp_path, data_dir, mo
 
 def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
     report, saved = tmp_path / "rec.md", tmp_path / "saved.json"
-    assert main_rec(["report", str(finished), "--out", str(report), "--save", str(saved)]) == 0
+    assert main_rec(["report", str(finished), "--out", str(report), "--save", str(saved), "--project_targets", "true"]) == 0
     text = report.read_text()
     assert "the iLoRA teacher and distillation on ml-1m subset: 12 of 40 users" in text
     assert "## Distillation: baseline vs distilled student vs controls" in text
@@ -168,7 +168,7 @@ def test_report_renders_baseline_vs_distilled_vs_controls(finished, tmp_path):
     assert "not judged: every student ran on a subset" in text
     # The saved records regenerate the same document.
     again = tmp_path / "again.md"
-    assert main_rec(["report", str(saved), "--out", str(again)]) == 0
+    assert main_rec(["report", str(saved), "--out", str(again), "--project_targets", "true"]) == 0
     strip = lambda t: [line for line in t.splitlines() if not line.startswith(("Generated", "Regenerate"))]  # noqa
     assert strip(again.read_text()) == strip(text)
 
