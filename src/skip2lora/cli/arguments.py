@@ -15,7 +15,7 @@ from ..errors import UserError
 
 # -- argument handling ------------------------------------------------------------------------------
 # Commands that only read saved results: no --threads for them.
-READ_ONLY_COMMANDS = ("compare", "benchmark-report", "report-bench", "paper-report", "efficiency-report", "prepare",
+READ_ONLY_COMMANDS = ("compare", "benchmark-report", "paper-report", "efficiency-report", "prepare",
                       "rec report", "rec speed-report", "rec stats")
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ...errors import UserError
 from ...outdir import read_json_file
-from .outputs import EMBEDDINGS, FORMAT, FORMAT_VERSION, INDEX, sha256_hex, text_fingerprint
+from .outputs import FORMAT, FORMAT_VERSION, INDEX, sha256_hex, text_fingerprint
 
 ROW_TENSORS = ("topk_ids", "topk_scores", "confidences", "full_scores")
 

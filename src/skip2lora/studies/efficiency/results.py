@@ -17,7 +17,7 @@ from ...errors import UserError
 from ...experiments.runner import PlannedRun, last_error_line
 from ...outdir import RunDir
 from ...report.stats import mean_std, ratio
-from .convergence import ConvergenceRule, converged, epochs_run, split_lr_variant
+from .convergence import converged, epochs_run, split_lr_variant
 from .grid import EfficiencySpec, Group
 
 # Metrics averaged over seeds in a cell.

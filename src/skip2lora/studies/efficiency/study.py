@@ -175,7 +175,7 @@ def learning_rate_check(spec: EfficiencySpec, records: list[dict]) -> dict:
     atomic_write_json(spec.out_dir / LEARNING_RATES_JSON, {
         "rule": "per configuration, the learning rate whose finished runs reach the lowest mean best validation loss",
         "picks": picks})
-    print(f"[efficiency] learning rates picked: " + ", ".join(f"{k} {v['lr']:g}" for k, v in picks.items())
+    print("[efficiency] learning rates picked: " + ", ".join(f"{k} {v['lr']:g}" for k, v in picks.items())
           + f" (wrote {spec.out_dir / LEARNING_RATES_JSON})")
     return picks
 
