@@ -194,3 +194,27 @@ def test_an_unresolved_interval_says_so_and_the_teacher_sentence_is_plain():
     pipeline["phases"]["teacher-eval"]["result"]["catalogue"] = leaky
     assert "inflated" in teacher_vs_student(pipeline, baseline)[0]
     assert math.isclose(paired_bootstrap([1.0, 1.0]).mean, 1.0)
+
+
+def test_pipeline_targets_judge_the_interval_and_the_slowest_pipeline():
+    from skip2lora.rec.results.targets import pipeline_target_lines
+
+    ids = [f"u{i}:3" for i in range(40)]
+    def run(method: str, ranks: list[int]) -> dict:
+        return {"method": method, "pipeline": "p", "summary": {"test_per_user": {"sample_ids": ids, "ranks": ranks}}}
+
+    # The distilled student ranks every target first, the baseline none in its top 10: Δ NDCG@10 = 1 for every
+    # user, an interval [1, 1] of half-width 0, above zero.
+    runs = [run("sasrec", [50] * 40), run("sasrec+rd+ed", [0] * 40)]
+    fast = {"name": "p", "phases": {"student/seed-1": {"seconds": 1800.0}, "teacher": {"seconds": 1200.0}}}
+    slow = {"name": "q", "phases": {"student/seed-1": {"seconds": 6000.0}}}
+    lines = pipeline_target_lines([fast], runs)
+    assert "half-width" in lines[0] and ": 0.0000, met" in lines[0]
+    assert "[+1.0000, +1.0000], met" in lines[1]
+    assert "p 50.0 min; met" in lines[2]
+    # Noise around zero: a wide interval, not above zero; the slower pipeline sets the time.
+    runs = [run("sasrec", [50, 0] * 20), run("sasrec+rd+ed", [0, 50] * 20)]
+    lines = pipeline_target_lines([fast, slow], runs)
+    assert "**not met**" in lines[0] and "**not met**" in lines[1]
+    assert lines[-1].endswith("p 50.0 min, q 100.0 min; **not met**")
+    assert pipeline_target_lines([], runs) == []

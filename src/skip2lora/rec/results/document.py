@@ -18,6 +18,7 @@ from ...report.stats import mean_std
 from ...report.tables import Table, render_markdown
 from .common import dataset_label, fmt, subset_line
 from .pipeline import distillation_lines, is_pipeline_folder, load_pipeline, pipeline_sections
+from .targets import pipeline_target_lines
 from .verdict import teacher_time_lines
 
 # Published numbers on classic ML-100k (943 users, 1,682 items), full ranking, leave-one-out.
@@ -256,7 +257,8 @@ def render(runs: list[dict], command: str, regenerate: Optional[str], pipelines:
             "", *metric_table(grouped, "test", ks, anchors=True), "",
             "## Validation metrics (the selection split)", "",
             *metric_table(grouped, "validation", ks, anchors=True), "",
-            *(["## Targets (this project's own)", *target_lines(students), ""] if project_targets else []),
+            *(["## Targets (this project's own)", *target_lines(students), *pipeline_target_lines(pipelines, runs), ""]
+              if project_targets else []),
             "## Phase timings of the student (mean ± sample std over runs)",
             f"Peak memory: {first['timing']['memory']['measure']}.", "", *timing_tables(students), "",
             "## Student runs",
