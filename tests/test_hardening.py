@@ -446,3 +446,19 @@ def test_generate_formats_as_training_did_and_predict_takes_one_text(lora_run, b
     assert code == 0, err
     lines = stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].split("\t")[0] in ("shakespeare", "milton")
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from skip2lora.paths import atomic_write_bytes, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.md", b"text")
+        atomic_write_json(tmp_path / "b.json", {"k": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.md", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))
