@@ -104,8 +104,11 @@ def teacher_vs_student(pipeline: dict, runs: list[dict]) -> list[str]:
         verdict = "is better than" if boot.mean > 0 else "is worse than"
         verdict += " the student it teaches"
     paired = f" (teacher minus student per user: {interval_text(boot)})" if boot is not None else ""
+    implied = ("; its rankings hold less than the student already learns, so distilling them can only pull the "
+               "student down: a better teacher must come first") if boot is not None and boot.resolved \
+        and boot.mean < 0 else ""
     return [f"- The teacher {verdict}: leak-free test NDCG@10 {ours:.4f} vs the baseline student's {student:.4f}"
-            f"{paired}."]
+            f"{paired}{implied}."]
 
 
 def verdict_lines(pipeline: dict, runs: list[dict]) -> list[str]:
