@@ -462,3 +462,18 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     for name in ("a.md", "b.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_directories_get_the_usual_folder_mode(tmp_path):
+    import os
+
+    from skip2lora.paths import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        atomic_directory(tmp_path / "final", lambda out: (out / "weights.bin").write_bytes(b"w"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "final" / "weights.bin").read_bytes() == b"w"
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,26 +21,32 @@ def cache_root() -> Path:
     return path
 
 
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_hidden(parent: Path, stem: str, suffix: str, create: Callable[[str], Any]) -> tuple[Any, Path]:
+    """Create a fresh hidden `.stem.<random>suffix` beside its final place with `create(name)`, which must fail
+    with FileExistsError when the name is taken. Unlike tempfile's owner-only files and folders, what `create`
+    makes gets the process's umask, so the renamed result has the mode any other written file has."""
+    for _ in range(100):
+        candidate = parent / f".{stem}.{secrets.token_hex(6)}{suffix}"
+        try:
+            return create(str(candidate)), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {stem} in {parent}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_hidden(path.parent, path.name, ".tmp",
+                             lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -55,7 +62,7 @@ def atomic_directory(final_dir: Path, fill: Callable[[Path], None]) -> Path:
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.", suffix=".tmp"))
+    _, tmp_dir = _create_hidden(final_dir.parent, final_dir.name, ".tmp", lambda name: os.mkdir(name, 0o777))
     try:
         fill(tmp_dir)
         replace_path(tmp_dir, final_dir)

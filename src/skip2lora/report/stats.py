@@ -6,6 +6,7 @@ report means the same thing wherever it appears.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
@@ -76,7 +77,7 @@ BOOTSTRAP_RULE = ("paired bootstrap over the same users: each user's difference 
                   "resampled means (percentile method)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairedBootstrap:
     """Mean of paired differences and its percentile bootstrap interval."""
 
@@ -104,7 +105,13 @@ def paired_bootstrap(differences: Sequence[float], resamples: int = 10000, seed:
     Each resample draws n differences with replacement (random.Random(seed).choices) and takes their mean; the
     interval is the resampled means' sorted values at positions floor(a * R) and ceil((1 - a) * R) - 1, with
     a = (1 - level) / 2 and R resamples."""
-    values = [float(d) for d in differences]
+    return _paired_bootstrap(tuple(float(d) for d in differences), resamples, seed, level)
+
+
+@functools.lru_cache(maxsize=128)
+def _paired_bootstrap(values: tuple[float, ...], resamples: int, seed: int, level: float) -> PairedBootstrap:
+    """Cached: a report states the same interval in several places (the verdict, the tables, the targets), and
+    each of 10,000 resamples over every test user is worth drawing once. Same inputs, same draws, same result."""
     if not values:
         raise ValueError("paired_bootstrap needs at least one difference")
     if resamples < 1 or not 0 < level < 1:

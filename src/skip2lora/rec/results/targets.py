@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .verdict import _by_method, _test_per_user, paired_difference
+from .verdict import method_difference
 
 HALF_WIDTH = 0.009
 """NDCG@10 interval half-width that resolves a +15% change at part 1's baseline test NDCG@10 of 0.059."""
@@ -25,10 +25,9 @@ def pipeline_minutes(pipeline: dict) -> float:
 
 def interval_lines(pipeline: dict, runs: list[dict]) -> list[str]:
     """The distilled-minus-baseline interval's half-width against the target, and whether it lies above zero."""
-    grouped = _by_method(pipeline, runs)
-    if not grouped.get("sasrec+rd+ed") or not grouped.get("sasrec"):
+    if not {"sasrec+rd+ed", "sasrec"} <= {run["method"] for run in runs if run.get("pipeline") == pipeline["name"]}:
         return []
-    boot = paired_difference(_test_per_user(grouped["sasrec+rd+ed"]), _test_per_user(grouped["sasrec"]), "ndcg@10")
+    boot = method_difference(pipeline, runs, "sasrec+rd+ed", "sasrec")
     name = pipeline["name"]
     if boot is None:
         return [f"- {name}: no per-user ranks saved, so neither interval target can be judged."]

@@ -60,6 +60,16 @@ def _by_method(pipeline: dict, runs: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
+def method_difference(pipeline: dict, runs: list[dict], variant: str, reference: str,
+                      metric: str = "ndcg@10") -> Optional[PairedBootstrap]:
+    """One pipeline's `variant` students minus its `reference` students over the same test users; None when
+    either has no runs or no per-user ranks."""
+    grouped = _by_method(pipeline, runs)
+    if not grouped.get(variant) or not grouped.get(reference):
+        return None
+    return paired_difference(_test_per_user(grouped[variant]), _test_per_user(grouped[reference]), metric)
+
+
 def bootstrap_table(pipeline: dict, runs: list[dict]) -> Table:
     """Every variant minus the baseline: mean difference over test users with its 95% interval."""
     grouped = _by_method(pipeline, runs)
@@ -113,17 +123,15 @@ def teacher_vs_student(pipeline: dict, runs: list[dict]) -> list[str]:
 
 def verdict_lines(pipeline: dict, runs: list[dict]) -> list[str]:
     """The distilled student vs the baseline and the real vs the shuffled teacher, with their intervals."""
-    grouped = _by_method(pipeline, runs)
     lines = []
     pairs = [("sasrec+rd+ed", "sasrec", "the distilled student vs the baseline"),
              ("sasrec+rd+ed", "sasrec+rd+ed-shuffled", "the real teacher vs a teacher shuffled between users")]
     for variant, reference, what in pairs:
-        if grouped.get(variant) and grouped.get(reference):
-            boot = paired_difference(_test_per_user(grouped[variant]), _test_per_user(grouped[reference]), "ndcg@10")
-            if boot is not None:
-                lines.append(f"- {what}, paired over test users: Δ NDCG@10 {interval_text(boot)}"
-                             + ("" if not boot.resolved else (", above zero" if boot.low > 0 else ", below zero"))
-                             + ".")
+        boot = method_difference(pipeline, runs, variant, reference)
+        if boot is not None:
+            lines.append(f"- {what}, paired over test users: Δ NDCG@10 {interval_text(boot)}"
+                         + ("" if not boot.resolved else (", above zero" if boot.low > 0 else ", below zero"))
+                         + ".")
     return lines + teacher_vs_student(pipeline, runs)
 
 
